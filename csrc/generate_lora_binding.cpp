@@ -1,0 +1,8 @@
+// pybind11 registration for the generate_lora CUDA op (placeholder until the op's kernels land).
+#include <pybind11/pybind11.h>
+
+namespace py = pybind11;
+
+namespace hyperlora {
+void register_generate_lora(py::module_& m) { (void)m; }
+}  // namespace hyperlora

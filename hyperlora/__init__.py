@@ -1,0 +1,37 @@
+"""hyperlora: policy text -> LoRA adapter by a hypernetwork, many adapters served in one forward pass.
+
+Public names are imported lazily so that `import hyperlora` stays cheap (no transformers import) and
+`hyperlora info` works even where an optional dependency is missing.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "ops": ("hyperlora.ops", None),
+    "PolicyEncoder": ("hyperlora.encoder", "PolicyEncoder"),
+    "HyperNetwork": ("hyperlora.hypernet", "HyperNetwork"),
+    "HyperNetworkConfig": ("hyperlora.hypernet", "HyperNetworkConfig"),
+    "AdapterPool": ("hyperlora.pool", "AdapterPool"),
+    "PoolFullError": ("hyperlora.pool", "PoolFullError"),
+    "attach": ("hyperlora.runtime", "attach"),
+    "Runtime": ("hyperlora.runtime", "Runtime"),
+    "BackendUnavailableError": ("hyperlora.backends", "BackendUnavailableError"),
+    "available_backends": ("hyperlora.backends", "available_backends"),
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    try:
+        module_name, attr = _LAZY[name]
+    except KeyError:
+        raise AttributeError(f"module 'hyperlora' has no attribute {name!r}") from None
+    module = importlib.import_module(module_name)
+    value = module if attr is None else getattr(module, attr)
+    globals()[name] = value
+    return value

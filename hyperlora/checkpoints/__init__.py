@@ -1,0 +1,1 @@
+"""Hypernetwork checkpoints shipped with the package (safetensors + JSON config + eval report)."""

@@ -1,0 +1,45 @@
+"""The `hyperlora` command. Each subcommand lives in its own module with add_arguments() and run()."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help). Modules import heavy dependencies inside run(), so --help is fast.
+COMMANDS = {
+    "info": ("hyperlora.info", "versions, GPU and backend availability (add --json for scripts)"),
+    "demo": ("hyperlora.demo", "policies -> adapters -> one mixed batch on SmolLM2, beside the base model"),
+    "train": ("hyperlora.training.train", "train the hypernetwork (SFT or reconstruction) or a baseline"),
+    "eval": ("hyperlora.training.evaluate", "held-out policy evaluation against the baselines"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hyperlora", description=__doc__.splitlines()[0] if __doc__ else None)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            p.set_defaults(_missing=f"`hyperlora {name}` is unavailable: {exc}")
+            continue
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    if getattr(args, "_missing", None):
+        print(args._missing, file=sys.stderr)
+        return 2
+    return int(args._run(args) or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
