@@ -1,0 +1,546 @@
+"""The hypernetwork: a policy embedding -> one LoRA adapter (A, B) for every targeted module of a base model.
+
+Text-to-LoRA family (Sakana AI, ICML 2025), shaped for hyperlora's latent path:
+
+    e[p] (task embedding, [P, E]) -> task projection t[p]
+    t[p] ⊕ layer_emb[l] ⊕ module_emb[m] -> MLP trunk -> z[p, l, m]   (latent, latent_dim)
+    z1 = (z, 1)  (K = latent_dim + 1: the head's bias is folded in as a trailing constant coordinate)
+    A[p,l,m][r, i] = sum_k z1[k] * w_a[m][r*K + k, i]      (one linear head per module type)
+    B[p,l,m][o, r] = sum_k z1[k] * w_b[m][o, r*K + k]
+
+The head is linear in z and `latent_dim` is small, so `hyperlora.ops.latent_lora` can apply an adapter
+without materializing it, and `hyperlora.ops.generate_lora` can write every (policy, layer) of one module
+type into the adapter pool in one launch. Initialisation follows T2L: B's head starts at zero (a fresh
+hypernetwork is a no-op adapter), A's head is small and random.
+
+Nothing is pickled: weights are safetensors and the config is JSON (== `HyperNetworkConfig`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "hypernet.safetensors"
+FORMAT_VERSION = 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading target modules from a base model
+# --------------------------------------------------------------------------------------------------
+
+def _natural_key(name: str) -> list[Any]:
+    """Sort key that orders 'layers.10' after 'layers.9'."""
+    return [int(tok) if tok.isdigit() else tok for tok in re.split(r"(\d+)", name)]
+
+
+def module_type_of(name: str) -> str:
+    """The module type of a full module path: its last component ('model.layers.3.self_attn.q_proj' -> 'q_proj')."""
+    return name.rsplit(".", 1)[-1]
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int] | None:
+    """(d_in, d_out) of a linear-like module (nn.Linear, or GPT-2's Conv1D whose weight is [d_in, d_out]); else None."""
+    if isinstance(module, nn.Linear):
+        return int(module.in_features), int(module.out_features)
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None:
+        w = module.weight
+        if w.dim() == 2:
+            return int(w.shape[0]), int(w.shape[1])
+    return None
+
+
+def find_targets(model: nn.Module, target_modules: Sequence[str]) -> dict[str, tuple[int, int]]:
+    """Full module name -> (d_in, d_out) for every linear-like module whose type is in `target_modules`.
+
+    Names are naturally sorted (layer order). Raises ValueError naming the missing type and the
+    available linear module types if a requested type matches nothing, and if a match is not linear.
+    """
+    if isinstance(target_modules, str):
+        target_modules = [target_modules]
+    wanted = list(dict.fromkeys(target_modules))
+    if not wanted:
+        raise ValueError("target_modules is empty: name at least one module type, e.g. ('q_proj', 'v_proj')")
+    found: dict[str, tuple[int, int]] = {}
+    linear_types: set[str] = set()
+    for name, module in model.named_modules():
+        shape = linear_shape(module)
+        if shape is not None and name:
+            linear_types.add(module_type_of(name))
+        if name and module_type_of(name) in wanted:
+            if shape is None:
+                raise ValueError(f"target module {name!r} is a {type(module).__name__}, not a Linear/Conv1D: "
+                                 f"LoRA targets must be linear layers")
+            found[name] = shape
+    missing = [t for t in wanted if not any(module_type_of(n) == t for n in found)]
+    if missing:
+        raise ValueError(f"target_modules {missing} match no module of this model; its linear module types are "
+                         f"{sorted(linear_types)}")
+    return {n: found[n] for n in sorted(found, key=_natural_key)}
+
+
+def group_by_type(targets: dict[str, tuple[int, int]]) -> dict[str, list[str]]:
+    """Module type -> its full names in natural (layer) order. Raises if one type has two shapes."""
+    groups: dict[str, list[str]] = {}
+    for name in sorted(targets, key=_natural_key):
+        groups.setdefault(module_type_of(name), []).append(name)
+    for mtype, names in groups.items():
+        shapes = {tuple(targets[n]) for n in names}
+        if len(shapes) != 1:
+            raise ValueError(f"module type {mtype!r} has several shapes {sorted(shapes)}; one buffer/head per type "
+                             f"needs one (d_in, d_out)")
+    return groups
+
+
+def _layer_index(name: str, fallback: int) -> int:
+    """The first integer path component of a module name (its layer number), else `fallback`."""
+    for tok in name.split("."):
+        if tok.isdigit():
+            return int(tok)
+    return fallback
+
+
+# --------------------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------------------
+
+@dataclass
+class HyperNetworkConfig:
+    """Everything that defines a hypernetwork; saved verbatim as config.json.
+
+    module_shapes: module type -> [d_in, d_out]; module_names: module type -> full names (layer order);
+    layer_indices: module type -> layer number of each name (indexes the learned layer embedding).
+    scale = lora_alpha / rank is folded into B when an adapter is written to the pool.
+    """
+
+    rank: int = 8
+    latent_dim: int = 32
+    task_emb_dim: int = 384
+    task_proj_dim: int = 64
+    layer_emb_dim: int = 32
+    module_emb_dim: int = 32
+    hidden_dim: int = 256
+    trunk_layers: int = 2
+    dropout: float = 0.0
+    lora_alpha: float = 16.0
+    a_init_std: float | None = None  # None: uniform(+-1/sqrt(d_in)) bias part, like LoRA's kaiming A
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    module_shapes: dict[str, list[int]] = field(default_factory=dict)
+    module_names: dict[str, list[str]] = field(default_factory=dict)
+    layer_indices: dict[str, list[int]] = field(default_factory=dict)
+    num_layers: int = 0
+    base_model_name_or_path: str | None = None
+    base_model_type: str | None = None
+    encoder: str = "all-MiniLM-L6-v2"
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def scale(self) -> float:
+        """LoRA scale alpha / r, folded into B when written to the pool."""
+        return float(self.lora_alpha) / float(self.rank)
+
+    @property
+    def K(self) -> int:
+        """Latent size with the folded bias coordinate."""
+        return self.latent_dim + 1
+
+    def validate(self) -> None:
+        """Raise ValueError naming the field if the config is not usable."""
+        for name in ("rank", "latent_dim", "task_emb_dim", "layer_emb_dim", "module_emb_dim", "hidden_dim",
+                     "trunk_layers"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"HyperNetworkConfig.{name} must be a positive int, got {v!r}")
+        if not isinstance(self.task_proj_dim, int) or self.task_proj_dim < 0:
+            raise ValueError(f"HyperNetworkConfig.task_proj_dim must be an int >= 0 (0 = no projection), "
+                             f"got {self.task_proj_dim!r}")
+        if not (0.0 <= float(self.dropout) < 1.0):
+            raise ValueError(f"HyperNetworkConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if not math.isfinite(float(self.lora_alpha)) or float(self.lora_alpha) <= 0:
+            raise ValueError(f"HyperNetworkConfig.lora_alpha must be a positive finite number, got {self.lora_alpha!r}")
+        if not self.target_modules:
+            raise ValueError("HyperNetworkConfig.target_modules is empty")
+        for t in self.target_modules:
+            if t not in self.module_shapes or t not in self.module_names:
+                raise ValueError(f"HyperNetworkConfig: target module type {t!r} has no module_shapes/module_names "
+                                 f"entry; build the config with HyperNetwork.for_model(model, ...)")
+            if len(self.module_shapes[t]) != 2 or any(int(d) <= 0 for d in self.module_shapes[t]):
+                raise ValueError(f"HyperNetworkConfig.module_shapes[{t!r}] must be [d_in, d_out] > 0, "
+                                 f"got {self.module_shapes[t]!r}")
+            if not self.module_names[t]:
+                raise ValueError(f"HyperNetworkConfig.module_names[{t!r}] is empty")
+            idx = self.layer_indices.get(t)
+            if idx is None or len(idx) != len(self.module_names[t]):
+                raise ValueError(f"HyperNetworkConfig.layer_indices[{t!r}] must give one layer number per module name")
+            if any(i < 0 or i >= self.num_layers for i in idx):
+                raise ValueError(f"HyperNetworkConfig.layer_indices[{t!r}] out of range [0, {self.num_layers})")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "HyperNetworkConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"hypernetwork config has unknown fields {unknown} (written by a newer hyperlora?)")
+        version = data.get("format_version", FORMAT_VERSION)
+        if version > FORMAT_VERSION:
+            raise ValueError(f"hypernetwork config format_version {version} is newer than this hyperlora "
+                             f"understands ({FORMAT_VERSION}); upgrade hyperlora")
+        cfg = cls(**data)
+        cfg.validate()
+        return cfg
+
+
+# --------------------------------------------------------------------------------------------------
+# The network
+# --------------------------------------------------------------------------------------------------
+
+class HyperNetwork(nn.Module):
+    """Task embedding [P, E] -> LoRA adapters for every targeted module (see the module docstring).
+
+    Parameters: `task_proj` (Linear E -> task_proj_dim, or identity), `layer_emb` [num_layers, layer_emb_dim],
+    `module_emb` [n_types, module_emb_dim], `trunk` (MLP -> latent_dim), and per module type `head_a.<type>`
+    [R*K, d_in] and `head_b.<type>` [d_out, R*K] (K = latent_dim + 1; last coordinate = folded bias).
+    """
+
+    def __init__(self, config: HyperNetworkConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        c = config
+        self.types: list[str] = list(c.target_modules)
+        if c.task_proj_dim > 0:
+            self.task_proj: nn.Module = nn.Sequential(nn.Linear(c.task_emb_dim, c.task_proj_dim), nn.LayerNorm(c.task_proj_dim))
+            t_dim = c.task_proj_dim
+        else:
+            self.task_proj = nn.Identity()
+            t_dim = c.task_emb_dim
+        self.layer_emb = nn.Embedding(c.num_layers, c.layer_emb_dim)
+        self.module_emb = nn.Embedding(len(self.types), c.module_emb_dim)
+        self._t_dim = t_dim
+        in_dim = t_dim + c.layer_emb_dim + c.module_emb_dim
+        self.trunk_in = nn.Linear(in_dim, c.hidden_dim)
+        blocks: list[nn.Module] = []
+        for _ in range(c.trunk_layers - 1):
+            blocks += [nn.SiLU(), nn.Dropout(c.dropout), nn.Linear(c.hidden_dim, c.hidden_dim)]
+        blocks += [nn.SiLU(), nn.Dropout(c.dropout), nn.LayerNorm(c.hidden_dim), nn.Linear(c.hidden_dim, c.latent_dim)]
+        self.trunk = nn.Sequential(*blocks)
+        K, R = c.K, c.rank
+        self.head_a = nn.ParameterDict()
+        self.head_b = nn.ParameterDict()
+        for t in self.types:
+            d_in, d_out = (int(d) for d in c.module_shapes[t])
+            self.head_a[t] = nn.Parameter(torch.empty(R * K, d_in))
+            self.head_b[t] = nn.Parameter(torch.empty(d_out, R * K))
+        self.reset_parameters()
+        self._id_cache: tuple[Any, str] | None = None
+
+    # ---- construction ------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """T2L-style init: B heads zero (no-op adapter), A heads small: the bias coordinate like LoRA's A
+        (uniform +-1/sqrt(d_in)), the z-coordinates smaller still so A varies with the policy from the start."""
+        c = self.config
+        nn.init.normal_(self.layer_emb.weight, std=0.5)
+        nn.init.normal_(self.module_emb.weight, std=0.5)
+        K, R = c.K, c.rank
+        for t in self.types:
+            d_in = int(c.module_shapes[t][0])
+            wa = self.head_a[t].view(R, K, d_in)
+            bound = 1.0 / math.sqrt(d_in)
+            if c.a_init_std is None:
+                nn.init.uniform_(wa[:, K - 1, :], -bound, bound)
+                nn.init.normal_(wa[:, : K - 1, :], std=bound / math.sqrt(c.latent_dim))
+            else:
+                nn.init.normal_(wa, std=float(c.a_init_std))
+            nn.init.zeros_(self.head_b[t])
+
+    @classmethod
+    def for_model(cls, model: nn.Module, rank: int = 8, target_modules: Sequence[str] = ("q_proj", "v_proj"),
+                  latent_dim: int = 32, **kw: Any) -> "HyperNetwork":
+        """A fresh hypernetwork for `model`'s target modules (any transformers causal LM: nn.Linear or Conv1D).
+
+        Extra keywords are HyperNetworkConfig fields (task_emb_dim, hidden_dim, lora_alpha, ...).
+        """
+        cfg = cls.config_for_model(model, rank=rank, target_modules=target_modules, latent_dim=latent_dim, **kw)
+        return cls(cfg)
+
+    @staticmethod
+    def config_for_model(model: nn.Module, rank: int = 8, target_modules: Sequence[str] = ("q_proj", "v_proj"),
+                         latent_dim: int = 32, **kw: Any) -> HyperNetworkConfig:
+        """The HyperNetworkConfig that `for_model` would build (target shapes read from `model`)."""
+        targets = find_targets(model, target_modules)
+        groups = group_by_type(targets)
+        types = [t for t in dict.fromkeys([target_modules] if isinstance(target_modules, str) else target_modules)]
+        shapes = {t: list(targets[groups[t][0]]) for t in types}
+        names = {t: list(groups[t]) for t in types}
+        layer_idx = {t: [_layer_index(n, i) for i, n in enumerate(groups[t])] for t in types}
+        mcfg = getattr(model, "config", None)
+        n_layers = max([max(v) + 1 for v in layer_idx.values()] + [int(getattr(mcfg, "num_hidden_layers", 0) or 0)])
+        kw.setdefault("lora_alpha", 2.0 * rank)
+        cfg = HyperNetworkConfig(rank=rank, latent_dim=latent_dim, target_modules=types, module_shapes=shapes,
+                                 module_names=names, layer_indices=layer_idx, num_layers=n_layers,
+                                 base_model_name_or_path=getattr(mcfg, "_name_or_path", None) or None,
+                                 base_model_type=getattr(mcfg, "model_type", None), **kw)
+        cfg.validate()
+        return cfg
+
+    # ---- forward -----------------------------------------------------------------------------
+
+    def _check_task_emb(self, task_emb: torch.Tensor) -> torch.Tensor:
+        if not isinstance(task_emb, torch.Tensor):
+            raise TypeError(f"task_emb must be a torch.Tensor [P, {self.config.task_emb_dim}], got {type(task_emb).__name__}")
+        if task_emb.dim() == 1:
+            task_emb = task_emb.unsqueeze(0)
+        if task_emb.dim() != 2 or task_emb.shape[1] != self.config.task_emb_dim:
+            raise ValueError(f"task_emb must be [P, {self.config.task_emb_dim}] (the encoder's embedding size in "
+                             f"config.task_emb_dim), got {tuple(task_emb.shape)}")
+        if not task_emb.is_floating_point():
+            raise TypeError(f"task_emb must be a float tensor, got {task_emb.dtype}")
+        p = self.trunk_in.weight
+        return task_emb.to(device=p.device, dtype=p.dtype)
+
+    def latents(self, task_emb: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Module type -> z [P, L_type, K] (float, the trunk's dtype), K = latent_dim + 1, z[..., -1] == 1.
+
+        The trunk's first Linear acts on the concatenation t ⊕ layer_emb ⊕ module_emb; it is evaluated as the
+        sum of its three column blocks (the same function) so that P*L*M rows are never materialized.
+        """
+        e = self._check_task_emb(task_emb)
+        t = self.task_proj(e)  # [P, t_dim]
+        W = self.trunk_in.weight
+        td, ld = self._t_dim, self.config.layer_emb_dim
+        ht = t @ W[:, :td].T + self.trunk_in.bias  # [P, H]
+        out: dict[str, torch.Tensor] = {}
+        for mi, mtype in enumerate(self.types):
+            idx = torch.as_tensor(self.config.layer_indices[mtype], device=W.device)
+            hl = self.layer_emb(idx) @ W[:, td:td + ld].T  # [L, H]
+            hm = self.module_emb.weight[mi] @ W[:, td + ld:].T  # [H]
+            h = ht[:, None, :] + hl[None, :, :] + hm  # [P, L, H]
+            z = self.trunk(h)  # [P, L, latent_dim]
+            out[mtype] = torch.cat([z, torch.ones_like(z[..., :1])], dim=-1)
+        return out
+
+    def head(self, module_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(w_a [R*K, d_in], w_b [d_out, R*K]) of one module type; layout in the module docstring."""
+        if module_type not in self.head_a:
+            raise KeyError(f"module type {module_type!r} is not a target of this hypernetwork; targets: {self.types}")
+        return self.head_a[module_type], self.head_b[module_type]
+
+    def generate(self, task_emb: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Module type -> (A [P, L, R, d_in], B [P, L, d_out, R]), differentiable, scale NOT applied."""
+        R, K = self.config.rank, self.config.K
+        out = {}
+        for mtype, z in self.latents(task_emb).items():
+            w_a, w_b = self.head(mtype)
+            a = torch.einsum("plk,rki->plri", z, w_a.view(R, K, -1))
+            b = torch.einsum("plk,ork->plor", z, w_b.view(-1, R, K))
+            out[mtype] = (a, b)
+        return out
+
+    def forward(self, task_emb: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        return self.generate(task_emb)
+
+    def module_names(self, module_type: str) -> list[str]:
+        """Full module paths in the base model for one module type, one per layer (L of them)."""
+        if module_type not in self.config.module_names:
+            raise KeyError(f"module type {module_type!r} is not a target of this hypernetwork; targets: {self.types}")
+        return list(self.config.module_names[module_type])
+
+    def targets(self) -> dict[str, tuple[int, int]]:
+        """Full module name -> (d_in, d_out) for every module this hypernetwork writes (for AdapterPool)."""
+        out = {}
+        for t in self.types:
+            d_in, d_out = (int(d) for d in self.config.module_shapes[t])
+            for n in self.config.module_names[t]:
+                out[n] = (d_in, d_out)
+        return out
+
+    def adapters(self, task_emb: torch.Tensor) -> list[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+        """Per policy: full module name -> (A [R, d_in], B [d_out, R]) (scale NOT applied; for pool.write/PEFT)."""
+        gen = self.generate(task_emb)
+        P = next(iter(gen.values()))[0].shape[0]
+        res: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in range(P)]
+        for mtype, (a, b) in gen.items():
+            for li, name in enumerate(self.config.module_names[mtype]):
+                for p in range(P):
+                    res[p][name] = (a[p, li], b[p, li])
+        return res
+
+    # ---- pool --------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate_into_pool(self, task_emb: torch.Tensor, pool: Any, slots: Sequence[int] | torch.Tensor,
+                           scale: float | Sequence[float] | torch.Tensor | None = None,
+                           backend: str | None = None) -> None:
+        """Generate the adapters of P policies and write them straight into `pool` slots (one launch per type).
+
+        task_emb [P, E]; slots [P] (allocated in `pool`, not in flight); scale: one float or [P] (default
+        config.scale), folded into B. Pool module types the hypernetwork does not cover are zeroed for these
+        slots (the slot must not apply a previous tenant's weights there). Counts one generation per policy.
+        """
+        from hyperlora.ops.generate_lora import generate_lora
+
+        t0 = time.perf_counter()
+        e = self._check_task_emb(task_emb)
+        P = e.shape[0]
+        slots_t = torch.as_tensor(slots, dtype=torch.int64).reshape(-1)
+        if slots_t.numel() != P:
+            raise ValueError(f"slots must give one slot per policy: {P} task embeddings, {slots_t.numel()} slots")
+        if self.config.rank > pool.max_rank:
+            raise ValueError(f"the hypernetwork's rank {self.config.rank} exceeds the pool's max_rank {pool.max_rank}; "
+                             f"build the pool with max_rank >= {self.config.rank}")
+        for t in self.types:
+            if t not in pool.module_types():
+                raise ValueError(f"the pool has no buffers for module type {t!r}; build it with "
+                                 f"AdapterPool(hypernet.targets(), ...) or include those modules")
+            if pool.module_names(t) != self.module_names(t):
+                raise ValueError(f"the pool's {t!r} modules differ from the hypernetwork's (pool "
+                                 f"{len(pool.module_names(t))}, hypernetwork {len(self.module_names(t))} layers): "
+                                 f"they were built for different base models")
+            if tuple(pool.shape(t)) != tuple(int(d) for d in self.config.module_shapes[t]):
+                raise ValueError(f"module type {t!r}: pool shape {pool.shape(t)} != hypernetwork shape "
+                                 f"{self.config.module_shapes[t]}")
+        for s in slots_t.tolist():
+            info = pool.slot_info(s)
+            if info["state"] == "free":
+                raise ValueError(f"slot {s} is not allocated: call pool.allocate(key, rank, scale) first")
+            if info["rank"] != self.config.rank:
+                raise ValueError(f"slot {s} was allocated with rank {info['rank']}, the hypernetwork generates rank "
+                                 f"{self.config.rank}")
+        if scale is None:
+            scales = torch.tensor([pool.slot_info(s)["scale"] for s in slots_t.tolist()], dtype=torch.float32)
+        else:
+            scales = torch.as_tensor(scale, dtype=torch.float32).reshape(-1)
+            if scales.numel() == 1:
+                scales = scales.expand(P).clone()
+        if scales.numel() != P:
+            raise ValueError(f"scale must be one float or one per policy ({P}), got {scales.numel()} values")
+        dev = pool.device
+        with pool.writing(slots_t.tolist()):
+            z = self.latents(e)
+            slots_dev = slots_t.to(dev)
+            scales_dev = scales.to(dev)
+            for t in self.types:
+                a_buf, b_buf = pool.buffers(t)
+                w_a, w_b = self.head(t)
+                generate_lora(a_buf, b_buf, z[t].to(dev), w_a.detach().to(dev), w_b.detach().to(dev), slots_dev,
+                              scales_dev, backend=backend)
+            others = [t for t in pool.module_types() if t not in self.types]
+            if others:
+                pool.zero_slots(slots_t.tolist(), others)
+        if dev.type == "cuda":
+            torch.cuda.current_stream(dev).synchronize()
+        pool.record_generation(P, time.perf_counter() - t0)
+
+    # ---- identity, save, load ----------------------------------------------------------------
+
+    def _version_key(self) -> tuple:
+        return tuple((n, p.data_ptr(), p._version, p.dtype, p.device) for n, p in self.named_parameters())
+
+    def weights_id(self) -> str:
+        """A stable hash of (config, every weight's bytes): the hypernetwork's identity in pool content keys.
+
+        Cached until a parameter changes in place (optimizer steps and load_state_dict bump tensor versions).
+        """
+        key = self._version_key()
+        if self._id_cache is not None and self._id_cache[0] == key:
+            return self._id_cache[1]
+        h = hashlib.sha256()
+        h.update(self.config.to_json().encode())
+        for name, tensor in sorted(self.state_dict().items()):
+            t = tensor.detach().to("cpu").contiguous()
+            h.update(name.encode())
+            h.update(str(t.dtype).encode())
+            h.update(str(tuple(t.shape)).encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        digest = h.hexdigest()[:32]
+        self._id_cache = (key, digest)
+        return digest
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write config.json and hypernet.safetensors (no pickle) into `directory`."""
+        from safetensors.torch import save_file
+
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / CONFIG_NAME).write_text(self.config.to_json() + "\n")
+        state = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
+        save_file(state, str(d / WEIGHTS_NAME), metadata={"format": "pt", "hyperlora_format_version": str(FORMAT_VERSION)})
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, model: nn.Module | None = None,
+                        device: str | torch.device | None = None) -> "HyperNetwork":
+        """Load from `directory`. With `model`, refuse (ValueError naming the mismatch) a hypernetwork built for
+        a base model with other target modules, layer names or shapes."""
+        from safetensors.torch import load_file
+
+        d = Path(directory)
+        cfg_path, w_path = d / CONFIG_NAME, d / WEIGHTS_NAME
+        if not cfg_path.is_file():
+            raise FileNotFoundError(f"{cfg_path} is missing: not a hyperlora hypernetwork directory")
+        if not w_path.is_file():
+            pickled = [p.name for p in d.glob("*.bin")] + [p.name for p in d.glob("*.pt")]
+            hint = f" (found {pickled}: pickled weights are refused, they can run arbitrary code)" if pickled else ""
+            raise FileNotFoundError(f"{w_path} is missing{hint}")
+        cfg = HyperNetworkConfig.from_dict(json.loads(cfg_path.read_text()))
+        if model is not None:
+            check_config_matches_model(cfg, model)
+        hn = cls(cfg)
+        state = load_file(str(w_path))
+        expected = hn.state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise ValueError(f"{w_path}: weights do not match config.json (missing {missing[:5]}, unexpected "
+                             f"{unexpected[:5]})")
+        for k, v in state.items():
+            if tuple(v.shape) != tuple(expected[k].shape):
+                raise ValueError(f"{w_path}: weight {k!r} has shape {tuple(v.shape)}, config.json implies "
+                                 f"{tuple(expected[k].shape)}")
+        dtypes = {v.dtype for v in state.values()}
+        if len(dtypes) == 1:
+            hn = hn.to(dtype=dtypes.pop())
+        hn.load_state_dict(state, strict=True)
+        if device is not None:
+            hn = hn.to(device)
+        return hn
+
+
+def check_config_matches_model(cfg: HyperNetworkConfig, model: nn.Module) -> None:
+    """Raise ValueError naming every difference between a hypernetwork config and `model`'s target modules."""
+    try:
+        targets = find_targets(model, cfg.target_modules)
+    except ValueError as exc:
+        raise ValueError(f"hypernetwork does not match this base model: {exc}") from None
+    groups = group_by_type(targets)
+    problems = []
+    mtype = getattr(getattr(model, "config", None), "model_type", None)
+    if cfg.base_model_type and mtype and cfg.base_model_type != mtype:
+        problems.append(f"model_type: hypernetwork built for {cfg.base_model_type!r}, model is {mtype!r}")
+    for t in cfg.target_modules:
+        got_shape = list(targets[groups[t][0]])
+        if got_shape != [int(d) for d in cfg.module_shapes[t]]:
+            problems.append(f"{t} shape (d_in, d_out): hypernetwork {tuple(cfg.module_shapes[t])}, model {tuple(got_shape)}")
+        if list(groups[t]) != list(cfg.module_names[t]):
+            problems.append(f"{t} modules: hypernetwork has {len(cfg.module_names[t])} "
+                            f"(first {cfg.module_names[t][0]!r}), model has {len(groups[t])} (first {groups[t][0]!r})")
+    if problems:
+        raise ValueError("hypernetwork config does not match the base model: " + "; ".join(problems))
+
