@@ -1,0 +1,254 @@
+"""Cost model: apply a batch's generated adapters by the materialized path or the latent path?
+
+Per layer shape and batch, both paths are costed from the bytes they move and the FLOPs they do, on a
+roofline of the device (`time = max(bytes / bandwidth, flops / flop_rate) + fixed overheads`):
+
+* materialized (`hyperlora.ops.add_lora`): reads each distinct adapter once, P * R * (d_in + d_out)
+  elements, plus the activations; 2 * T * R * (d_in + d_out) FLOPs at the rate of skinny gathered GEMMs.
+* latent (`hyperlora.ops.latent_lora`): reads the shared head once, R * K * (d_in + d_out) elements, plus the
+  activations; 2 * T * R * K * (d_in + d_out) FLOPs as dense GEMMs.
+
+So the latent path wins when many distinct policies share few tokens each (decode), and loses for
+prefill-heavy batches with few policies. The device's bandwidth and FLOP rate are measured once per device
+by a tiny calibration (well under a second) and cached; `HYPERLORA_CALIBRATE=0` uses the defaults named
+below instead (CPU, H100, H200, other GPUs). Every new decision is logged at debug level on the
+`hyperlora.dispatch` logger.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+
+__all__ = ["DeviceProfile", "PathCost", "PathChoice", "DEFAULT_PROFILES", "choose_path", "estimate",
+           "device_profile", "calibrate", "PATHS"]
+
+logger = logging.getLogger("hyperlora.dispatch")
+PATHS = ("materialized", "latent")
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    """Throughputs of one device, as the cost model sees it.
+
+    bandwidth: bytes/s a streaming kernel reaches (reads + writes).
+    flops: FLOP/s of a dense GEMM in a 16-bit dtype; flops32 the same in float32 (float64 counts as half).
+    gather_efficiency: fraction of `flops` and `bandwidth` the materialized path's per-adapter skinny GEMMs
+        reach on the adapters' bytes (activations stream at full bandwidth on both paths).
+    launch_s: fixed cost of one kernel launch / op call; segment_s: extra cost per distinct adapter in the
+        materialized path (segment bookkeeping, a loop iteration on the CPU).
+    """
+
+    name: str
+    bandwidth: float
+    flops: float
+    flops32: float
+    gather_efficiency: float = 0.5
+    launch_s: float = 5e-6
+    segment_s: float = 0.0
+    source: str = "default"
+
+
+# Defaults, used when calibration is off or fails. GPU figures: TOOLCHAIN.md (H100 ~3.0 TB/s copy, H200
+# ~4.3 TB/s, ~790 TFLOP/s bf16 dense peak, of which skinny LoRA-shaped GEMMs reach roughly half; float32
+# counted at the TF32-free CUDA-core rate). CPU: a 2-core AVX-512 machine like the ones here.
+DEFAULT_PROFILES: dict[str, DeviceProfile] = {
+    "cpu": DeviceProfile("cpu", bandwidth=20e9, flops=250e9, flops32=150e9, gather_efficiency=0.5,
+                         launch_s=5e-6, segment_s=2e-5),
+    "h100": DeviceProfile("NVIDIA H100", bandwidth=3.0e12, flops=400e12, flops32=50e12, gather_efficiency=0.4,
+                          launch_s=4e-6, segment_s=0.0),
+    "h200": DeviceProfile("NVIDIA H200", bandwidth=4.3e12, flops=400e12, flops32=50e12, gather_efficiency=0.4,
+                          launch_s=4e-6, segment_s=0.0),
+    "cuda": DeviceProfile("CUDA GPU", bandwidth=1.5e12, flops=150e12, flops32=20e12, gather_efficiency=0.4,
+                          launch_s=5e-6, segment_s=0.0),
+}
+
+
+@dataclass(frozen=True)
+class PathCost:
+    """Estimated bytes moved, FLOPs done and seconds taken by one path for one layer and batch."""
+
+    bytes: float
+    flops: float
+    seconds: float
+
+
+@dataclass(frozen=True)
+class PathChoice:
+    """The chosen path and both estimates (what the benchmarks report)."""
+
+    path: str
+    materialized: PathCost
+    latent: PathCost
+    profile: str
+
+    @property
+    def ratio(self) -> float:
+        """Estimated time of the other path over the chosen one (>= 1)."""
+        other = self.latent if self.path == "materialized" else self.materialized
+        chosen = self.materialized if self.path == "materialized" else self.latent
+        return other.seconds / max(chosen.seconds, 1e-30)
+
+
+def _elem_size(dtype: Union[torch.dtype, int]) -> int:
+    if isinstance(dtype, int):
+        if dtype not in (2, 4, 8):
+            raise ValueError(f"dtype as an element size must be 2, 4 or 8 bytes, got {dtype}")
+        return dtype
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating torch.dtype or an element size in bytes, got {dtype!r}")
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _check_sizes(**sizes: int) -> None:
+    for name, v in sizes.items():
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise TypeError(f"choose_path: {name} must be an int, got {type(v).__name__}")
+        if v < 0 or (v == 0 and name not in ("tokens", "policies")):
+            raise ValueError(f"choose_path: {name} must be {'>= 0' if name in ('tokens', 'policies') else '> 0'}, got {v}")
+
+
+def estimate(tokens: int, policies: int, d_in: int, d_out: int, rank: int, latent_k: int, elem_size: int,
+             profile: DeviceProfile) -> tuple[PathCost, PathCost]:
+    """(materialized, latent) cost of applying `policies` distinct adapters to `tokens` rows of one layer.
+
+    `latent_k` is K = latent_dim + 1 (folded bias). Activations (x read, y read + written) count on both
+    paths; the [T, R] float32 intermediate counts twice (written, read back).
+    """
+    T, P, R, K = float(tokens), float(min(policies, max(tokens, 1))), float(rank), float(latent_k)
+    flop_rate = profile.flops if elem_size == 2 else profile.flops32 / (elem_size // 4)
+    act = elem_size * T * (d_in + 2 * d_out) + 8.0 * T * R
+    # materialized: every distinct adapter's A and B, skinny per-segment GEMMs
+    m_bytes = act + elem_size * P * R * (d_in + d_out)
+    m_flops = 2.0 * T * R * (d_in + d_out)
+    eff = profile.gather_efficiency
+    m_stream = act / profile.bandwidth + (m_bytes - act) / (profile.bandwidth * eff)
+    m_time = max(m_stream, m_flops / (flop_rate * eff)) + 2 * profile.launch_s + P * profile.segment_s
+    # latent: the shared head once, dense GEMMs with R*K columns, plus the per-slot latents
+    l_bytes = act + elem_size * R * K * (d_in + d_out) + 4.0 * P * K
+    l_flops = 2.0 * T * R * K * (d_in + d_out) + 4.0 * T * R * K
+    l_time = max(l_bytes / profile.bandwidth, l_flops / flop_rate) + 2 * profile.launch_s
+    return PathCost(m_bytes, m_flops, m_time), PathCost(l_bytes, l_flops, l_time)
+
+
+@functools.lru_cache(maxsize=4096)
+def _decide(tokens: int, policies: int, d_in: int, d_out: int, rank: int, latent_k: int, elem_size: int,
+            profile: DeviceProfile) -> PathChoice:
+    mat, lat = estimate(tokens, policies, d_in, d_out, rank, latent_k, elem_size, profile)
+    path = "latent" if lat.seconds < mat.seconds else "materialized"
+    choice = PathChoice(path, mat, lat, profile.name)
+    logger.debug("dispatch: %s for T=%d P=%d d_in=%d d_out=%d R=%d K=%d (%dB) on %s: materialized %.3g us "
+                 "(%.3g MB, %.3g GFLOP), latent %.3g us (%.3g MB, %.3g GFLOP)", path, tokens, policies, d_in,
+                 d_out, rank, latent_k, elem_size, profile.name, mat.seconds * 1e6, mat.bytes / 1e6,
+                 mat.flops / 1e9, lat.seconds * 1e6, lat.bytes / 1e6, lat.flops / 1e9)
+    return choice
+
+
+def choose_path(tokens: int, policies: int, d_in: int, d_out: int, rank: int, latent_k: int,
+                dtype: Union[torch.dtype, int] = torch.bfloat16, *, device: Union[torch.device, str, None] = None,
+                profile: Optional[DeviceProfile] = None) -> PathChoice:
+    """Pick "materialized" or "latent" for one layer shape and batch; returns the choice and both estimates.
+
+    Args:
+        tokens: rows of the batch that carry a generated adapter (slot >= 0 and a latent).
+        policies: distinct generated adapters among them.
+        d_in, d_out, rank: the layer's shape and the adapters' rank R.
+        latent_k: K = latent_dim + 1 of the hypernetwork head.
+        dtype: the activations' / weights' dtype (or its element size in bytes).
+        device: whose profile to use (calibrated once, cached); ignored when `profile` is given.
+    Decisions are cached per (shape, batch, profile) and logged at debug level the first time.
+    """
+    _check_sizes(tokens=tokens, policies=policies, d_in=d_in, d_out=d_out, rank=rank, latent_k=latent_k)
+    prof = profile if profile is not None else device_profile(device)
+    return _decide(tokens, policies, d_in, d_out, rank, latent_k, _elem_size(dtype), prof)
+
+
+# --------------------------------------------------------------------------------------------------
+# device profiles: defaults and calibration
+# --------------------------------------------------------------------------------------------------
+def _default_for(device: torch.device) -> DeviceProfile:
+    if device.type != "cuda":
+        return DEFAULT_PROFILES["cpu"]
+    name = torch.cuda.get_device_name(device)
+    for key in ("h200", "h100"):
+        if key in name.lower():
+            return DEFAULT_PROFILES[key]
+    return dataclasses.replace(DEFAULT_PROFILES["cuda"], name=name)
+
+
+def _best_time(fn, device: torch.device, repeats: int) -> float:
+    fn()  # warm up
+    best = float("inf")
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def calibrate(device: Union[torch.device, str, None] = None) -> DeviceProfile:
+    """Measure bandwidth (a large copy), dense GEMM FLOP rates (16-bit and float32) and launch overhead.
+
+    Takes ~0.1-0.5 s on a CPU, milliseconds on a GPU. Efficiency factors and the per-segment cost keep
+    their defaults for the device kind (they describe kernels, not the hardware).
+    """
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    base = _default_for(dev)
+    gpu = dev.type == "cuda"
+    with torch.no_grad():
+        n_copy = (64 << 20) // 4 if gpu else (48 << 20) // 4
+        src = torch.empty(n_copy, dtype=torch.float32, device=dev).uniform_()
+        dst = torch.empty_like(src)
+        bw = 2 * src.numel() * 4 / _best_time(lambda: dst.copy_(src), dev, 5)
+        del src, dst
+        n = 4096 if gpu else 384
+        rates = {}
+        for dt in (torch.bfloat16 if (gpu or _cpu_has_fast_bf16()) else torch.float32, torch.float32):
+            a = torch.randn(n, n, device=dev).to(dt)
+            b = torch.randn(n, n, device=dev).to(dt)
+            rates[dt] = 2 * n ** 3 / _best_time(lambda: a @ b, dev, 3)
+        small = torch.ones(8, device=dev)
+        launch = _best_time(lambda: small.add_(0.0), dev, 20)
+    flops16 = max(rates.values())
+    prof = dataclasses.replace(base, bandwidth=bw, flops=flops16, flops32=rates[torch.float32],
+                               launch_s=max(launch, 1e-6), source="calibrated")
+    logger.debug("dispatch: calibrated %s: %.1f GB/s, %.1f TFLOP/s (16-bit), %.1f TFLOP/s (fp32), launch %.1f us",
+                 prof.name, bw / 1e9, flops16 / 1e12, prof.flops32 / 1e12, prof.launch_s * 1e6)
+    return prof
+
+
+def _cpu_has_fast_bf16() -> bool:
+    try:
+        return "avx512_bf16" in open("/proc/cpuinfo").read() or "amx_bf16" in open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+
+
+@functools.lru_cache(maxsize=None)
+def _profile_for(device_key: str) -> DeviceProfile:
+    dev = torch.device(device_key)
+    if os.environ.get("HYPERLORA_CALIBRATE", "1").strip().lower() in {"0", "false", "no", "off"}:
+        return _default_for(dev)
+    try:
+        return calibrate(dev)
+    except Exception as exc:  # a failed measurement must never break a forward pass
+        logger.warning("dispatch: calibration on %s failed (%s); using default profile", dev, exc)
+        return _default_for(dev)
+
+
+def device_profile(device: Union[torch.device, str, None] = None) -> DeviceProfile:
+    """The (calibrated once, then cached) profile of `device` (default: the CPU)."""
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return _profile_for(str(dev))

@@ -1,0 +1,118 @@
+"""dispatch: the materialized-vs-latent cost model's decisions at the extremes, monotonicity, calibration."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import pytest
+import torch
+
+from hyperlora import dispatch
+from hyperlora.dispatch import DEFAULT_PROFILES, choose_path, estimate
+
+GPUS = [DEFAULT_PROFILES["h100"], DEFAULT_PROFILES["h200"]]
+ALL = GPUS + [DEFAULT_PROFILES["cpu"], DEFAULT_PROFILES["cuda"]]
+
+
+@pytest.mark.parametrize("profile", ALL, ids=lambda p: p.name)
+@pytest.mark.parametrize("hidden", [576, 1024, 4096])
+def test_one_policy_prefill_is_materialized(profile, hidden):
+    c = choose_path(2048, 1, hidden, hidden, 8, 33, torch.bfloat16, profile=profile)
+    assert c.path == "materialized"
+    assert c.materialized.seconds < c.latent.seconds and c.ratio >= 1
+
+
+@pytest.mark.parametrize("profile", GPUS, ids=lambda p: p.name)
+def test_256_policies_decode_at_4096_is_latent(profile):
+    c = choose_path(256, 256, 4096, 4096, 8, 33, torch.bfloat16, profile=profile)
+    assert c.path == "latent"
+    # the reason: the adapters' bytes dwarf the head's
+    assert c.materialized.bytes > 3 * c.latent.bytes
+    assert c.latent.flops > c.materialized.flops
+
+
+def test_latent_bytes_do_not_grow_with_policies():
+    prof = DEFAULT_PROFILES["h100"]
+    m1, l1 = estimate(1024, 1, 4096, 4096, 8, 33, 2, prof)
+    m2, l2 = estimate(1024, 1024, 4096, 4096, 8, 33, 2, prof)
+    assert l2.bytes - l1.bytes <= 4 * 33 * 1024          # only the latents themselves (K floats each)
+    assert m2.bytes - m1.bytes == 2 * 1023 * 8 * (4096 + 4096)
+    assert l1.flops == l2.flops and m1.flops == m2.flops
+
+
+@pytest.mark.parametrize("profile", ALL, ids=lambda p: p.name)
+@pytest.mark.parametrize("hidden", [576, 4096])
+def test_monotone_in_policies_and_tokens(profile, hidden):
+    """At fixed tokens, more distinct policies never favour materialized; at fixed policies, adding tokens
+    can switch latent -> materialized but never back; along each axis the decision flips at most once."""
+    def adv(t, p):
+        c = choose_path(t, p, hidden, hidden, 8, 33, 2, profile=profile)
+        return c.materialized.seconds / c.latent.seconds, c.path
+
+    policies = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
+    for tokens in (1, 64, 1024, 8192):
+        row = [adv(tokens, p) for p in policies if p <= tokens]
+        assert all(b[0] >= a[0] * (1 - 1e-9) for a, b in zip(row, row[1:])), (tokens, row)
+        paths = [r[1] for r in row]
+        assert paths == sorted(paths, key=lambda s: s == "latent"), paths
+    for p in (1, 16, 256):
+        # (the ratio itself need not be monotone in tokens: the head's bytes amortize over more tokens
+        # until the latent GEMMs turn compute-bound; only the decision must flip at most once)
+        col = [adv(p * tpp, p) for tpp in (1, 2, 8, 32, 256, 4096)]
+        paths = [r[1] for r in col]
+        assert paths == sorted(paths, key=lambda s: s == "materialized"), paths
+
+
+def test_bigger_latent_dim_favours_materialized():
+    prof = DEFAULT_PROFILES["h100"]
+    adv = [(lambda c: c.materialized.seconds / c.latent.seconds)(choose_path(256, 256, 4096, 4096, 8, k, 2, profile=prof))
+           for k in (9, 17, 33, 65, 129, 257)]
+    assert all(b <= a for a, b in zip(adv, adv[1:])), adv
+    assert choose_path(256, 256, 4096, 4096, 8, 1025, 2, profile=prof).path == "materialized"
+
+
+def test_choice_is_logged_at_debug(caplog):
+    prof = dataclasses.replace(DEFAULT_PROFILES["h100"], name="log-test-profile")
+    with caplog.at_level(logging.DEBUG, logger="hyperlora.dispatch"):
+        choose_path(300, 77, 4096, 1024, 8, 33, torch.float16, profile=prof)
+    assert any("latent" in r.getMessage() and "log-test-profile" in r.getMessage() and r.levelno == logging.DEBUG
+               for r in caplog.records)
+
+
+@pytest.mark.parametrize("kw,exc,needle", [
+    (dict(tokens=-1), ValueError, "tokens"),
+    (dict(rank=0), ValueError, "rank"),
+    (dict(latent_k=0), ValueError, "latent_k"),
+    (dict(d_in=2.5), TypeError, "d_in"),
+    (dict(dtype=torch.int32), TypeError, "dtype"),
+    (dict(dtype=3), ValueError, "dtype"),
+])
+def test_bad_arguments(kw, exc, needle):
+    args = dict(tokens=4, policies=2, d_in=64, d_out=64, rank=4, latent_k=9, dtype=torch.float32,
+                profile=DEFAULT_PROFILES["cpu"])
+    args.update(kw)
+    with pytest.raises(exc, match=needle):
+        choose_path(**args)
+
+
+def test_calibration_measures_and_caches(monkeypatch):
+    monkeypatch.setenv("HYPERLORA_CALIBRATE", "1")
+    dispatch._profile_for.cache_clear()
+    p = dispatch.device_profile("cpu")
+    assert p.source == "calibrated" and p.bandwidth > 1e8 and p.flops32 > 1e8 and p.flops >= p.flops32 * 0.5
+    assert dispatch.device_profile("cpu") is p
+    monkeypatch.setenv("HYPERLORA_CALIBRATE", "0")
+    dispatch._profile_for.cache_clear()
+    assert dispatch.device_profile("cpu") == DEFAULT_PROFILES["cpu"]
+    dispatch._profile_for.cache_clear()
+    # the device argument reaches the decision
+    c = choose_path(1, 1, 64, 64, 4, 9, torch.float32, device="cpu")
+    assert c.profile == "cpu" and c.path in dispatch.PATHS
+    dispatch._profile_for.cache_clear()
+
+
+@pytest.mark.gpu
+def test_gpu_profile_is_calibrated():
+    dispatch._profile_for.cache_clear()
+    p = dispatch.device_profile("cuda")
+    assert p.bandwidth > 1e11 and p.flops > 1e13
