@@ -77,12 +77,12 @@ def find_targets(model: nn.Module, target_modules: Sequence[str]) -> dict[str, t
         shape = linear_shape(module)
         if shape is not None and name:
             linear_types.add(module_type_of(name))
-        if name and module_type_of(name) in wanted:
+        if name and any(matches_type(name, t) for t in wanted):
             if shape is None:
                 raise ValueError(f"target module {name!r} is a {type(module).__name__}, not a Linear/Conv1D: "
                                  f"LoRA targets must be linear layers")
             found[name] = shape
-    missing = [t for t in wanted if not any(module_type_of(n) == t for n in found)]
+    missing = [t for t in wanted if not any(matches_type(n, t) for n in found)]
     if missing:
         raise ValueError(f"target_modules {missing} match no module of this model; its linear module types are "
                          f"{sorted(linear_types)}")
@@ -90,16 +90,39 @@ def find_targets(model: nn.Module, target_modules: Sequence[str]) -> dict[str, t
 
 
 def group_by_type(targets: dict[str, tuple[int, int]]) -> dict[str, list[str]]:
-    """Module type -> its full names in natural (layer) order. Raises if one type has two shapes."""
-    groups: dict[str, list[str]] = {}
-    for name in sorted(targets, key=_natural_key):
-        groups.setdefault(module_type_of(name), []).append(name)
-    for mtype, names in groups.items():
-        shapes = {tuple(targets[n]) for n in names}
-        if len(shapes) != 1:
-            raise ValueError(f"module type {mtype!r} has several shapes {sorted(shapes)}; one buffer/head per type "
-                             f"needs one (d_in, d_out)")
-    return groups
+    """Module type -> its full names in natural (layer) order; every type has one (d_in, d_out).
+
+    The type is a module's last name component ('q_proj'). Where one short name has several shapes (GPT-2's
+    attn.c_proj 768->768 and mlp.c_proj 3072->768), those modules are told apart by more trailing
+    components ('attn.c_proj', 'mlp.c_proj'). Raises ValueError if even full names cannot separate them.
+    """
+    def split(names: list[str], depth: int) -> dict[str, list[str]]:
+        groups: dict[str, list[str]] = {}
+        for n in names:
+            groups.setdefault(".".join(n.split(".")[-depth:]), []).append(n)
+        out: dict[str, list[str]] = {}
+        for key, members in groups.items():
+            shapes = {tuple(targets[n]) for n in members}
+            if len(shapes) == 1:
+                out[key] = members
+            elif depth >= max(len(n.split(".")) for n in members):
+                raise ValueError(f"modules {members[:3]} have several shapes {sorted(shapes)}; a pool buffer and a "
+                                 f"hypernetwork head need one (d_in, d_out) per module type")
+            else:
+                out.update(split(members, depth + 1))
+        return out
+
+    return split(sorted(targets, key=_natural_key), 1)
+
+
+def matches_type(name: str, module_type: str) -> bool:
+    """True if full module `name` ends with the components of `module_type` ('attn.c_proj', 'q_proj')."""
+    return name == module_type or name.endswith("." + module_type)
+
+
+def _pkey(module_type: str) -> str:
+    """Parameter-dict key of a module type ('attn.c_proj' -> 'attn__c_proj'; parameter names cannot hold dots)."""
+    return module_type.replace(".", "__")
 
 
 def _layer_index(name: str, fallback: int) -> int:
@@ -245,8 +268,8 @@ class HyperNetwork(nn.Module):
         self.head_b = nn.ParameterDict()
         for t in self.types:
             d_in, d_out = (int(d) for d in c.module_shapes[t])
-            self.head_a[t] = nn.Parameter(torch.empty(R * K, d_in))
-            self.head_b[t] = nn.Parameter(torch.empty(d_out, R * K))
+            self.head_a[_pkey(t)] = nn.Parameter(torch.empty(R * K, d_in))
+            self.head_b[_pkey(t)] = nn.Parameter(torch.empty(d_out, R * K))
         self.reset_parameters()
         self._id_cache: tuple[Any, str] | None = None
 
@@ -262,14 +285,14 @@ class HyperNetwork(nn.Module):
         K, R = c.K, c.rank
         for t in self.types:
             d_in = int(c.module_shapes[t][0])
-            wa = self.head_a[t].view(R, K, d_in)
+            wa = self.head_a[_pkey(t)].view(R, K, d_in)
             bound = 1.0 / math.sqrt(d_in)
             if c.a_init_std is None:
                 nn.init.uniform_(wa[:, K - 1, :], -bound, bound)
                 nn.init.normal_(wa[:, : K - 1, :], std=bound / math.sqrt(c.latent_dim))
             else:
                 nn.init.normal_(wa, std=float(c.a_init_std))
-            nn.init.zeros_(self.head_b[t])
+            nn.init.zeros_(self.head_b[_pkey(t)])
 
     @classmethod
     def for_model(cls, model: nn.Module, rank: int = 8, target_modules: Sequence[str] = ("q_proj", "v_proj"),
@@ -287,7 +310,9 @@ class HyperNetwork(nn.Module):
         """The HyperNetworkConfig that `for_model` would build (target shapes read from `model`)."""
         targets = find_targets(model, target_modules)
         groups = group_by_type(targets)
-        types = [t for t in dict.fromkeys([target_modules] if isinstance(target_modules, str) else target_modules)]
+        wanted = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+        types = [g for t in dict.fromkeys(wanted) for g in groups if matches_type(groups[g][0], t)]
+        types = list(dict.fromkeys(types))
         shapes = {t: list(targets[groups[t][0]]) for t in types}
         names = {t: list(groups[t]) for t in types}
         layer_idx = {t: [_layer_index(n, i) for i, n in enumerate(groups[t])] for t in types}
@@ -339,9 +364,9 @@ class HyperNetwork(nn.Module):
 
     def head(self, module_type: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(w_a [R*K, d_in], w_b [d_out, R*K]) of one module type; layout in the module docstring."""
-        if module_type not in self.head_a:
+        if module_type not in self.types:
             raise KeyError(f"module type {module_type!r} is not a target of this hypernetwork; targets: {self.types}")
-        return self.head_a[module_type], self.head_b[module_type]
+        return self.head_a[_pkey(module_type)], self.head_b[_pkey(module_type)]
 
     def generate(self, task_emb: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Module type -> (A [P, L, R, d_in], B [P, L, d_out, R]), differentiable, scale NOT applied."""
@@ -535,6 +560,9 @@ def check_config_matches_model(cfg: HyperNetworkConfig, model: nn.Module) -> Non
     if cfg.base_model_type and mtype and cfg.base_model_type != mtype:
         problems.append(f"model_type: hypernetwork built for {cfg.base_model_type!r}, model is {mtype!r}")
     for t in cfg.target_modules:
+        if t not in groups:
+            problems.append(f"module type {t!r}: the model's matching modules group as {sorted(groups)}")
+            continue
         got_shape = list(targets[groups[t][0]])
         if got_shape != [int(d) for d in cfg.module_shapes[t]]:
             problems.append(f"{t} shape (d_in, d_out): hypernetwork {tuple(cfg.module_shapes[t])}, model {tuple(got_shape)}")

@@ -30,13 +30,17 @@ import torch
 
 from hyperlora.hypernet import group_by_type
 
-__all__ = ["AdapterPool", "PoolFullError"]
+__all__ = ["AdapterPool", "PoolFullError", "StaleSlotError"]
 
 _FREE, _WRITING, _READY = 0, 1, 2
 
 
 class PoolFullError(RuntimeError):
     """Every slot is pinned, in flight or being written: nothing may be evicted."""
+
+
+class StaleSlotError(ValueError):
+    """A slot passed to `in_flight` with its key no longer holds that key (it was evicted after `get`)."""
 
 
 def _as_slot_list(slots: Sequence[int] | torch.Tensor | int) -> list[int]:
@@ -279,12 +283,24 @@ class AdapterPool:
     # ---- in-flight batches -------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def in_flight(self, slots: Sequence[int] | torch.Tensor) -> Iterator[list[int]]:
+    def in_flight(self, slots: Sequence[int] | torch.Tensor, keys: Sequence[str] | None = None) -> Iterator[list[int]]:
         """Mark `slots` (-1 entries ignored; repeats fine) as used by a running batch: while inside, they are
         never evicted, removed or overwritten. Ref-counted, so batches may overlap. Each slot must hold a
-        written adapter (ValueError otherwise)."""
-        uniq = sorted({s for s in _as_slot_list(slots) if s != -1})
+        written adapter (ValueError otherwise).
+
+        `keys` (one per entry of `slots`, None for -1): checked under the same lock, so a slot evicted between
+        `get(key)` and this call raises StaleSlotError (a ValueError) instead of serving another adapter."""
+        lst = _as_slot_list(slots)
+        uniq = sorted({s for s in lst if s != -1})
         with self._lock:
+            if keys is not None:
+                keys = list(keys)
+                if len(keys) != len(lst):
+                    raise ValueError(f"keys must give one key per slot ({len(lst)}), got {len(keys)}")
+                for s, k in zip(lst, keys):
+                    if s != -1 and self._slot_key[s] != k:
+                        raise StaleSlotError(f"slot {s} no longer holds key {str(k)[:12]}... (evicted since get()); "
+                                             f"look the key up again")
             for s in uniq:
                 self._check_slot(s)
                 if self._state[s] != _READY:
