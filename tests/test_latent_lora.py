@@ -299,3 +299,16 @@ def test_gpu_backends_agree_with_torch_backend():
         y = c["y"].clone()
         latent_lora(**dict(c, y=y), backend=backend)
         torch.testing.assert_close(y, ref, rtol=3e-2, atol=3e-2, equal_nan=True)
+
+
+def test_cuda_extension_exports_latent_lora_or_explains():
+    from hyperlora.backends import BackendUnavailableError, cuda_status
+
+    st = cuda_status()
+    if st["built"]:
+        from hyperlora import _C
+
+        assert callable(getattr(_C, "latent_lora", None)), "hyperlora._C was built without latent_lora"
+    if not st["available"]:
+        with pytest.raises(BackendUnavailableError):
+            latent_lora(**_good(), backend="cuda")
