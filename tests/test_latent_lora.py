@@ -312,3 +312,18 @@ def test_cuda_extension_exports_latent_lora_or_explains():
     if not st["available"]:
         with pytest.raises(BackendUnavailableError):
             latent_lora(**_good(), backend="cuda")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_meta_from_build_meta_gives_same_result(backend):
+    if backend == "triton" and not available_backends()["triton"]["available"]:
+        pytest.skip("triton not available")
+    from hyperlora.ops.metadata import build_meta
+
+    c = make_case(21, 23, 20, 12, 3, 5, 6, torch.float32)
+    before = c["y"].clone()
+    ref = oracle_latent(c, before)
+    latent_lora(**c, backend=backend, meta=build_meta(c["slots"], 6))
+    assert_close_rows(c["y"], ref, c, torch.float32, before)
+    with pytest.raises(ValueError, match="meta"):
+        latent_lora(**c, meta=build_meta(c["slots"][:5], 6))

@@ -1,0 +1,248 @@
+"""The latent-vs-materialized crossover: time of each path, and of `auto`, per layer shape and batch.
+
+For one LoRA-served layer (d_in = d_out = hidden) and a batch of P distinct generated policies with
+`tpp` tokens each (tpp=1 is decode), it times:
+  base          the layer's own GEMM (x @ W.T), for scale
+  materialized  hyperlora.ops.add_lora on adapters materialized from the same latents (one pool slot each)
+  latent        hyperlora.ops.latent_lora on the head and the per-slot latents
+  auto          hyperlora.dispatch.choose_path + the path it picks
+and reports which path auto picked, the cost model's estimates, and `regret` = time of the picked path /
+time of the better path (same measurements; 1.00 = auto picked the faster one).
+
+    python benchmarks/bench_latent.py --quick            # CPU, a few minutes on 2 shared cores
+    python benchmarks/bench_latent.py --device cuda       # GPU: full grid, bf16, triton/cuda backends
+
+Prints a table and writes JSON under benchmarks/results/ (machine, date, command, every row).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from hyperlora import dispatch
+from hyperlora.ops.latent_lora import latent_lora, materialize_adapters
+from hyperlora.ops.metadata import build_meta
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _materialized_op():
+    """hyperlora.ops.add_lora, or (before it lands) a segment-loop torch stand-in, and its name."""
+    try:
+        from hyperlora.ops.add_lora import add_lora
+
+        return add_lora, "hyperlora.ops.add_lora"
+    except ImportError:
+        def segment_loop(y, x, a, b, slots, scales=None, ranks=None, *, backend=None, meta=None):
+            m = meta if meta is not None and meta.has_host_summary else build_meta(slots, a.shape[0])
+            for slot, start, count in m.host_segments:
+                rows = m.token_ids[start:start + count].long()
+                y.index_add_(0, rows, (x.index_select(0, rows) @ a[slot].T) @ b[slot].T)
+            return y
+
+        return segment_loop, "segment-loop stand-in (add_lora not landed)"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn, device: torch.device, budget_s: float, max_reps: int) -> float:
+    """Median seconds of `fn` after one warm-up call, repeated up to `max_reps` within ~`budget_s`."""
+    fn()
+    _sync(device)
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < max_reps and (len(times) < 2 or time.perf_counter() - start < budget_s):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def run_case(hidden: int, rank: int, k: int, policies: int, tpp: int, dtype: torch.dtype, device: torch.device,
+             backend: str | None, budget_s: float, max_reps: int, with_base: bool, seed: int = 0) -> dict:
+    add_lora, _ = _materialized_op()
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    T = policies * tpp
+    d = hidden
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device, dtype)
+
+    x = rnd(T, d)
+    w_a = rnd(rank * k, d, scale=d ** -0.5)
+    w_b = rnd(d, rank * k, scale=(rank * k) ** -0.5)
+    z = torch.randn(policies, k, generator=g)
+    z[:, -1] = 1.0
+    z = z.to(device)
+    scales = torch.full((policies,), 2.0, device=device)
+    a, b = materialize_adapters(z, w_a.float(), w_b.float())
+    b = b * scales[:, None, None]
+    a, b = a.to(dtype), b.to(dtype)
+    slots = torch.arange(policies).repeat_interleave(tpp)
+    slots = slots[torch.randperm(T, generator=g)].to(device, torch.int32)
+    meta = build_meta(slots, policies)  # once per forward, shared by every layer: outside the timing
+    y = rnd(T, d)
+    w = rnd(d, d, scale=d ** -0.5)
+
+    def base():
+        return x @ w.T
+
+    def mat():
+        add_lora(y, x, a, b, slots, backend=backend, meta=meta)
+
+    def lat():
+        latent_lora(y, x, w_a, w_b, z, slots, scales, backend=backend, meta=meta)
+
+    choice = dispatch.choose_path(T, policies, d, d, rank, k, dtype, device=device)
+
+    def auto():
+        c = dispatch.choose_path(T, policies, d, d, rank, k, dtype, device=device)
+        (lat if c.path == "latent" else mat)()
+
+    t_mat = time_fn(mat, device, budget_s, max_reps)
+    t_lat = time_fn(lat, device, budget_s, max_reps)
+    t_auto = time_fn(auto, device, budget_s, max_reps)
+    t_base = time_fn(base, device, budget_s, max_reps) if with_base else None
+    best = min(t_mat, t_lat)
+    picked = t_lat if choice.path == "latent" else t_mat
+    return dict(hidden=d, rank=rank, latent_k=k, policies=policies, tokens_per_policy=tpp, tokens=T,
+                base_ms=None if t_base is None else t_base * 1e3, materialized_ms=t_mat * 1e3, latent_ms=t_lat * 1e3,
+                auto_ms=t_auto * 1e3, auto_path=choice.path, better_path="latent" if t_lat < t_mat else "materialized",
+                regret=picked / best, auto_over_best=t_auto / best,
+                est_materialized_ms=choice.materialized.seconds * 1e3, est_latent_ms=choice.latent.seconds * 1e3,
+                est_materialized_mb=choice.materialized.bytes / 1e6, est_latent_mb=choice.latent.bytes / 1e6)
+
+
+def grid(args) -> list[tuple[int, int, int, int, int]]:
+    cases = []
+    for h in args.hidden:
+        for r in args.rank:
+            for k in args.latent_k:
+                for tpp in args.tokens_per_policy:
+                    for p in args.policies:
+                        if p * tpp <= args.max_tokens:
+                            cases.append((h, r, k, p, tpp))
+    return cases
+
+
+def machine(device: torch.device) -> dict:
+    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
+    try:
+        info["cpu"] = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        info["cpu"] = platform.processor()
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        try:
+            import triton
+
+            info["triton"] = triton.__version__
+        except ImportError:
+            pass
+    return info
+
+
+def format_table(rows: list[dict]) -> str:
+    head = (f"{'hidden':>6} {'R':>3} {'K':>3} {'P':>5} {'tpp':>4} {'T':>6} | {'base':>8} {'mat':>8} {'latent':>8} "
+            f"{'auto':>8} | {'auto->':>12} {'better':>12} {'regret':>6} | {'est mat':>8} {'est lat':>8}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        base = f"{r['base_ms']:8.3f}" if r["base_ms"] is not None else f"{'-':>8}"
+        lines.append(f"{r['hidden']:>6} {r['rank']:>3} {r['latent_k']:>3} {r['policies']:>5} {r['tokens_per_policy']:>4} "
+                     f"{r['tokens']:>6} | {base} {r['materialized_ms']:8.3f} {r['latent_ms']:8.3f} {r['auto_ms']:8.3f} | "
+                     f"{r['auto_path']:>12} {r['better_path']:>12} {r['regret']:6.2f} | "
+                     f"{r['est_materialized_ms']:8.3f} {r['est_latent_ms']:8.3f}")
+    lines.append("times in ms (median); regret = picked path / better path, same measurements; est = cost model")
+    return "\n".join(lines)
+
+
+def summary(rows: list[dict]) -> dict:
+    regrets = [r["regret"] for r in rows]
+    return {"cases": len(rows), "auto_picked_better": sum(r["auto_path"] == r["better_path"] for r in rows),
+            "max_regret": max(regrets, default=None), "mean_regret": statistics.mean(regrets) if regrets else None,
+            "cases_regret_over_1.05": sum(x > 1.05 for x in regrets)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="default: float32 on the CPU, bfloat16 on a GPU")
+    p.add_argument("--backend", default=None, help="op backend (torch/triton/cuda; default: auto)")
+    p.add_argument("--quick", action="store_true", help="small grid that finishes in minutes on 2 CPU cores")
+    p.add_argument("--hidden", type=int, nargs="+", default=[576, 1024, 4096])
+    p.add_argument("--rank", type=int, nargs="+", default=None)
+    p.add_argument("--latent-k", type=int, nargs="+", default=None, help="K = latent_dim + 1")
+    p.add_argument("--policies", type=int, nargs="+", default=None)
+    p.add_argument("--tokens-per-policy", type=int, nargs="+", default=None)
+    p.add_argument("--max-tokens", type=int, default=None, help="skip cases with more tokens")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/latent_<device>_<date>.json)")
+    args = p.parse_args(argv)
+
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if args.quick:
+        args.rank = args.rank or [8]
+        args.latent_k = args.latent_k or [33]
+        args.policies = args.policies or [1, 16, 256, 1024]
+        args.tokens_per_policy = args.tokens_per_policy or [1, 16]
+        args.max_tokens = args.max_tokens or 4096
+        budget, reps = 0.15, 5
+    else:
+        args.rank = args.rank or [8, 16]
+        args.latent_k = args.latent_k or [17, 33]
+        args.policies = args.policies or [1, 4, 16, 64, 256, 1024]
+        args.tokens_per_policy = args.tokens_per_policy or [1, 4, 16, 128]
+        args.max_tokens = args.max_tokens or (65536 if device.type == "cuda" else 8192)
+        budget, reps = (0.2, 50) if device.type == "cuda" else (0.3, 7)
+
+    _, mat_impl = _materialized_op()
+    t0 = time.perf_counter()
+    profile = dispatch.device_profile(device)
+    print(f"device {device} ({machine(device).get('gpu') or machine(device)['cpu']}), {dtype}, "
+          f"materialized = {mat_impl}; cost-model profile: {profile}", flush=True)
+    rows = []
+    for h, r, k, pol, tpp in grid(args):
+        with_base = tpp == 1 or device.type == "cuda" or h <= 1024
+        with torch.no_grad():
+            rows.append(run_case(h, r, k, pol, tpp, dtype, device, args.backend, budget, reps, with_base))
+        last = rows[-1]
+        print(f"  h={h} R={r} K={k} P={pol} tpp={tpp}: mat {last['materialized_ms']:.3f} ms, latent "
+              f"{last['latent_ms']:.3f} ms, auto->{last['auto_path']} (regret {last['regret']:.2f})", flush=True)
+    print()
+    print(format_table(rows))
+    summ = summary(rows)
+    print(f"\nauto picked the better path in {summ['auto_picked_better']}/{summ['cases']} cases; max regret "
+          f"{summ['max_regret']:.2f}, mean {summ['mean_regret']:.3f}; {summ['cases_regret_over_1.05']} cases > 1.05")
+    now = dt.datetime.now(dt.timezone.utc)
+    out = Path(args.out) if args.out else RESULTS / f"latent_{device.type}_{now:%Y%m%d}{'_quick' if args.quick else ''}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "benchmark": "latent_vs_materialized_crossover", "date": now.isoformat(timespec="seconds"),
+        "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])]),
+        "machine": machine(device), "dtype": str(dtype), "backend": args.backend or "auto",
+        "materialized_impl": mat_impl, "profile": dispatch.dataclasses.asdict(profile),
+        "wall_seconds": round(time.perf_counter() - t0, 1), "summary": summ, "rows": rows}, indent=1))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
