@@ -7,6 +7,7 @@ not depend on its batch-mates.
 """
 from __future__ import annotations
 
+import inspect
 from typing import Sequence
 
 import torch
@@ -68,6 +69,20 @@ def _generators(seed: int | Sequence[int] | None, rows: int, device: torch.devic
     return gens
 
 
+def _cache_kwarg(model: nn.Module) -> str:
+    """The forward's KV-cache argument: `cache` (transformers >= 5.2x) or `past_key_values` (older)."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _cache_of(out) -> object:
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
+
+
 @torch.no_grad()
 def decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
            max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
@@ -98,8 +113,9 @@ def decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tens
 
     mask = mask.to(torch.long)
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache_kw = _cache_kwarg(model)
     out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=True)
-    past = out.past_key_values
+    past = _cache_of(out)
     last_pos = position_ids[:, -1:]
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     new_tokens: list[torch.Tensor] = []
@@ -111,8 +127,7 @@ def decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tens
         else:
             tok = logits.argmax(dim=-1)
         tok = tok.to(input_ids.dtype)
-        tok = torch.where(finished, torch.full_like(tok, pad), tok)
-        new_tokens.append(tok)
+        new_tokens.append(torch.where(finished, torch.full_like(tok, pad), tok))
         if eos:
             finished = finished | torch.isin(tok, eos_t)
             if bool(finished.all()):
@@ -121,7 +136,8 @@ def decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tens
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         last_pos = last_pos + 1
-        out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=last_pos, past_key_values=past,
-                    use_cache=True)
-        past = out.past_key_values
+        # finished rows keep feeding their own (valid) token; their outputs are replaced by pad anyway
+        out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=last_pos, use_cache=True,
+                    **{cache_kw: past})
+        past = _cache_of(out)
     return torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1)

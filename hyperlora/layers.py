@@ -130,6 +130,13 @@ class LoraState:
     def __init__(self) -> None:
         self._local = threading.local()
 
+    def __deepcopy__(self, memo: dict) -> "LoraState":
+        # A deep copy of an attached model is a model of its own: no runtime serves it, so no batch is active.
+        return LoraState()
+
+    def __reduce__(self):
+        return (LoraState, ())
+
     @property
     def batch(self) -> ActiveBatch | None:
         stack = getattr(self._local, "stack", None)

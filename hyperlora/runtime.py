@@ -16,7 +16,6 @@ thread or another) never change the batch (the failure class of vLLM #47724).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import threading
 from dataclasses import dataclass
@@ -228,8 +227,7 @@ class Runtime:
         p = Path(path)
         adapter = read_peft(p, targets=self.pool.targets(), max_rank=self.pool.max_rank)
         modules = {n: (a.to(torch.float32), b.to(torch.float32)) for n, (a, b) in adapter.modules.items()}
-        rank = max(int(a.shape[0]) for a, _ in modules.values())
-        key = "peft:" + _tensor_digest(modules)
+        rank, key = int(adapter.rank), str(adapter.key)
         label = name if name is not None else p.resolve().name
         if not isinstance(label, str) or not label.strip():
             raise ValueError(f"name must be a non-empty str, got {label!r}")
@@ -405,7 +403,11 @@ class Runtime:
 
         self._check_attached()
         ids = input_ids
-        pol = list(policies) if policies is not None else [None] * int(ids.shape[0])
+        rows = int(ids.shape[0]) if isinstance(ids, torch.Tensor) and ids.dim() == 2 else -1
+        pol = list(policies) if policies is not None else [None] * max(rows, 0)
+        if rows >= 0 and len(pol) != rows:
+            raise ValueError(f"policies has {len(pol)} entries but input_ids has {rows} rows: give one policy "
+                             f"(text, load_peft name or None) per row")
         with self.policies(pol):
             return decode(self.model, ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
                           temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
@@ -438,17 +440,6 @@ class Runtime:
     def __repr__(self) -> str:
         return (f"Runtime({type(self.model).__name__}, {len(self._originals)} modules, hypernet="
                 f"{'yes' if self.hypernet is not None else 'no'}, apply_mode={self.apply_mode!r}, {self.pool!r})")
-
-
-def _tensor_digest(modules: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> str:
-    h = hashlib.sha256()
-    for n in sorted(modules):
-        for t in modules[n]:
-            c = t.detach().to("cpu").contiguous()
-            h.update(n.encode())
-            h.update(str(tuple(c.shape)).encode())
-            h.update(c.view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def attach(model: nn.Module, hypernet: Any = None, *, target_modules: Sequence[str] | None = None,

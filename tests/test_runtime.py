@@ -250,3 +250,51 @@ def test_pool_full_of_in_flight_slots_raises_and_leaves_batch_intact():
     assert rt.pool.stats()["in_flight"] == 0
     rt.prepare([POLICIES[2]])  # after the batch: evicts one LRU adapter
     assert rt.pool.stats()["evictions"] == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# apply modes: the latent path (issue 7) against the materialized one
+# ---------------------------------------------------------------------------------------------
+
+def test_latent_mode_matches_materialized_and_peft_rows_fall_back(tmp_path, monkeypatch):
+    import importlib
+
+    import hyperlora.layers as layers
+    from runtime_helpers import make_peft_dir
+
+    add_mod = importlib.import_module("hyperlora.ops.add_lora")  # the modules, not the same-named functions
+    lat_mod = importlib.import_module("hyperlora.ops.latent_lora")
+    model = tiny_model("llama")
+    peft_dir = make_peft_dir(model, tmp_path / "p", targets=("q_proj", "v_proj"))
+    hn = tiny_hypernet(model, default_types("llama"))
+    ids, mask, _ = padded_batch([6, 4, 6, 5])
+    results, calls = {}, {}
+    for mode in ("materialized", "latent"):
+        rt = hyperlora.attach(model, hn, encoder=hash_encoder, max_adapters=8, max_rank=8, apply_mode=mode)
+        peft = rt.load_peft(peft_dir)
+        counts = {"latent": 0, "add": 0}
+        real_lat, real_add = lat_mod.latent_lora, add_mod.add_lora
+
+        def lat(*a, **k):
+            counts["latent"] += 1
+            return real_lat(*a, **k)
+
+        def add(*a, **k):
+            counts["add"] += 1
+            return real_add(*a, **k)
+
+        monkeypatch.setattr(lat_mod, "latent_lora", lat)
+        monkeypatch.setattr(add_mod, "add_lora", add)
+        with rt.policies([POLICIES[0], None, POLICIES[1], peft]):
+            results[mode] = forward_logits(model, ids, mask)
+        monkeypatch.setattr(lat_mod, "latent_lora", real_lat)
+        monkeypatch.setattr(add_mod, "add_lora", real_add)
+        calls[mode] = counts
+        rt.detach()
+    n_layers = 14
+    assert calls["materialized"] == {"latent": 0, "add": n_layers}
+    # latent: every layer runs the latent op for the generated rows and add_lora for the PEFT row
+    assert calls["latent"] == {"latent": n_layers, "add": n_layers}
+    torch.testing.assert_close(results["latent"], results["materialized"], rtol=1e-4, atol=1e-4)
+    assert torch.equal(results["latent"][1], results["materialized"][1])
+    assert layers.select_apply_path is not None
