@@ -158,16 +158,19 @@ def latent_lora_triton(y: torch.Tensor, x: torch.Tensor, w_a: torch.Tensor, w_b:
     out = y if y.stride(-1) == 1 else y.contiguous()
     s_buf = torch.empty(T, R, dtype=torch.float32, device=x.device)
 
-    block_t = min(64, max(16, _pow2(T)))
-    n_tt = triton.cdiv(T, block_t)
     if interp:  # the interpreter pays per program and per loop iteration: few, large blocks
+        block_t = min(64, max(16, _pow2(T)))
         block_d, block_n, block_o, block_j, rpp = 128, 64, 64, 64, _pow2(R)
     else:
         block_d, block_n, block_o, block_j = 64, 64, 64, 64
-        # as many ranks per program as keeps the GPU busy (fewer programs re-read x; more run in parallel)
+        # the largest token tile (fewer re-reads of the head) that still gives every SM work: decode batches
+        # get 16-row tiles; then as many ranks per program as keeps the GPU busy
+        want = 2 * _sm_count(x.device)
+        block_t = next((b for b in (64, 32) if triton.cdiv(T, b) * R >= want), 16)
         rpp = _pow2(R)
-        while rpp > 1 and n_tt * triton.cdiv(R, rpp) < 2 * _sm_count(x.device):
+        while rpp > 1 and triton.cdiv(T, block_t) * triton.cdiv(R, rpp) < want:
             rpp //= 2
+    n_tt = triton.cdiv(T, block_t)
     _latent_shrink_kernel[(n_tt, triton.cdiv(R, rpp))](
         x, w_a, z32, sl, sc if sc is not None else z32, s_buf,
         T, d_in, R, K, x.stride(0), z32.stride(0),

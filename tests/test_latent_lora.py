@@ -327,3 +327,88 @@ def test_meta_from_build_meta_gives_same_result(backend):
     assert_close_rows(c["y"], ref, c, torch.float32, before)
     with pytest.raises(ValueError, match="meta"):
         latent_lora(**c, meta=build_meta(c["slots"][:5], 6))
+
+
+# ----------------------------------------------------------------------------------------------------
+# runtime: attach(apply_mode="latent" / "auto") against "materialized"
+# ----------------------------------------------------------------------------------------------------
+needs_runtime = pytest.mark.skipif(not HAS_ADD_LORA, reason="the runtime's materialized rows need "
+                                                          "hyperlora.ops.add_lora (issue 3), not landed")
+RT_POLICIES = ["Refuse to discuss pricing.", None, "Answer in French.", "Refuse to discuss pricing."]
+
+
+def _runtime_logits(apply_mode: str, entries: list, peft_dir=None, monkeypatch=None):
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from runtime_helpers import forward_logits, hash_encoder, padded_batch, tiny_hypernet, tiny_model
+
+    import hyperlora
+
+    model = tiny_model("llama")
+    hn = tiny_hypernet(model, ["q_proj", "v_proj", "down_proj"])
+    rt = hyperlora.attach(model, hn, encoder=hash_encoder, max_adapters=8, max_rank=8, apply_mode=apply_mode)
+    names = {}
+    if peft_dir is not None:
+        names["PEFT"] = rt.load_peft(peft_dir, name="peft-a")
+    ids, mask, _ = padded_batch([7, 5, 7, 6])
+    base = forward_logits(model, ids, mask)
+    with rt.policies([names.get(e, e) for e in entries]):
+        got = forward_logits(model, ids, mask)
+    rt.detach()
+    return base, got
+
+
+def _count_latent_calls(monkeypatch):
+    import hyperlora.ops.latent_lora as mod
+
+    calls = []
+    real = mod.latent_lora
+
+    def counting(*a, **k):
+        calls.append(a[1].shape)
+        return real(*a, **k)
+
+    monkeypatch.setattr(mod, "latent_lora", counting)
+    return calls
+
+
+@needs_runtime
+def test_attach_latent_gives_materialized_logits(monkeypatch):
+    base, mat = _runtime_logits("materialized", RT_POLICIES)
+    calls = _count_latent_calls(monkeypatch)
+    base2, lat = _runtime_logits("latent", RT_POLICIES)
+    assert calls, "apply_mode='latent' never reached latent_lora"
+    assert torch.equal(base, base2)
+    assert torch.equal(lat[1].view(torch.int32), base[1].view(torch.int32)), "a row without policy changed"
+    assert (mat[0] - base[0]).abs().max() > 1e-2, "the adapters are a no-op: the test could not fail"
+    torch.testing.assert_close(lat, mat, rtol=1e-4, atol=1e-4)
+
+
+@needs_runtime
+def test_attach_latent_with_peft_rows_in_the_same_batch(monkeypatch, tmp_path):
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from runtime_helpers import make_peft_dir, tiny_model
+
+    peft_dir = make_peft_dir(tiny_model("llama"), tmp_path / "peft-a", targets=("q_proj", "v_proj"))
+    entries = ["Refuse to discuss pricing.", "PEFT", None, "Answer in French."]
+    _, mat = _runtime_logits("materialized", entries, peft_dir)
+    calls = _count_latent_calls(monkeypatch)
+    _, lat = _runtime_logits("latent", entries, peft_dir)
+    assert calls
+    torch.testing.assert_close(lat, mat, rtol=1e-4, atol=1e-4)
+
+
+@needs_runtime
+def test_attach_auto_logs_choice_and_matches(caplog):
+    import logging
+
+    _, mat = _runtime_logits("materialized", RT_POLICIES)
+    with caplog.at_level(logging.DEBUG, logger="hyperlora"):
+        _, auto = _runtime_logits("auto", RT_POLICIES)
+    torch.testing.assert_close(auto, mat, rtol=1e-4, atol=1e-4)
+    assert any(r.name.startswith("hyperlora") and "path" in r.getMessage() for r in caplog.records)
