@@ -52,10 +52,10 @@ def _validate(pool_a: torch.Tensor, pool_b: torch.Tensor, z: torch.Tensor, w_a: 
     if w_a.dim() != 2 or w_a.shape[1] != d_in or w_a.shape[0] % K != 0:
         raise ValueError(f"generate_lora: w_a must be [R*K, d_in={d_in}] with K={K}, got {tuple(w_a.shape)}")
     R = w_a.shape[0] // K
-    if tuple(w_b.shape) != (d_out, R * K):
-        raise ValueError(f"generate_lora: w_b must be [d_out={d_out}, R*K={R * K}], got {tuple(w_b.shape)}")
     if R < 1 or R > R_max:
         raise ValueError(f"generate_lora: the head's rank R={R} must be in [1, R_max={R_max}] of the pool")
+    if tuple(w_b.shape) != (d_out, R * K):
+        raise ValueError(f"generate_lora: w_b must be [d_out={d_out}, R*K={R * K}], got {tuple(w_b.shape)}")
     if slots.dim() != 1 or slots.shape[0] != P:
         raise ValueError(f"generate_lora: slots must be [P={P}], got {tuple(slots.shape)}")
     if slots.dtype not in (torch.int32, torch.int64):
