@@ -1,0 +1,273 @@
+"""Where evaluation and the demo get adapters from: a hypernetwork checkpoint, a LoRA directory, a quick
+per-policy LoRA (the oracle), all returned as ``scoring.AdapterSet`` (name -> stacked A/B, scale).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from hyperlora.tasks.format import Example
+from hyperlora.tasks.prompts import prompt_text, target_text
+from hyperlora.training.scoring import AdapterSet
+
+log = logging.getLogger(__name__)
+
+__all__ = ["SHIPPED_DIR", "find_hypernet_dir", "HypernetSource", "read_lora_dir", "read_lora_file", "load_lora",
+           "train_policy_lora", "stack_adapter_sets"]
+
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "checkpoints"
+_HN_CONFIG = "config.json"
+
+
+def find_hypernet_dir(path: str | Path | None = None) -> Path | None:
+    """A hypernetwork directory: ``path`` itself, or (default) the shipped ``hyperlora/checkpoints/``.
+
+    A directory qualifies if it holds ``config.json`` + safetensors weights; otherwise its subdirectories
+    are searched (newest first) so ``checkpoints/<name>/`` layouts work. None if nothing is found.
+    """
+    root = Path(path) if path is not None else SHIPPED_DIR
+    if not root.is_dir():
+        if path is not None:
+            raise FileNotFoundError(f"hypernetwork directory {str(root)!r} does not exist")
+        return None
+
+    def ok(d: Path) -> bool:
+        return (d / _HN_CONFIG).is_file() and any(d.glob("*.safetensors")) and "rank" in (d / _HN_CONFIG).read_text()
+
+    if ok(root):
+        return root
+    subs = sorted((d for d in root.rglob("*") if d.is_dir() and ok(d)), key=lambda d: d.stat().st_mtime,
+                  reverse=True)
+    if subs:
+        return subs[0]
+    if path is not None:
+        raise FileNotFoundError(f"{str(root)!r} holds no hypernetwork (config.json + *.safetensors)")
+    return None
+
+
+class HypernetSource:
+    """Policy texts -> AdapterSet through a HyperNetwork and its policy encoder (no grad)."""
+
+    def __init__(self, hypernet: nn.Module, encode: Callable[[list[str]], torch.Tensor]):
+        self.hypernet = hypernet.eval()
+        self.encode = encode
+
+    @classmethod
+    def from_dir(cls, directory: str | Path, model: nn.Module, tokenizer: Any) -> "HypernetSource":
+        """Load ``HyperNetwork.from_pretrained(dir, model)`` and the encoder it was trained with."""
+        from hyperlora.hypernet import HyperNetwork
+
+        d = Path(directory)
+        hn = HyperNetwork.from_pretrained(d, model=model).float()
+        try:
+            from hyperlora.policy_encoders import load_policy_encoder
+
+            enc = load_policy_encoder(d, model, tokenizer)
+            encode = enc.encode
+        except ImportError:  # older tree without policy_encoders: MiniLM
+            from hyperlora.encoder import PolicyEncoder
+
+            encode = PolicyEncoder().encode
+        return cls(hn, encode)
+
+    @torch.no_grad()
+    def __call__(self, texts: Sequence[str]) -> AdapterSet:
+        from hyperlora.training.lora_fn import adapters_from_generated
+
+        emb = self.encode(list(texts)).float()
+        p = next(self.hypernet.parameters())
+        gen = self.hypernet.generate(emb.to(p.device, p.dtype))
+        names = {t: self.hypernet.module_names(t) for t in gen}
+        mods = adapters_from_generated(gen, names)
+        return AdapterSet({n: (a.float(), b.float()) for n, (a, b) in mods.items()}, float(self.hypernet.config.scale))
+
+
+def read_lora_dir(path: str | Path, model: nn.Module) -> AdapterSet:
+    """One LoRA from a PEFT-format directory (adapter_config.json + adapter_model.safetensors) as P=1.
+
+    Per-module scales (lora_alpha / r, rank_pattern / alpha_pattern) are folded into B.
+    """
+    d = Path(path)
+    cfg_p, w_p = d / "adapter_config.json", d / "adapter_model.safetensors"
+    if not cfg_p.is_file() or not w_p.is_file():
+        raise FileNotFoundError(f"{str(d)!r} is not a LoRA directory: it needs adapter_config.json and "
+                                f"adapter_model.safetensors (PEFT format)")
+    try:  # the project's validating reader, when present
+        from hyperlora.peft_io import read_peft
+
+        ad = read_peft(d)
+        mods = {n: (a.float().unsqueeze(0), b.float().unsqueeze(0)) for n, (a, b) in ad.modules.items()}
+        return AdapterSet(mods, 1.0)
+    except ImportError:
+        pass
+    from safetensors.torch import load_file
+
+    cfg = json.loads(cfg_p.read_text())
+    r, alpha = int(cfg.get("r", 8)), float(cfg.get("lora_alpha", cfg.get("r", 8)))
+    rank_pat, alpha_pat = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+    state = load_file(str(w_p))
+    modules = dict(model.named_modules())
+    a_of: dict[str, torch.Tensor] = {}
+    b_of: dict[str, torch.Tensor] = {}
+    for k, v in state.items():
+        for tag, dst in ((".lora_A.weight", a_of), (".lora_B.weight", b_of)):
+            if k.endswith(tag):
+                name = k[: -len(tag)]
+                for pre in ("base_model.model.", ""):
+                    if name.startswith(pre) and name[len(pre):] in modules:
+                        dst[name[len(pre):]] = v.float()
+                        break
+                else:
+                    raise ValueError(f"{w_p}: tensor {k!r} targets no module of the base model")
+    if set(a_of) != set(b_of) or not a_of:
+        raise ValueError(f"{w_p}: lora_A/lora_B tensors do not pair up")
+    mods = {}
+    for n in a_of:
+        short = n.rsplit(".", 1)[-1]
+        rr = int(rank_pat.get(n, rank_pat.get(short, r)))
+        aa = float(alpha_pat.get(n, alpha_pat.get(short, alpha)))
+        mods[n] = (a_of[n].unsqueeze(0), (b_of[n] * (aa / rr)).unsqueeze(0))
+    return AdapterSet(mods, 1.0)
+
+
+def read_lora_file(path: str | Path, model: nn.Module | None = None) -> AdapterSet:
+    """Adapters saved by ``hyperlora train`` (``LoraSet.save``: ``<name>.lora_A`` [P, R, d_in],
+    ``<name>.lora_B`` [P, d_out, R], metadata ``scale``), e.g. ``multitask_lora.safetensors``."""
+    from safetensors import safe_open
+
+    p = Path(path)
+    with safe_open(str(p), "pt") as f:
+        md = f.metadata() or {}
+        keys = list(f.keys())
+        mods = {}
+        for k in keys:
+            if k.endswith(".lora_A"):
+                n = k[: -len(".lora_A")]
+                if n + ".lora_B" not in keys:
+                    raise ValueError(f"{p}: {k!r} has no matching {n + '.lora_B'!r}")
+                mods[n] = (f.get_tensor(k).float(), f.get_tensor(n + ".lora_B").float())
+    if not mods:
+        raise ValueError(f"{p}: no '<module>.lora_A' / '.lora_B' tensors (not a hyperlora LoRA file)")
+    if model is not None:
+        names = dict(model.named_modules())
+        bad = [n for n in mods if n not in names]
+        if bad:
+            raise ValueError(f"{p}: targets {bad[:3]} are not modules of this base model")
+    for n, (a, b) in mods.items():
+        if a.dim() == 2:
+            mods[n] = (a.unsqueeze(0), b.unsqueeze(0))
+    return AdapterSet(mods, float(md.get("scale", 1.0)))
+
+
+def load_lora(path: str | Path, model: nn.Module) -> AdapterSet:
+    """A LoRA from a ``LoraSet`` safetensors file, a directory holding ``multitask_lora.safetensors``, or a
+    PEFT directory."""
+    p = Path(path)
+    if p.is_file():
+        return read_lora_file(p, model)
+    if (p / "multitask_lora.safetensors").is_file():
+        return read_lora_file(p / "multitask_lora.safetensors", model)
+    return read_lora_dir(p, model)
+
+
+def _linear_targets(model: nn.Module, types: Sequence[str]) -> dict[str, nn.Linear]:
+    out = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in types}
+    if not out:
+        raise ValueError(f"no nn.Linear modules of types {list(types)} in {type(model).__name__}")
+    return out
+
+
+def train_policy_lora(model: nn.Module, tokenizer: Any, examples: Sequence[Example], *, rank: int = 8,
+                      alpha: float = 16.0, target_modules: Sequence[str] = ("q_proj", "v_proj"),
+                      module_names: Sequence[str] | None = None, steps: int = 60,
+                      batch_size: int = 8, lr: float = 1e-3, seed: int = 0, bf16: bool = True) -> AdapterSet:
+    """A LoRA trained on one policy's examples with no policy in the prompt (the ``oracle_lora`` baseline).
+
+    Loss: cross-entropy on ``answer + end-of-turn`` (option tasks: the gold option; free text: the
+    reference reply; free-text examples without one are skipped). Targets: ``module_names`` (full names,
+    e.g. the hypernetwork's, so the oracle adapts the same modules) or every Linear of ``target_modules``.
+    Returns P=1 with the scale folded in.
+    """
+    pairs = [(prompt_text(tokenizer, e.input), target_text(tokenizer, e.answer)) for e in examples if e.answer]
+    if not pairs:
+        raise ValueError("train_policy_lora needs examples with an 'answer' (gold option or reference reply)")
+    g = torch.Generator().manual_seed(seed)
+    rng = random.Random(seed)
+    dev = next(model.parameters()).device
+    if module_names is not None:
+        mods = dict(model.named_modules())
+        missing = [n for n in module_names if n not in mods]
+        if missing:
+            raise ValueError(f"module_names {missing[:3]} are not modules of the base model")
+        targets = {n: mods[n] for n in module_names}
+    else:
+        targets = _linear_targets(model, target_modules)
+    params: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for n, m in targets.items():
+        a = (torch.rand(1, rank, m.in_features, generator=g) * 2 - 1) / math.sqrt(m.in_features)
+        params[n] = (a.to(dev).requires_grad_(), torch.zeros(1, m.out_features, rank, device=dev, requires_grad=True))
+    opt = torch.optim.AdamW([t for ab in params.values() for t in ab], lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 5) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+    enc = [(tokenizer(p, add_special_tokens=False)["input_ids"], tokenizer(t, add_special_tokens=False)["input_ids"])
+           for p, t in pairs]
+    pad = int(getattr(tokenizer, "pad_token_id", None) or getattr(tokenizer, "eos_token_id", None) or 0)
+    scale = alpha / rank
+    from hyperlora.training.lora_fn import apply_lora
+
+    was_training = model.training
+    model.eval()
+    for _ in range(steps):
+        batch = [enc[rng.randrange(len(enc))] for _ in range(batch_size)]
+        seqs = [p + t for p, t in batch]
+        T = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), T), pad, dtype=torch.long)
+        labels = torch.full((len(seqs), T), -100, dtype=torch.long)
+        mask = torch.zeros((len(seqs), T), dtype=torch.long)
+        for i, ((p, t), s) in enumerate(zip(batch, seqs)):  # right padding: positions 0..len-1 are real
+            ids[i, : len(s)] = torch.tensor(s)
+            mask[i, : len(s)] = 1
+            labels[i, len(p): len(s)] = torch.tensor(t)
+        ids, mask, labels = ids.to(dev), mask.to(dev), labels.to(dev)
+        with apply_lora(model, params, scale=scale, rows=torch.zeros(len(seqs), dtype=torch.long)):
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+                logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        loss = nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                                           labels[:, 1:].reshape(-1), ignore_index=-100)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    model.train(was_training)
+    return AdapterSet({n: (a.detach(), b.detach() * scale) for n, (a, b) in params.items()}, 1.0)
+
+
+def stack_adapter_sets(sets: Sequence[AdapterSet]) -> AdapterSet:
+    """Concatenate P=1.. adapter sets on the same modules into one set (scales folded into B)."""
+    if not sets:
+        raise ValueError("no adapter sets to stack")
+    names = list(sets[0].modules)
+    for s in sets[1:]:
+        if set(s.modules) != set(names):
+            raise ValueError("adapter sets target different modules; cannot stack")
+    mods = {}
+    for n in names:
+        a_list, b_list = [], []
+        for s in sets:
+            a, b = s.modules[n]
+            sc = s.scale if isinstance(s.scale, torch.Tensor) else torch.full((a.shape[0],), float(s.scale))
+            a_list.append(a)
+            b_list.append(b * sc.to(b.dtype).view(-1, 1, 1))
+        ranks = {a.shape[1] for a in a_list}
+        if len(ranks) != 1:  # zero-pad to the largest rank
+            R = max(ranks)
+            a_list = [torch.nn.functional.pad(a, (0, 0, 0, R - a.shape[1])) for a in a_list]
+            b_list = [torch.nn.functional.pad(b, (0, R - b.shape[2])) for b in b_list]
+        mods[n] = (torch.cat(a_list), torch.cat(b_list))
+    return AdapterSet(mods, 1.0)
