@@ -41,8 +41,9 @@ class DeviceProfile:
     flops: FLOP/s of a dense GEMM in a 16-bit dtype; flops32 the same in float32 (float64 counts as half).
     gather_efficiency: fraction of `flops` and `bandwidth` the materialized path's per-adapter skinny GEMMs
         reach on the adapters' bytes (activations stream at full bandwidth on both paths).
-    launch_s: fixed cost of one kernel launch / op call; segment_s: extra cost per distinct adapter in the
-        materialized path (segment bookkeeping, a loop iteration on the CPU).
+    launch_s: fixed cost of one kernel launch (informational); materialized_fixed_s / latent_fixed_s: fixed
+        cost of one call of each op (launches, host-side work); segment_s: extra cost per distinct adapter in
+        the materialized path (segment bookkeeping, a loop iteration on the CPU).
     """
 
     name: str
@@ -52,6 +53,8 @@ class DeviceProfile:
     gather_efficiency: float = 0.5
     launch_s: float = 5e-6
     segment_s: float = 0.0
+    materialized_fixed_s: float = 1e-5
+    latent_fixed_s: float = 1e-5
     source: str = "default"
 
 
@@ -60,13 +63,13 @@ class DeviceProfile:
 # counted at the TF32-free CUDA-core rate). CPU: a 2-core AVX-512 machine like the ones here.
 DEFAULT_PROFILES: dict[str, DeviceProfile] = {
     "cpu": DeviceProfile("cpu", bandwidth=20e9, flops=250e9, flops32=150e9, gather_efficiency=0.5,
-                         launch_s=5e-6, segment_s=2e-5),
+                         launch_s=5e-6, segment_s=3e-5, materialized_fixed_s=2e-5, latent_fixed_s=4e-5),
     "h100": DeviceProfile("NVIDIA H100", bandwidth=3.0e12, flops=400e12, flops32=50e12, gather_efficiency=0.4,
-                          launch_s=4e-6, segment_s=0.0),
+                          launch_s=4e-6, segment_s=0.0, materialized_fixed_s=8e-6, latent_fixed_s=8e-6),
     "h200": DeviceProfile("NVIDIA H200", bandwidth=4.3e12, flops=400e12, flops32=50e12, gather_efficiency=0.4,
-                          launch_s=4e-6, segment_s=0.0),
+                          launch_s=4e-6, segment_s=0.0, materialized_fixed_s=8e-6, latent_fixed_s=8e-6),
     "cuda": DeviceProfile("CUDA GPU", bandwidth=1.5e12, flops=150e12, flops32=20e12, gather_efficiency=0.4,
-                          launch_s=5e-6, segment_s=0.0),
+                          launch_s=5e-6, segment_s=0.0, materialized_fixed_s=1e-5, latent_fixed_s=1e-5),
 }
 
 
@@ -129,11 +132,11 @@ def estimate(tokens: int, policies: int, d_in: int, d_out: int, rank: int, laten
     m_flops = 2.0 * T * R * (d_in + d_out)
     eff = profile.gather_efficiency
     m_stream = act / profile.bandwidth + (m_bytes - act) / (profile.bandwidth * eff)
-    m_time = max(m_stream, m_flops / (flop_rate * eff)) + 2 * profile.launch_s + P * profile.segment_s
+    m_time = max(m_stream, m_flops / (flop_rate * eff)) + profile.materialized_fixed_s + P * profile.segment_s
     # latent: the shared head once, dense GEMMs with R*K columns, plus the per-slot latents
     l_bytes = act + elem_size * R * K * (d_in + d_out) + 4.0 * P * K
     l_flops = 2.0 * T * R * K * (d_in + d_out) + 4.0 * T * R * K
-    l_time = max(l_bytes / profile.bandwidth, l_flops / flop_rate) + 2 * profile.launch_s
+    l_time = max(l_bytes / profile.bandwidth, l_flops / flop_rate) + profile.latent_fixed_s
     return PathCost(m_bytes, m_flops, m_time), PathCost(l_bytes, l_flops, l_time)
 
 
@@ -222,9 +225,47 @@ def calibrate(device: Union[torch.device, str, None] = None) -> DeviceProfile:
     flops16 = max(rates.values())
     prof = dataclasses.replace(base, bandwidth=bw, flops=flops16, flops32=rates[torch.float32],
                                launch_s=max(launch, 1e-6), source="calibrated")
-    logger.debug("dispatch: calibrated %s: %.1f GB/s, %.1f TFLOP/s (16-bit), %.1f TFLOP/s (fp32), launch %.1f us",
-                 prof.name, bw / 1e9, flops16 / 1e12, prof.flops32 / 1e12, prof.launch_s * 1e6)
+    if not gpu:  # on a GPU the ops' first calls would JIT-compile kernels: keep the defaults there
+        prof = _calibrate_ops(dev, prof)
+    logger.debug("dispatch: calibrated %s: %.1f GB/s, %.1f TFLOP/s (16-bit), %.1f TFLOP/s (fp32), launch %.1f us, "
+                 "fixed materialized %.1f us + %.1f us/adapter, fixed latent %.1f us", prof.name, bw / 1e9,
+                 flops16 / 1e12, prof.flops32 / 1e12, prof.launch_s * 1e6, prof.materialized_fixed_s * 1e6,
+                 prof.segment_s * 1e6, prof.latent_fixed_s * 1e6)
     return prof
+
+
+def _calibrate_ops(dev: torch.device, prof: DeviceProfile) -> DeviceProfile:
+    """Fixed costs of the two ops themselves: time both at a tiny shape (where the roofline part is a few
+    microseconds) with 1 and with 64 distinct adapters; what the roofline does not explain is overhead."""
+    try:
+        from hyperlora.ops.add_lora import add_lora
+    except ImportError:  # the materialized op is not there: keep the defaults
+        return prof
+    from hyperlora.ops.latent_lora import latent_lora
+    from hyperlora.ops.metadata import build_meta
+
+    T, d, R, K = 64, 128, 8, 17
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(T, d, generator=g, device="cpu").to(dev)
+    y = torch.randn(T, d, generator=g).to(dev)
+    w_a = torch.randn(R * K, d, generator=g).to(dev) / d
+    w_b = torch.randn(d, R * K, generator=g).to(dev) / d
+    z = torch.randn(T, K, generator=g).to(dev)
+    a = torch.randn(T, R, d, generator=g).to(dev) / d
+    b = torch.randn(T, d, R, generator=g).to(dev) / d
+    one = torch.zeros(T, dtype=torch.int32, device=dev)
+    many = torch.arange(T, dtype=torch.int32, device=dev)
+    m_one, m_many = build_meta(one, T), build_meta(many, T)
+    with torch.no_grad():
+        t_lat = _best_time(lambda: latent_lora(y, x, w_a, w_b, z, one, meta=m_one), dev, 7)
+        t_one = _best_time(lambda: add_lora(y, x, a, b, one, meta=m_one), dev, 7)
+        t_many = _best_time(lambda: add_lora(y, x, a, b, many, meta=m_many), dev, 7)
+    bare = dataclasses.replace(prof, materialized_fixed_s=0.0, latent_fixed_s=0.0, segment_s=0.0)
+    e_one, e_lat = estimate(T, 1, d, d, R, K, 4, bare)
+    e_many, _ = estimate(T, T, d, d, R, K, 4, bare)
+    mat_fixed = max(t_one - e_one.seconds, 0.0)
+    return dataclasses.replace(prof, latent_fixed_s=max(t_lat - e_lat.seconds, 0.0), materialized_fixed_s=mat_fixed,
+                               segment_s=max((t_many - e_many.seconds - mat_fixed) / (T - 1), 0.0))
 
 
 def _cpu_has_fast_bf16() -> bool:

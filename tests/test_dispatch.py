@@ -111,6 +111,37 @@ def test_calibration_measures_and_caches(monkeypatch):
     dispatch._profile_for.cache_clear()
 
 
+def test_op_calibration_finds_per_adapter_cost(monkeypatch):
+    """A stand-in materialized op that sleeps 0.5 ms per distinct adapter: calibration must see ~0.5 ms each."""
+    import sys
+    import time as _time
+    import types
+
+    from hyperlora.ops.metadata import build_meta
+
+    def add_lora(y, x, a, b, slots, scales=None, ranks=None, *, backend=None, meta=None):
+        m = meta if meta is not None else build_meta(slots, a.shape[0])
+        for _ in range(m.num_segments):
+            _time.sleep(5e-4)
+        return y
+
+    fake = types.ModuleType("hyperlora.ops.add_lora")
+    fake.add_lora = add_lora
+    monkeypatch.setitem(sys.modules, "hyperlora.ops.add_lora", fake)
+    # one thread: on a 2-core machine shared with other jobs, 2-thread OpenMP regions can stall ~50 ms
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        prof = dispatch._calibrate_ops(torch.device("cpu"), DEFAULT_PROFILES["cpu"])
+    finally:
+        torch.set_num_threads(threads)
+    assert 3e-4 < prof.segment_s < 2e-3, prof
+    assert prof.materialized_fixed_s < 5e-3 and 0 < prof.latent_fixed_s < 1e-2
+    # and the decision moves with it: with costly segments, many policies go latent sooner
+    slow = choose_path(64, 64, 576, 576, 8, 33, torch.float32, profile=prof)
+    assert slow.path == "latent" and slow.materialized.seconds > 64 * 3e-4
+
+
 @pytest.mark.gpu
 def test_gpu_profile_is_calibrated():
     dispatch._profile_for.cache_clear()
