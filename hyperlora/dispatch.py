@@ -214,12 +214,14 @@ def calibrate(device: Union[torch.device, str, None] = None) -> DeviceProfile:
         dst = torch.empty_like(src)
         bw = 2 * src.numel() * 4 / _best_time(lambda: dst.copy_(src), dev, 5)
         del src, dst
-        n = 4096 if gpu else 384
+        # a LoRA-like GEMM: a token block against a weight that does not fit in a CPU's cache (a small square
+        # GEMM that does fit overstates a CPU's rate on real layers ~3x)
+        m, k, n = (4096, 4096, 4096) if gpu else (256, 2048, 512)
         rates = {}
         for dt in (torch.bfloat16 if (gpu or _cpu_has_fast_bf16()) else torch.float32, torch.float32):
-            a = torch.randn(n, n, device=dev).to(dt)
-            b = torch.randn(n, n, device=dev).to(dt)
-            rates[dt] = 2 * n ** 3 / _best_time(lambda: a @ b, dev, 3)
+            a = torch.randn(m, k, device=dev).to(dt)
+            b = torch.randn(n, k, device=dev).to(dt)
+            rates[dt] = 2 * m * k * n / _best_time(lambda: a @ b.T, dev, 3)
         small = torch.ones(8, device=dev)
         launch = _best_time(lambda: small.add_(0.0), dev, 20)
     flops16 = max(rates.values())
