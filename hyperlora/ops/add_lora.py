@@ -1,0 +1,379 @@
+"""`add_lora`: many LoRA adapters applied in one batch, each token with its own adapter slot.
+
+    y[t] += scales[s] * (x[t] @ lora_a[s, :r].T) @ lora_b[s, :, :r].T     for s = slots[t] >= 0, r = ranks[s]
+
+Rows whose slot is -1 are left bitwise untouched. Shapes: x [T, d_in], y [T, d_out], lora_a [S, R, d_in],
+lora_b [S, d_out, R], slots [T] int32/int64, scales [S] float (None = 1), ranks [S] int (None = R).
+Sliced form: `y`, `lora_a`, `lora_b` are equal-length tuples (e.g. q, k, v sharing x); x is read once.
+
+Backends: "torch" (grouped by slot, the CPU path and the test oracle, differentiable), "triton" and
+"cuda" (GPU kernels over sorted segments). All accumulate in float32 for float16/bfloat16 inputs.
+The op is registered with torch.library as `hyperlora::add_lora_` (in-place, with a fake
+implementation) so it works under torch.compile; with `meta=` built by
+`build_meta(slots, S, out=LoraBatchMeta.empty(...))` it also runs inside CUDA graphs (Triton/CUDA).
+When autograd is needed (grad mode on and x, lora_a or lora_b requires grad) the differentiable
+functional op `hyperlora::lora_delta` is used instead (torch backend).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+
+from hyperlora.backends import resolve_backend
+from hyperlora.ops.metadata import LoraBatchMeta, build_meta, check_slots
+
+TensorOrTuple = Union[torch.Tensor, Sequence[torch.Tensor]]
+BACKENDS = ("torch", "triton", "cuda")
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+# ----------------------------------------------------------------------------------------------------
+# validation
+# ----------------------------------------------------------------------------------------------------
+def _as_tuple(v: TensorOrTuple, name: str) -> tuple[torch.Tensor, ...]:
+    if isinstance(v, torch.Tensor):
+        return (v,)
+    if isinstance(v, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in v):
+        if len(v) == 0:
+            raise ValueError(f"{name} is an empty sequence; pass at least one tensor")
+        return tuple(v)
+    raise TypeError(f"{name} must be a torch.Tensor or a tuple of tensors (sliced form), got {type(v).__name__}")
+
+
+def _check_float(t: torch.Tensor, name: str) -> None:
+    if t.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"{name} must be float32, float16 or bfloat16 (float64 on the torch backend), "
+                         f"got {t.dtype}")
+
+
+def validate(y: TensorOrTuple, x: torch.Tensor, lora_a: TensorOrTuple, lora_b: TensorOrTuple,
+             slots: torch.Tensor, scales: Optional[torch.Tensor], ranks: Optional[torch.Tensor],
+             meta: Optional[LoraBatchMeta] = None) -> tuple[tuple[torch.Tensor, ...], ...]:
+    """Check every argument (ValueError/TypeError naming it) and return (ys, as, bs) as tuples."""
+    sliced = not isinstance(y, torch.Tensor)
+    ys, as_, bs = _as_tuple(y, "y"), _as_tuple(lora_a, "lora_a"), _as_tuple(lora_b, "lora_b")
+    if sliced != (not isinstance(lora_a, torch.Tensor)) or sliced != (not isinstance(lora_b, torch.Tensor)):
+        raise ValueError("y, lora_a and lora_b must all be tensors, or all tuples of the same length (sliced form)")
+    if not (len(ys) == len(as_) == len(bs)):
+        raise ValueError(f"sliced form: y, lora_a and lora_b must have the same length, got "
+                         f"{len(ys)}, {len(as_)}, {len(bs)}")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor [T, d_in], got {type(x).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D [T, d_in] (flatten batch and sequence first), got shape {tuple(x.shape)}")
+    _check_float(x, "x")
+    t, d_in = x.shape
+    dev, dt = x.device, x.dtype
+    check_slots_shape = isinstance(slots, torch.Tensor) and slots.dim() == 1 and slots.shape[0] != t
+    if check_slots_shape:
+        raise ValueError(f"slots must have one entry per token of x: shape [{t}], got {tuple(slots.shape)}")
+    num_slots = None
+    for i, (yi, ai, bi) in enumerate(zip(ys, as_, bs)):
+        sfx = f"[{i}]" if sliced else ""
+        for name, ten, nd in ((f"y{sfx}", yi, 2), (f"lora_a{sfx}", ai, 3), (f"lora_b{sfx}", bi, 3)):
+            if ten.dim() != nd:
+                want = {"y": "[T, d_out]", "lora_a": "[S, R, d_in]", "lora_b": "[S, d_out, R]"}[name.split("[")[0]]
+                raise ValueError(f"{name} must be {nd}-D {want}, got shape {tuple(ten.shape)}")
+            _check_float(ten, name)
+            if ten.dtype != dt:
+                raise ValueError(f"{name} has dtype {ten.dtype} but x has {dt}; cast it with .to({dt})")
+            if ten.device != dev:
+                raise ValueError(f"{name} is on {ten.device} but x is on {dev}; move it with .to('{dev}')")
+        if yi.shape[0] != t:
+            raise ValueError(f"y{sfx} must have T={t} rows like x, got shape {tuple(yi.shape)}")
+        s, r, a_in = ai.shape
+        if a_in != d_in:
+            raise ValueError(f"lora_a{sfx} must be [S, R, d_in={d_in}] (last dim = x's), got {tuple(ai.shape)}")
+        if bi.shape != (s, yi.shape[1], r):
+            raise ValueError(f"lora_b{sfx} must be [S={s}, d_out={yi.shape[1]}, R={r}] to match lora_a{sfx} "
+                             f"{tuple(ai.shape)} and y{sfx} {tuple(yi.shape)}, got {tuple(bi.shape)}")
+        if num_slots is None:
+            num_slots = s
+        elif s != num_slots:
+            raise ValueError(f"lora_a{sfx} has S={s} slots but lora_a[0] has {num_slots}; slices share slots")
+        if not _capturing() and yi.numel() and x.numel() and yi.data_ptr() == x.data_ptr():
+            raise ValueError(f"y{sfx} must not alias x (y is updated in place)")
+    assert num_slots is not None
+    if num_slots < 1:
+        raise ValueError("lora_a must have at least one slot (S >= 1)")
+    if isinstance(slots, torch.Tensor) and slots.device != dev:
+        raise ValueError(f"slots is on {slots.device} but x is on {dev}; move it with .to('{dev}')")
+    if meta is None:
+        check_slots(slots, num_slots)
+    else:
+        if not isinstance(meta, LoraBatchMeta):
+            raise TypeError(f"meta must be a LoraBatchMeta from build_meta, got {type(meta).__name__}")
+        if meta.num_tokens != t or meta.num_slots != num_slots or meta.device != dev:
+            raise ValueError(f"meta was built for T={meta.num_tokens}, S={meta.num_slots} on {meta.device}, "
+                             f"but this call has T={t}, S={num_slots} on {dev}; rebuild it with build_meta")
+        if not isinstance(slots, torch.Tensor) or slots.dim() != 1:
+            raise ValueError("slots must be a 1-D tensor [T]")
+    max_r = max(a.shape[1] for a in as_)
+    if scales is not None:
+        if not isinstance(scales, torch.Tensor):
+            raise TypeError(f"scales must be a float tensor [S] or None, got {type(scales).__name__}")
+        if scales.shape != (num_slots,) or not scales.is_floating_point():
+            raise ValueError(f"scales must be a float tensor of shape [S={num_slots}], got "
+                             f"{tuple(scales.shape)} {scales.dtype}")
+        if scales.device != dev:
+            raise ValueError(f"scales is on {scales.device} but x is on {dev}")
+    if ranks is not None:
+        if not isinstance(ranks, torch.Tensor):
+            raise TypeError(f"ranks must be an int tensor [S] or None, got {type(ranks).__name__}")
+        if ranks.shape != (num_slots,) or ranks.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"ranks must be an int32/int64 tensor of shape [S={num_slots}], got "
+                             f"{tuple(ranks.shape)} {ranks.dtype}")
+        if ranks.device != dev:
+            raise ValueError(f"ranks is on {ranks.device} but x is on {dev}")
+        if ranks.numel() and not _capturing():
+            lo, hi = (int(v) for v in torch.aminmax(ranks))
+            min_r = min(a.shape[1] for a in as_)
+            if lo < 0 or hi > min_r:
+                raise ValueError(f"ranks values must be in [0, R={min_r}] (R = lora_a.shape[1]), got min {lo} "
+                                 f"and max {hi}")
+    del max_r
+    return ys, as_, bs
+
+
+def _capturing() -> bool:
+    if torch.compiler.is_compiling():
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _acc_dtype(dt: torch.dtype) -> torch.dtype:
+    return torch.float64 if dt == torch.float64 else torch.float32
+
+
+# ----------------------------------------------------------------------------------------------------
+# torch backend (grouped by slot; no per-token Python loop)
+# ----------------------------------------------------------------------------------------------------
+def _host_segments(token_ids: torch.Tensor, seg_slots: torch.Tensor, seg_starts: torch.Tensor,
+                   seg_counts: torch.Tensor, num_active: torch.Tensor) -> tuple[list, int]:
+    n_seg, n_tok = (int(v) for v in num_active.tolist())
+    segs = list(zip(seg_slots[:n_seg].tolist(), seg_starts[:n_seg].tolist(), seg_counts[:n_seg].tolist()))
+    return segs, n_tok
+
+
+def _segment_deltas(x: torch.Tensor, as_: Sequence[torch.Tensor], bs: Sequence[torch.Tensor],
+                    scales: Optional[torch.Tensor], ranks: Optional[torch.Tensor], ids: torch.Tensor,
+                    segs: list, n_tok: int) -> list[torch.Tensor]:
+    """Per slice, the LoRA deltas [n_tok, d_out] (accumulation dtype) of the active tokens in sorted order."""
+    acc = _acc_dtype(x.dtype)
+    xs = x.index_select(0, ids)
+    if xs.dtype != acc:
+        xs = xs.to(acc)
+    outs = [torch.zeros(n_tok, b.shape[1], dtype=acc, device=x.device) for b in bs]
+    scale_l = scales.tolist() if scales is not None else None
+    rank_l = ranks.tolist() if ranks is not None else None
+    for s, st, n in segs:
+        sc = 1.0 if scale_l is None else scale_l[s]
+        xseg = xs[st:st + n]
+        for a, b, out in zip(as_, bs, outs):
+            r = a.shape[1] if rank_l is None else rank_l[s]
+            if r == 0:
+                continue
+            a_s, b_s = a[s, :r], b[s, :, :r]
+            if a_s.dtype != acc:
+                a_s, b_s = a_s.to(acc), b_s.to(acc)
+            h = torch.mm(xseg, a_s.t())
+            if sc != 1.0:
+                h.mul_(sc)
+            torch.mm(h, b_s.t(), out=out[st:st + n])
+    return outs
+
+
+def _apply_rows(y: torch.Tensor, ids: torch.Tensor, delta: torch.Tensor) -> None:
+    """y[ids] += delta with one rounding (float32/64 add, then cast); other rows untouched."""
+    if y.dtype == delta.dtype:
+        y.index_add_(0, ids, delta)
+    else:
+        rows = y.index_select(0, ids).to(delta.dtype).add_(delta)
+        y.index_copy_(0, ids, rows.to(y.dtype))
+
+
+def _torch_add_lora(ys, x, as_, bs, scales, ranks, token_ids, seg_slots, seg_starts, seg_counts, num_active) -> None:
+    segs, n_tok = _host_segments(token_ids, seg_slots, seg_starts, seg_counts, num_active)
+    if n_tok == 0:
+        return
+    ids = token_ids[:n_tok].to(torch.int64)
+    deltas = _segment_deltas(x, as_, bs, scales, ranks, ids, segs, n_tok)
+    for y, d in zip(ys, deltas):
+        _apply_rows(y, ids, d)
+
+
+# ----------------------------------------------------------------------------------------------------
+# torch.library registration: in-place op (all backends) + differentiable functional delta (torch)
+# ----------------------------------------------------------------------------------------------------
+@torch.library.custom_op("hyperlora::add_lora_", mutates_args=("ys",))
+def _add_lora_op(ys: list[torch.Tensor], x: torch.Tensor, lora_as: list[torch.Tensor],
+                 lora_bs: list[torch.Tensor], scales: Optional[torch.Tensor], ranks: Optional[torch.Tensor],
+                 token_ids: torch.Tensor, seg_slots: torch.Tensor, seg_starts: torch.Tensor,
+                 seg_counts: torch.Tensor, num_active: torch.Tensor, backend: str,
+                 max_seg_len: int) -> None:
+    """In place: ys[i][t] += scale * (x[t] A_i[s,:r]^T) B_i[s,:,:r]^T over the segments of the metadata."""
+    meta_t = (token_ids, seg_slots, seg_starts, seg_counts, num_active)
+    if backend == "torch":
+        _torch_add_lora(ys, x, lora_as, lora_bs, scales, ranks, *meta_t)
+    elif backend == "triton":
+        from hyperlora.kernels.add_lora import add_lora_triton
+
+        add_lora_triton(ys, x, lora_as, lora_bs, scales, ranks, *meta_t, max_seg_len=max_seg_len)
+    elif backend == "cuda":
+        _cuda_add_lora(ys, x, lora_as, lora_bs, scales, ranks, *meta_t, max_seg_len=max_seg_len)
+    else:
+        raise ValueError(f"unknown backend {backend!r}")
+
+
+@_add_lora_op.register_fake
+def _(ys, x, lora_as, lora_bs, scales, ranks, token_ids, seg_slots, seg_starts, seg_counts, num_active,
+      backend, max_seg_len) -> None:
+    return None
+
+
+@torch.library.custom_op("hyperlora::lora_delta", mutates_args=())
+def _lora_delta_op(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scales: Optional[torch.Tensor],
+                   ranks: Optional[torch.Tensor], token_ids: torch.Tensor, seg_slots: torch.Tensor,
+                   seg_starts: torch.Tensor, seg_counts: torch.Tensor, num_active: torch.Tensor) -> torch.Tensor:
+    """[T, d_out] in the accumulation dtype: the LoRA term per token, zero rows for slot -1."""
+    acc = _acc_dtype(x.dtype)
+    out = torch.zeros(x.shape[0], lora_b.shape[1], dtype=acc, device=x.device)
+    segs, n_tok = _host_segments(token_ids, seg_slots, seg_starts, seg_counts, num_active)
+    if n_tok:
+        ids = token_ids[:n_tok].to(torch.int64)
+        (d,) = _segment_deltas(x, (lora_a,), (lora_b,), scales, ranks, ids, segs, n_tok)
+        out.index_copy_(0, ids, d)
+    return out
+
+
+@_lora_delta_op.register_fake
+def _(x, lora_a, lora_b, scales, ranks, token_ids, seg_slots, seg_starts, seg_counts, num_active):
+    return x.new_empty((x.shape[0], lora_b.shape[1]), dtype=_acc_dtype(x.dtype))
+
+
+@torch.library.custom_op("hyperlora::lora_delta_backward", mutates_args=())
+def _lora_delta_backward_op(grad: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                            scales: Optional[torch.Tensor], ranks: Optional[torch.Tensor],
+                            token_ids: torch.Tensor, seg_slots: torch.Tensor, seg_starts: torch.Tensor,
+                            seg_counts: torch.Tensor, num_active: torch.Tensor
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of lora_delta w.r.t. (x, lora_a, lora_b), each in its input's dtype."""
+    acc = _acc_dtype(x.dtype)
+    gx = torch.zeros(x.shape, dtype=acc, device=x.device)
+    ga = torch.zeros(lora_a.shape, dtype=acc, device=x.device)
+    gb = torch.zeros(lora_b.shape, dtype=acc, device=x.device)
+    segs, n_tok = _host_segments(token_ids, seg_slots, seg_starts, seg_counts, num_active)
+    if n_tok:
+        ids = token_ids[:n_tok].to(torch.int64)
+        xs, gs = x.index_select(0, ids).to(acc), grad.index_select(0, ids).to(acc)
+        gxs = torch.zeros_like(xs)
+        scale_l = scales.tolist() if scales is not None else None
+        rank_l = ranks.tolist() if ranks is not None else None
+        for s, st, n in segs:
+            r = lora_a.shape[1] if rank_l is None else rank_l[s]
+            if r == 0:
+                continue
+            sc = 1.0 if scale_l is None else scale_l[s]
+            a_s, b_s = lora_a[s, :r].to(acc), lora_b[s, :, :r].to(acc)
+            xseg, gseg = xs[st:st + n], gs[st:st + n]
+            gh = torch.mm(gseg, b_s) * sc            # [n, r]: d loss / d (x A^T)
+            h = torch.mm(xseg, a_s.t()) * sc          # [n, r]
+            gxs[st:st + n] = torch.mm(gh, a_s)
+            ga[s, :r] = torch.mm(gh.t(), xseg)
+            gb[s, :, :r] = torch.mm(gseg.t(), h)
+        gx.index_copy_(0, ids, gxs)
+    return gx.to(x.dtype), ga.to(lora_a.dtype), gb.to(lora_b.dtype)
+
+
+@_lora_delta_backward_op.register_fake
+def _(grad, x, lora_a, lora_b, scales, ranks, token_ids, seg_slots, seg_starts, seg_counts, num_active):
+    return torch.empty_like(x), torch.empty_like(lora_a), torch.empty_like(lora_b)
+
+
+def _delta_setup_context(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _delta_backward(ctx, grad):
+    x, a, b, scales, ranks, *meta_t = ctx.saved_tensors
+    gx, ga, gb = _lora_delta_backward_op(grad, x, a, b, scales, ranks, *meta_t)
+    needs = ctx.needs_input_grad
+    return (gx if needs[0] else None, ga if needs[1] else None, gb if needs[2] else None,
+            None, None, None, None, None, None, None)
+
+
+_lora_delta_op.register_autograd(_delta_backward, setup_context=_delta_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------
+# CUDA extension glue
+# ----------------------------------------------------------------------------------------------------
+def _cuda_add_lora(ys, x, as_, bs, scales, ranks, token_ids, seg_slots, seg_starts, seg_counts, num_active,
+                   *, max_seg_len: int) -> None:
+    from hyperlora import _cuda
+
+    ext = _cuda.extension()
+    if not hasattr(ext, "add_lora"):
+        from hyperlora.backends import BackendUnavailableError
+
+        raise BackendUnavailableError("the built hyperlora._C has no add_lora; rebuild with "
+                                      "`pip install --no-build-isolation -e .`")
+    code = _cuda.dtype_code(x)
+    stream = _cuda.stream_handle(x.device)
+    t = x.shape[0]
+    s = as_[0].shape[0]
+    for y, a, b in zip(ys, as_, bs):
+        ext.add_lora(
+            y.data_ptr(), y.stride(0), y.stride(1),
+            x.data_ptr(), x.stride(0), x.stride(1),
+            a.data_ptr(), a.stride(0), a.stride(1), a.stride(2),
+            b.data_ptr(), b.stride(0), b.stride(1), b.stride(2),
+            0 if scales is None else scales.data_ptr(), 0 if ranks is None else ranks.data_ptr(),
+            0 if ranks is None else (8 if ranks.dtype == torch.int64 else 4),
+            token_ids.data_ptr(), seg_slots.data_ptr(), seg_starts.data_ptr(), seg_counts.data_ptr(),
+            num_active.data_ptr(),
+            t, s, a.shape[1], x.shape[1], y.shape[1], int(max_seg_len), code, stream)
+
+
+# ----------------------------------------------------------------------------------------------------
+# public op
+# ----------------------------------------------------------------------------------------------------
+def _needs_grad(x: torch.Tensor, as_, bs) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in (*as_, *bs)))
+
+
+def add_lora(y: TensorOrTuple, x: torch.Tensor, lora_a: TensorOrTuple, lora_b: TensorOrTuple,
+             slots: torch.Tensor, scales: Optional[torch.Tensor] = None, ranks: Optional[torch.Tensor] = None,
+             *, backend: Optional[str] = None, meta: Optional[LoraBatchMeta] = None) -> TensorOrTuple:
+    """Add each token's LoRA term to y in place and return y (a tuple in the sliced form).
+
+    x [T, d_in]; y [T, d_out]; lora_a [S, R, d_in]; lora_b [S, d_out, R]; slots [T] int (-1 = none);
+    scales [S] float (None = 1); ranks [S] int (None = R). Sliced form: y, lora_a, lora_b are tuples.
+    backend: "torch", "triton", "cuda" or None (best available for x's device; HYPERLORA_BACKEND forces one).
+    meta: metadata from `build_meta(slots, S)`, built once per forward and reused by every layer.
+    Autograd (w.r.t. x, lora_a, lora_b) runs through the torch backend.
+    """
+    ys, as_, bs = validate(y, x, lora_a, lora_b, slots, scales, ranks, meta)
+    num_slots = as_[0].shape[0]
+    name = resolve_backend(backend, x.device, BACKENDS)
+    grad = _needs_grad(x, as_, bs)
+    if name != "torch":
+        if grad:
+            raise ValueError(f"backend {name!r} has no autograd; use backend='torch' (or None) when x, lora_a or "
+                             "lora_b requires grad, or wrap the call in torch.no_grad()")
+        if x.dtype == torch.float64:
+            raise ValueError(f"x is float64, which backend {name!r} does not support; use float32/16/bfloat16 "
+                             "or backend='torch'")
+    if meta is None:
+        meta = build_meta(slots, num_slots, validate=False)
+    if grad:
+        mask = (slots >= 0).unsqueeze(1)
+        for yi, ai, bi in zip(ys, as_, bs):
+            delta = _lora_delta_op(x, ai, bi, scales, ranks, *meta.tensors())
+            new = torch.where(mask, (yi.to(delta.dtype) + delta).to(yi.dtype), yi)
+            yi.copy_(new)
+        return y
+    max_seg = meta.max_segment_len if meta.max_segment_len is not None else -1
+    _add_lora_op(list(ys), x, list(as_), list(bs), scales, ranks, *meta.tensors(), name, max_seg)
+    return y
