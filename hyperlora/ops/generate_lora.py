@@ -81,18 +81,49 @@ def _validate(pool_a: torch.Tensor, pool_b: torch.Tensor, z: torch.Tensor, w_a: 
 
 def generate_lora_reference(pool_a: torch.Tensor, pool_b: torch.Tensor, z: torch.Tensor, w_a: torch.Tensor,
                             w_b: torch.Tensor, slots: torch.Tensor, scales: torch.Tensor | None = None) -> None:
-    """The torch reference (and the CPU path): no validation, writes in place."""
-    P, L, K = z.shape
-    if P == 0:
+    """The torch reference (and the CPU path): no validation, writes in place.
+
+    On the CPU it loops over slots with a cache-resident temporary per policy (2-3x faster than
+    materializing all P adapters first); on other devices it uses one batched GEMM and an index copy.
+    Both accumulate in float32 (float64 if any input is float64), scale B, then cast to the pool dtype.
+    """
+    if z.shape[0] == 0:
         return
+    if pool_a.device.type == "cpu":
+        _reference_per_slot(pool_a, pool_b, z, w_a, w_b, slots, scales)
+    else:
+        _reference_batched(pool_a, pool_b, z, w_a, w_b, slots, scales)
+
+
+def _heads_as_gemm(z: torch.Tensor, w_a: torch.Tensor, w_b: torch.Tensor):
+    """(z, W_A [K, R*d_in], W_B [K, d_out*R]) in the accumulation dtype: A.flat = z @ W_A, B.flat = z @ W_B."""
+    P, L, K = z.shape
     R = w_a.shape[0] // K
-    d_in, d_out = pool_a.shape[3], pool_b.shape[2]
+    d_in, d_out = w_a.shape[1], w_b.shape[0]
     acc = torch.float64 if torch.float64 in (z.dtype, w_a.dtype, w_b.dtype) else torch.float32
-    zz = z.to(acc)
-    a = torch.einsum("plk,rki->lpri", zz, w_a.to(acc).reshape(R, K, d_in))
-    b = torch.einsum("plk,ork->lpor", zz, w_b.to(acc).reshape(d_out, R, K))
-    if scales is not None:
-        b = b * scales.to(acc)[None, :, None, None]
+    wa = w_a.to(acc).reshape(R, K, d_in).permute(1, 0, 2).reshape(K, R * d_in)
+    wb = w_b.to(acc).reshape(d_out * R, K).T
+    return z.to(acc), wa, wb, R, d_in, d_out
+
+
+def _reference_per_slot(pool_a, pool_b, z, w_a, w_b, slots, scales) -> None:
+    zz, wa, wb, R, d_in, d_out = _heads_as_gemm(z, w_a, w_b)
+    L = z.shape[1]
+    sc = [1.0] * z.shape[0] if scales is None else scales.tolist()
+    for p, s in enumerate(slots.tolist()):
+        pool_a[:, s, :R].copy_((zz[p] @ wa).view(L, R, d_in))
+        pool_b[:, s, :, :R].copy_((zz[p] @ wb).mul_(sc[p]).view(L, d_out, R))
+        pool_a[:, s, R:].zero_()
+        pool_b[:, s, :, R:].zero_()
+
+
+def _reference_batched(pool_a, pool_b, z, w_a, w_b, slots, scales) -> None:
+    zz, wa, wb, R, d_in, d_out = _heads_as_gemm(z, w_a, w_b)
+    P, L, _ = z.shape
+    zt = zz.transpose(0, 1)  # [L, P, K]
+    a = (zt @ wa).view(L, P, R, d_in)
+    zb = zt if scales is None else zt * scales.to(zz.dtype)[None, :, None]
+    b = (zb @ wb).view(L, P, d_out, R)
     idx = slots.long()
     pool_a[:, idx, :R] = a.to(pool_a.dtype)
     pool_b[:, idx, :, :R] = b.to(pool_b.dtype)
