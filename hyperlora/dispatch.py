@@ -39,6 +39,7 @@ class DeviceProfile:
 
     bandwidth: bytes/s a streaming kernel reaches (reads + writes).
     flops: FLOP/s of a dense GEMM in a 16-bit dtype; flops32 the same in float32 (float64 counts as half).
+    latent_efficiency: fraction of the dense rates the latent op's two GEMMs and contractions reach.
     gather_efficiency: fraction of `flops` and `bandwidth` the materialized path's per-adapter skinny GEMMs
         reach on the adapters' bytes (activations stream at full bandwidth on both paths).
     launch_s: fixed cost of one kernel launch (informational); materialized_fixed_s / latent_fixed_s: fixed
@@ -51,6 +52,7 @@ class DeviceProfile:
     flops: float
     flops32: float
     gather_efficiency: float = 0.5
+    latent_efficiency: float = 1.0
     launch_s: float = 5e-6
     segment_s: float = 0.0
     materialized_fixed_s: float = 1e-5
@@ -62,7 +64,7 @@ class DeviceProfile:
 # ~4.3 TB/s, ~790 TFLOP/s bf16 dense peak, of which skinny LoRA-shaped GEMMs reach roughly half; float32
 # counted at the TF32-free CUDA-core rate). CPU: a 2-core AVX-512 machine like the ones here.
 DEFAULT_PROFILES: dict[str, DeviceProfile] = {
-    "cpu": DeviceProfile("cpu", bandwidth=20e9, flops=250e9, flops32=150e9, gather_efficiency=0.5,
+    "cpu": DeviceProfile("cpu", bandwidth=20e9, flops=250e9, flops32=100e9, gather_efficiency=0.5, latent_efficiency=0.6,
                          launch_s=5e-6, segment_s=3e-5, materialized_fixed_s=2e-5, latent_fixed_s=4e-5),
     "h100": DeviceProfile("NVIDIA H100", bandwidth=3.0e12, flops=400e12, flops32=50e12, gather_efficiency=0.4,
                           launch_s=4e-6, segment_s=0.0, materialized_fixed_s=8e-6, latent_fixed_s=8e-6),
@@ -136,7 +138,8 @@ def estimate(tokens: int, policies: int, d_in: int, d_out: int, rank: int, laten
     # latent: the shared head once, dense GEMMs with R*K columns, plus the per-slot latents
     l_bytes = act + elem_size * R * K * (d_in + d_out) + 4.0 * P * K
     l_flops = 2.0 * T * R * K * (d_in + d_out) + 4.0 * T * R * K
-    l_time = max(l_bytes / profile.bandwidth, l_flops / flop_rate) + profile.latent_fixed_s
+    l_eff = profile.latent_efficiency
+    l_time = max(l_bytes / profile.bandwidth, l_flops / flop_rate) / l_eff + profile.latent_fixed_s
     return PathCost(m_bytes, m_flops, m_time), PathCost(l_bytes, l_flops, l_time)
 
 
@@ -230,43 +233,55 @@ def calibrate(device: Union[torch.device, str, None] = None) -> DeviceProfile:
     if not gpu:  # on a GPU the ops' first calls would JIT-compile kernels: keep the defaults there
         prof = _calibrate_ops(dev, prof)
     logger.debug("dispatch: calibrated %s: %.1f GB/s, %.1f TFLOP/s (16-bit), %.1f TFLOP/s (fp32), launch %.1f us, "
-                 "fixed materialized %.1f us + %.1f us/adapter, fixed latent %.1f us", prof.name, bw / 1e9,
-                 flops16 / 1e12, prof.flops32 / 1e12, prof.launch_s * 1e6, prof.materialized_fixed_s * 1e6,
-                 prof.segment_s * 1e6, prof.latent_fixed_s * 1e6)
+                 "fixed materialized %.1f us + %.1f us/adapter, fixed latent %.1f us at %.0f%% of the dense rates",
+                 prof.name, bw / 1e9, flops16 / 1e12, prof.flops32 / 1e12, prof.launch_s * 1e6,
+                 prof.materialized_fixed_s * 1e6, prof.segment_s * 1e6, prof.latent_fixed_s * 1e6,
+                 100 * prof.latent_efficiency)
     return prof
 
 
 def _calibrate_ops(dev: torch.device, prof: DeviceProfile) -> DeviceProfile:
-    """Fixed costs of the two ops themselves: time both at a tiny shape (where the roofline part is a few
-    microseconds) with 1 and with 64 distinct adapters; what the roofline does not explain is overhead."""
-    try:
-        from hyperlora.ops.add_lora import add_lora
-    except ImportError:  # the materialized op is not there: keep the defaults
-        return prof
+    """Costs of the ops themselves, on top of the hardware's: the latent op at a tiny shape (fixed cost) and
+    at a medium one (its fraction of the dense rates); the materialized op at a tiny shape with 1 and with
+    64 distinct adapters (fixed cost, cost per adapter). What the roofline does not explain is overhead."""
     from hyperlora.ops.latent_lora import latent_lora
     from hyperlora.ops.metadata import build_meta
 
-    T, d, R, K = 64, 128, 8, 17
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(T, d, generator=g, device="cpu").to(dev)
-    y = torch.randn(T, d, generator=g).to(dev)
-    w_a = torch.randn(R * K, d, generator=g).to(dev) / d
-    w_b = torch.randn(d, R * K, generator=g).to(dev) / d
-    z = torch.randn(T, K, generator=g).to(dev)
-    a = torch.randn(T, R, d, generator=g).to(dev) / d
-    b = torch.randn(T, d, R, generator=g).to(dev) / d
+
+    def rnd(*shape: int) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g) / shape[-1] ** 0.5).to(dev)
+
+    T, d, R, K = 64, 128, 8, 17
+    x, y, w_a, w_b, z = rnd(T, d), rnd(T, d), rnd(R * K, d), rnd(d, R * K), rnd(T, K)
     one = torch.zeros(T, dtype=torch.int32, device=dev)
     many = torch.arange(T, dtype=torch.int32, device=dev)
     m_one, m_many = build_meta(one, T), build_meta(many, T)
+    bare = dataclasses.replace(prof, materialized_fixed_s=0.0, latent_fixed_s=0.0, segment_s=0.0, latent_efficiency=1.0)
+    Tm, dm, Km = 128, 1024, 33
+    xm, ym, wam, wbm, zm = rnd(Tm, dm), rnd(Tm, dm), rnd(R * Km, dm), rnd(dm, R * Km), rnd(1, Km)
+    slm = torch.zeros(Tm, dtype=torch.int32, device=dev)
+    mm = build_meta(slm, 1)
     with torch.no_grad():
         t_lat = _best_time(lambda: latent_lora(y, x, w_a, w_b, z, one, meta=m_one), dev, 7)
+        t_lat_m = _best_time(lambda: latent_lora(ym, xm, wam, wbm, zm, slm, meta=mm), dev, 5)
+    _, e_lat = estimate(T, 1, d, d, R, K, 4, bare)
+    _, e_lat_m = estimate(Tm, 1, dm, dm, R, Km, 4, bare)
+    lat_fixed = max(t_lat - e_lat.seconds, 0.0)
+    lat_eff = min(1.0, max(0.05, e_lat_m.seconds / max(t_lat_m - lat_fixed, 1e-9)))
+    prof = dataclasses.replace(prof, latent_fixed_s=lat_fixed, latent_efficiency=lat_eff)
+    try:
+        from hyperlora.ops.add_lora import add_lora
+    except ImportError:  # the materialized op is not there: keep its defaults
+        return prof
+    a, b = rnd(T, R, d), rnd(T, d, R)
+    with torch.no_grad():
         t_one = _best_time(lambda: add_lora(y, x, a, b, one, meta=m_one), dev, 7)
         t_many = _best_time(lambda: add_lora(y, x, a, b, many, meta=m_many), dev, 7)
-    bare = dataclasses.replace(prof, materialized_fixed_s=0.0, latent_fixed_s=0.0, segment_s=0.0)
-    e_one, e_lat = estimate(T, 1, d, d, R, K, 4, bare)
+    e_one, _ = estimate(T, 1, d, d, R, K, 4, bare)
     e_many, _ = estimate(T, T, d, d, R, K, 4, bare)
     mat_fixed = max(t_one - e_one.seconds, 0.0)
-    return dataclasses.replace(prof, latent_fixed_s=max(t_lat - e_lat.seconds, 0.0), materialized_fixed_s=mat_fixed,
+    return dataclasses.replace(prof, materialized_fixed_s=mat_fixed,
                                segment_s=max((t_many - e_many.seconds - mat_fixed) / (T - 1), 0.0))
 
 
