@@ -124,6 +124,20 @@ class ActiveBatch:
             return slots, meta
 
 
+class PoolViews:
+    """A layer's cached (A [S, R, d_in], B [S, d_out, R]) pool views. Not copied with the model: a deep copy of
+    an attached model is served by no runtime, so it must not drag the pool's buffers along."""
+
+    def __init__(self, pair: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        self.pair = pair
+
+    def __deepcopy__(self, memo: dict) -> "PoolViews":
+        return PoolViews(None)
+
+    def __reduce__(self):
+        return (PoolViews, (None,))
+
+
 class LoraState:
     """Shared by every layer of one runtime: the batch active in the current thread (or None)."""
 
@@ -235,7 +249,9 @@ def apply_adapters(layer: "LoraLayerMixin", x: torch.Tensor, y: torch.Tensor, ba
             add_lora(out2, x2, pool.lora_a(name), pool.lora_b(name), slots, None, pool.ranks, meta=meta)
         return out
     slots, meta = batch.token_slots(t, "all")
-    add_lora(out2, x2, pool.lora_a(name), pool.lora_b(name), slots, None, pool.ranks, meta=meta)
+    views = layer.hl_views.pair if layer.hl_views is not None else None
+    lora_a, lora_b = views if views is not None else (pool.lora_a(name), pool.lora_b(name))
+    add_lora(out2, x2, lora_a, lora_b, slots, None, pool.ranks, meta=meta)
     return out
 
 
@@ -247,7 +263,9 @@ class LoraLayerMixin:
     """Base forward, then the active batch's adapters. Attributes set by `wrap_module`:
 
     hl_name  full module path in the model (the pool's key), hl_type its last component,
-    hl_d_in / hl_d_out the projection's input / output features, hl_state the runtime's `LoraState`.
+    hl_d_in / hl_d_out the projection's input / output features, hl_state the runtime's `LoraState`,
+    hl_views the pool's per-layer A / B views for this module (set by the runtime; the pool's buffers are
+    allocated once and written in place, so the views stay valid).
     """
 
     hl_name: str
@@ -255,6 +273,7 @@ class LoraLayerMixin:
     hl_d_in: int
     hl_d_out: int
     hl_state: LoraState
+    hl_views: "PoolViews | None" = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         y = super().forward(x)  # type: ignore[misc]

@@ -16,6 +16,7 @@ thread or another) never change the batch (the failure class of vLLM #47724).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import threading
 from dataclasses import dataclass
@@ -25,8 +26,8 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from hyperlora.layers import (APPLY_MODES, ActiveBatch, LoraLayerMixin, LoraState, is_supported, set_submodule,
-                              shape_of, unwrap_module, wrap_module)
+from hyperlora.layers import (APPLY_MODES, ActiveBatch, LoraLayerMixin, LoraState, PoolViews, is_supported,
+                              set_submodule, shape_of, unwrap_module, wrap_module)
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +115,8 @@ class Runtime:
         self._latent_key: dict[int, str] = {}  # slot -> the content key its stored latents belong to
         self._attached = False
         self._install(targets)
+        for name in targets:
+            self.model.get_submodule(name).hl_views = PoolViews((self.pool.lora_a(name), self.pool.lora_b(name)))
 
     # ---- attach / detach ---------------------------------------------------------------------
 
@@ -229,13 +232,51 @@ class Runtime:
         modules = {n: (a.to(torch.float32), b.to(torch.float32)) for n, (a, b) in adapter.modules.items()}
         rank, key = int(adapter.rank), str(adapter.key)
         label = name if name is not None else p.resolve().name
+        return self._register(label, _PeftAdapter(key=key, rank=rank, modules=modules, source=str(p)))
+
+    def add_adapter(self, name: str, modules: dict[str, tuple[torch.Tensor, torch.Tensor]], *,
+                    scale: float = 1.0) -> str:
+        """Serve a LoRA adapter given as tensors, like a PEFT one: {full module name: (A [r, d_in], B [d_out, r])},
+        applied as `y += scale * B A x`. Validated (names, shapes, rank <= max_rank, finite) before the pool is
+        touched; returns `name` for `policies()`."""
+        self._check_attached()
+        if not isinstance(modules, dict) or not modules:
+            raise ValueError("modules must be a non-empty dict {module name: (A [r, d_in], B [d_out, r])}")
+        targets = self.pool.targets()
+        checked: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        h = hashlib.sha256(f"tensors:{float(scale).hex()}".encode())
+        for mname, pair in modules.items():
+            if mname not in targets:
+                raise ValueError(f"modules[{mname!r}] is not served by this runtime (e.g. {next(iter(targets))!r}); "
+                                 f"attach with target_modules covering it")
+            if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(isinstance(t, torch.Tensor) for t in pair)):
+                raise TypeError(f"modules[{mname!r}] must be a pair of tensors (A, B)")
+            a, b = (t.detach().to("cpu", torch.float32) for t in pair)
+            d_in, d_out = targets[mname]
+            if a.dim() != 2 or b.dim() != 2 or a.shape[1] != d_in or b.shape[0] != d_out or a.shape[0] != b.shape[1]:
+                raise ValueError(f"modules[{mname!r}]: need A [r, {d_in}] and B [{d_out}, r], got {tuple(a.shape)} and "
+                                 f"{tuple(b.shape)}")
+            if a.shape[0] > self.pool.max_rank:
+                raise ValueError(f"modules[{mname!r}]: rank {a.shape[0]} exceeds max_rank={self.pool.max_rank}")
+            if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+                raise ValueError(f"modules[{mname!r}] holds NaN or Inf values")
+            b = b * float(scale)
+            checked[mname] = (a.contiguous(), b.contiguous())
+            for t in checked[mname]:
+                h.update(mname.encode())
+                h.update(t.numpy().tobytes())
+        rank = max(int(a.shape[0]) for a, _ in checked.values())
+        return self._register(name, _PeftAdapter(key="tensors:" + h.hexdigest(), rank=rank, modules=checked,
+                                                 source="tensors"))
+
+    def _register(self, label: str, ad: _PeftAdapter) -> str:
         if not isinstance(label, str) or not label.strip():
             raise ValueError(f"name must be a non-empty str, got {label!r}")
         with self._lock:
-            self._peft[label] = _PeftAdapter(key=key, rank=rank, modules=modules, source=str(p))
-            self._peft_keys.add(key)
+            self._peft[label] = ad
+            self._peft_keys.add(ad.key)
             try:
-                self._place_peft(self._peft[label])
+                self._place_peft(ad)
             except Exception as exc:  # pool full of in-flight / pinned slots: placed at first use instead
                 from hyperlora.pool import PoolFullError
 

@@ -179,3 +179,34 @@ def test_export_peft_reproduces_runtime_logits_in_peft_and_back(arch, tmp_path):
     name = rt.load_peft(out)
     with rt.policies([name, None]):
         torch.testing.assert_close(forward_logits(model, ids, mask), ours, rtol=1e-5, atol=1e-5)
+
+
+def test_add_adapter_from_tensors_matches_peft_and_validates_first(tmp_path):
+    from safetensors.torch import load_file
+
+    model = tiny_model("llama")
+    d = make_peft_dir(model, tmp_path / "t", r=4, alpha=8, targets=("q_proj", "v_proj"))
+    ids, mask, _ = padded_batch([5, 5])
+    ref = _peft_reference(model, {"t": d}, ids, mask, ["t", "__base__"])
+    sd = load_file(str(d / "adapter_model.safetensors"))
+    modules = {}
+    for k, v in sd.items():
+        name = k[len("base_model.model."):].split(".lora_")[0]
+        modules.setdefault(name, [None, None])[0 if ".lora_A." in k else 1] = v
+    modules = {n: tuple(p) for n, p in modules.items()}
+    rt = hyperlora.attach(model, target_modules=["q_proj", "v_proj"], max_adapters=2, max_rank=4)
+    name = rt.add_adapter("tensors", modules, scale=8 / 4)
+    with rt.policies([name, None]):
+        torch.testing.assert_close(forward_logits(model, ids, mask), ref, rtol=1e-4, atol=1e-4)
+    used = rt.pool.stats()["used"]
+    first = next(iter(modules))
+    bad = {
+        "not served": ({"model.layers.0.mlp.up_proj": modules[first]}, "not served"),
+        "shape": ({first: (modules[first][0][:, :-1], modules[first][1])}, "need A"),
+        "rank": ({first: (torch.randn(5, 48), torch.randn(48, 5))}, "max_rank"),
+        "nan": ({first: (modules[first][0] * float("nan"), modules[first][1])}, "NaN"),
+    }
+    for what, (mods, msg) in bad.items():
+        with pytest.raises(ValueError, match=msg):
+            rt.add_adapter(what, mods)
+        assert what not in rt.peft_names and rt.pool.stats()["used"] == used
