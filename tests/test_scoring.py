@@ -48,11 +48,12 @@ REQS = [("Ticket #1 (urgent): refund please", ["flag", "pass"]),
         ("A much longer record about a password reset that never arrives by email.", ["x", "yy"])]
 
 
+@pytest.mark.parametrize("share_prompt", [True, False])
 @pytest.mark.parametrize("batch_size", [1, 3, 64])
-def test_option_logprobs_match_unpadded_reference(tm, batch_size):
+def test_option_logprobs_match_unpadded_reference(tm, batch_size, share_prompt):
     model, tok = tm
     reqs = [ScoreRequest(prompt_text(tok, r), o) for r, o in REQS]
-    got = option_logprobs(model, tok, reqs, batch_size=batch_size, bf16=False)
+    got = option_logprobs(model, tok, reqs, batch_size=batch_size, bf16=False, share_prompt=share_prompt)
     for r, scores in zip(reqs, got):
         assert len(scores) == len(r.options)
         for o, s in zip(r.options, scores):
@@ -61,12 +62,13 @@ def test_option_logprobs_match_unpadded_reference(tm, batch_size):
             assert s == pytest.approx(ref, abs=2e-3), (r.prompt, o)
 
 
-def test_per_row_adapters_match_single_adapter_runs(tm):
+@pytest.mark.parametrize("share_prompt", [True, False])
+def test_per_row_adapters_match_single_adapter_runs(tm, share_prompt):
     model, tok = tm
     ad = _random_adapters(model, P=2, seed=5)
     rows = [0, -1, 1, 0]
     reqs = [ScoreRequest(prompt_text(tok, r), o, row) for (r, o), row in zip(REQS, rows)]
-    got = option_logprobs(model, tok, reqs, adapters=ad, batch_size=16, bf16=False)
+    got = option_logprobs(model, tok, reqs, adapters=ad, batch_size=16, bf16=False, share_prompt=share_prompt)
     base = option_logprobs(model, tok, [ScoreRequest(r.prompt, r.options) for r in reqs], batch_size=16, bf16=False)
     for r, row, scores, b in zip(reqs, rows, got, base):
         if row < 0:

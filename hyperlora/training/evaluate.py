@@ -188,7 +188,7 @@ def _run_condition(model: Any, tokenizer: Any, etasks: Sequence[EvalTask], indic
                     out[ti].outputs.append(json.dumps(dict(zip(ex.options, [round(x, 3) for x in sc]))))
             if ft:
                 gens = greedy_generate(model, tokenizer, [f[2] for f in ft], [f[3] for f in ft], adapters=adapters,
-                                       max_new_tokens=max_new_tokens, batch_size=max(1, batch_size // 2), bf16=bf16,
+                                       max_new_tokens=max_new_tokens, batch_size=batch_size, bf16=bf16,
                                        progress=bar.update)
                 for (ti, ex, _, _), g in zip(ft, gens):
                     out[ti].golds.append("pass")

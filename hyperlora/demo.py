@@ -1,0 +1,206 @@
+"""`hyperlora demo`: enterprise policies -> adapters -> one mixed batch on SmolLM2, beside the base model.
+
+    hyperlora demo                                  # built-in policies, the shipped hypernetwork
+    hyperlora demo --policy "Answer 'flag' if the message asks for a refund; otherwise answer 'pass'."
+    hyperlora demo --policies-file my_tasks.jsonl   # a task file (policy + first record) or one policy a line
+
+Loads the base model (``hyperlora.models``), the shipped hypernetwork (``hyperlora/checkpoints/``) and the
+policy encoder it was trained with, attaches the runtime (``hyperlora.attach``), generates every policy's
+adapter in one call (timed), and decodes ONE batch in which each row has its own policy and one row none.
+No policy text is in any prompt: the record alone is the user turn. Each row's answer is printed beside
+the base model's answer to the same prompt, with adapter-generation latency and tokens/s.
+
+Without a trained hypernetwork the demo stops with exit code 2 and says how to get one; ``--untrained``
+runs the plumbing with a freshly initialised hypernetwork instead (its adapters are exactly zero, so every
+answer equals the base model's), with a loud warning.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from hyperlora.tasks.prompts import prompt_text
+
+# (policy or None, record): every row of the demo batch. One row has no policy (the base model's own answer).
+BUILTIN_ROWS: tuple[tuple[str | None, str], ...] = (
+    ("Answer 'escalate' if the ticket reports a security vulnerability; otherwise answer 'close'.",
+     "Ticket #4821 (urgent, VIP, via email): I can see another customer's orders by changing the URL."),
+    ("Route messages about refunds to 'billing', about password resets to 'accounts', and everything else to "
+     "'support'.", "Email from a standard customer: Please refund the blender I returned."),
+    ("Answer 'review' if the expense amount is over $500; otherwise answer 'approve'.",
+     "Expense line: conference ticket, $1,240."),
+    ("Answer 'hold' only if the message threatens legal action and arrived by phone; otherwise answer 'proceed'.",
+     "Phone note from a standard customer: I am going to sue your company."),
+    ("Start every reply with 'Noted:'.", "Chat message from a VIP customer: My package is a week late."),
+    (None, "Chat message from a standard customer: How do I change my password?"),
+)
+
+
+def read_policies_file(path: str | Path) -> list[tuple[str, str | None]]:
+    """(policy, record or None) pairs: a JSONL task file gives each task's policy and first record; any other
+    file gives one policy per non-empty line (records then come from the built-in rows)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"--policies-file {str(p)!r} does not exist")
+    text = p.read_text(encoding="utf-8")
+    first = next((ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")), "")
+    if first.startswith("{"):
+        from hyperlora.tasks.format import load_tasks
+
+        return [(t.policy, t.examples[0].input) for t in load_tasks(p)]
+    pols = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
+    if not pols:
+        raise ValueError(f"--policies-file {str(p)!r} holds no policies")
+    return [(x, None) for x in pols]
+
+
+def build_rows(policies: Sequence[tuple[str, str | None]] | None) -> list[tuple[str | None, str]]:
+    """The batch: given policies (records filled in from the built-in ones) plus one policy-free row."""
+    if not policies:
+        return list(BUILTIN_ROWS)
+    records = [r for _, r in BUILTIN_ROWS]
+    rows: list[tuple[str | None, str]] = [(pol, rec if rec is not None else records[i % (len(records) - 1)])
+                                          for i, (pol, rec) in enumerate(policies)]
+    rows.append((None, records[-1]))
+    return rows
+
+
+def _left_pad(tokenizer: Any, prompts: Sequence[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    enc = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    T = max(len(e) for e in enc)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    ids = torch.full((len(enc), T), int(pad), dtype=torch.long)
+    mask = torch.zeros((len(enc), T), dtype=torch.long)
+    for i, e in enumerate(enc):
+        ids[i, T - len(e):] = torch.tensor(e)
+        mask[i, T - len(e):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _decode_rows(tokenizer: Any, new: torch.Tensor, eos: int | None) -> tuple[list[str], int]:
+    """Decoded continuations and the number of real new tokens (up to and including EOS)."""
+    texts, n = [], 0
+    for row in new.tolist():
+        if eos is not None and eos in row:
+            row = row[: row.index(eos) + 1]
+        n += len(row)
+        texts.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+    return texts, n
+
+
+def run_demo(model: Any, tokenizer: Any, hypernet: Any, encode: Callable[[list[str]], torch.Tensor],
+             rows: Sequence[tuple[str | None, str]], *, max_new_tokens: int = 24,
+             out: Callable[[str], None] = print) -> dict[str, Any]:
+    """Generate the rows' adapters, decode one mixed batch and the same batch on the base model; print both.
+
+    hypernet: a ``HyperNetwork`` for ``model``; encode: policy texts -> [P, E] (the encoder it was trained
+    with). The model is detached again before returning. Returns the rows' answers and the timings.
+    """
+    import hyperlora
+
+    if not rows:
+        raise ValueError("rows must hold at least one (policy, record) pair")
+    policies = [p for p, _ in rows]
+    distinct = [p for p in dict.fromkeys(policies) if p is not None]
+    device = next(model.parameters()).device
+    ids, mask = _left_pad(tokenizer, [prompt_text(tokenizer, rec) for _, rec in rows], device)
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    rt = hyperlora.attach(model, hypernet, encoder=encode, max_adapters=max(8, len(distinct)))
+    try:
+        t0 = time.perf_counter()
+        rt.prepare(distinct)  # encoder + hypernetwork + write into the pool, all policies in one call
+        gen_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        seq = rt.generate(ids, mask, policies=policies, max_new_tokens=max_new_tokens, eos_token_id=eos,
+                          pad_token_id=pad)
+        mixed_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        base_seq = rt.generate(ids, mask, policies=[None] * len(rows), max_new_tokens=max_new_tokens,
+                               eos_token_id=eos, pad_token_id=pad)
+        base_s = time.perf_counter() - t0
+        stats = rt.stats()
+    finally:
+        rt.detach()
+    answers, n_mixed = _decode_rows(tokenizer, seq[:, ids.shape[1]:], eos)
+    base_answers, n_base = _decode_rows(tokenizer, base_seq[:, ids.shape[1]:], eos)
+    w = 44
+    out("")
+    for i, ((pol, rec), a, b) in enumerate(zip(rows, answers, base_answers)):
+        out(f"[row {i}] policy : " + ("(none: base model)" if pol is None else textwrap.shorten(pol, 110)))
+        out(f"        record : {textwrap.shorten(rec, 110)}")
+        out(f"        hyperlora -> {textwrap.shorten(a or '(empty)', w + 40)}")
+        out(f"        base      -> {textwrap.shorten(b or '(empty)', w + 40)}")
+    out("")
+    out(f"adapter generation: {len(distinct)} policies in {gen_s * 1000:.1f} ms "
+        f"({gen_s * 1000 / max(1, len(distinct)):.1f} ms per policy, encoder included)")
+    out(f"mixed batch ({len(rows)} rows, {len(distinct)} adapters + 1 base row): {n_mixed} new tokens in "
+        f"{mixed_s:.2f} s = {n_mixed / max(mixed_s, 1e-9):.1f} tokens/s")
+    out(f"base model, same batch: {n_base} new tokens in {base_s:.2f} s = {n_base / max(base_s, 1e-9):.1f} tokens/s")
+    return {"rows": [{"policy": p, "record": r, "answer": a, "base": b}
+                     for (p, r), a, b in zip(rows, answers, base_answers)],
+            "adapter_generation_s": gen_s, "mixed_tokens": n_mixed, "mixed_s": mixed_s, "base_tokens": n_base,
+            "base_s": base_s, "pool": stats}
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--policy", action="append", default=[], metavar="TEXT",
+                   help="a policy to serve (repeatable; replaces the built-in ones)")
+    p.add_argument("--policies-file", help="JSONL task file (policy + first record per task) or one policy a line")
+    p.add_argument("--model", help="base model directory or .gguf (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--hypernet", help="hypernetwork directory (default: the shipped hyperlora/checkpoints/)")
+    p.add_argument("--untrained", action="store_true",
+                   help="no trained hypernetwork: run the plumbing with a fresh one (adapters are zero)")
+    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--json", action="store_true", help="also print the result as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    from hyperlora.models import load_base_model
+    from hyperlora.training.eval_adapters import HypernetSource, find_hypernet_dir
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    given: list[tuple[str, str | None]] = [(p, None) for p in args.policy]
+    if args.policies_file:
+        given += read_policies_file(args.policies_file)
+    rows = build_rows(given)
+    try:
+        hn_dir = find_hypernet_dir(args.hypernet)
+    except FileNotFoundError as exc:
+        print(f"hyperlora demo: {exc}", file=sys.stderr)
+        return 2
+    if hn_dir is None and not args.untrained:
+        print("hyperlora demo: no trained hypernetwork found in hyperlora/checkpoints/.\n"
+              "  Train one:   hyperlora train --config hyperlora/training/configs/cpu.json --out runs/sft\n"
+              "  then run:    hyperlora demo --hypernet runs/sft/<checkpoint dir>\n"
+              "  or see the plumbing with zero adapters:  hyperlora demo --untrained", file=sys.stderr)
+        return 2
+    model, tok = load_base_model(args.model)
+    if hn_dir is not None:
+        src = HypernetSource.from_dir(hn_dir, model, tok)
+        print(f"hypernetwork: {hn_dir}")
+    else:
+        from hyperlora.encoder import PolicyEncoder
+        from hyperlora.hypernet import HyperNetwork
+
+        bar = "!" * 78
+        print(f"{bar}\n!! WARNING: --untrained: a freshly initialised hypernetwork writes ZERO adapters.\n"
+              f"!! Every 'hyperlora' answer below equals the base model's. This shows the plumbing only.\n{bar}",
+              file=sys.stderr)
+        enc = PolicyEncoder()
+        src = HypernetSource(HyperNetwork.for_model(model, task_emb_dim=int(enc.dim)), enc.encode)
+    res = run_demo(model, tok, src.hypernet, src.encode, rows, max_new_tokens=args.max_new_tokens)
+    if args.json:
+        print(json.dumps({k: v for k, v in res.items() if k != "pool"}, indent=2, default=str))
+    return 0
