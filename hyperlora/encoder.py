@@ -143,6 +143,8 @@ class PolicyEncoder:
             self._misses += len(todo)
         if todo:
             new_keys, new_texts = list(todo), list(todo.values())
+            if self._fn is None:
+                self._warn_truncation(new_texts)
             embs = []
             for i in range(0, len(new_texts), self.batch_size):
                 embs.append(self._embed(new_texts[i:i + self.batch_size]))
@@ -175,7 +177,6 @@ class PolicyEncoder:
             self._dim = int(out.shape[1])
             out = out.detach().float()
         else:
-            self._warn_truncation(texts)
             batch = self._tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
                                     return_tensors="pt").to(self.device)
             hidden = self._model(**batch).last_hidden_state  # [n, T, E]
@@ -193,7 +194,7 @@ class PolicyEncoder:
             desc = ", ".join(f"{n} tokens" for _, n in over[:4])
             warnings.warn(f"{len(over)} policy text(s) exceed the encoder's window of {self.max_length} tokens ({desc}): "
                           f"they were truncated, so text past the window does not affect the adapter. Shorten the "
-                          f"policy or split it.", UserWarning, stacklevel=4)
+                          f"policy or split it.", UserWarning, stacklevel=3)
 
     # ---- cache -------------------------------------------------------------------------------
 

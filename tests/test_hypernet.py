@@ -299,3 +299,41 @@ def test_generate_into_pool_refuses_bad_slots():
     other = make_hn(tiny_llama(layers=2))
     with pytest.raises(ValueError, match="differ"):
         other.generate_into_pool(torch.randn(1, E), pool, [s])
+
+
+def test_policy_to_pool_flow_hits_cache_and_distinguishes_texts():
+    """encoder -> content key -> pool: the same text hits (no second generation), another text differs."""
+    from hyperlora.encoder import PolicyEncoder
+
+    torch.manual_seed(7)
+    hn = make_hn()
+    randomize_b(hn)
+    calls: list[list[str]] = []
+
+    def fn(texts):
+        calls.append(texts)
+        return torch.stack([torch.randn(E, generator=torch.Generator().manual_seed(len(t) * 31 + ord(t[0])))
+                            for t in texts])
+
+    enc = PolicyEncoder(fn)
+    pool = _pool_for(hn)
+
+    def serve(text: str) -> int:
+        key = AdapterPool.content_key(hn.weights_id(), text, hn.config.rank, hn.config.scale)
+        slot = pool.get(key)
+        if slot is None:
+            slot = pool.allocate(key, hn.config.rank, hn.config.scale)
+            hn.generate_into_pool(enc.encode(text), pool, [slot])
+        return slot
+
+    s1 = serve("Refunds only within 30 days.")
+    s2 = serve("Refunds only within 30 days.")
+    assert s1 == s2 and pool.stats()["generations"] == 1 and pool.stats()["hits"] == 1 and len(calls) == 1
+    s3 = serve("Never mention competitors.")
+    assert s3 != s1 and pool.stats()["generations"] == 2
+    a, b = pool.buffers("q_proj")
+    assert not torch.allclose(b[:, s1], b[:, s3]) and not torch.allclose(a[:, s1], a[:, s3])
+    with torch.no_grad():  # a retrained hypernetwork must not reuse the old adapter
+        hn.head("q_proj")[1].add_(0.1)
+    s4 = serve("Refunds only within 30 days.")
+    assert s4 not in (s1, s3) and pool.stats()["generations"] == 3
