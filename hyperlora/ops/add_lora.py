@@ -339,6 +339,12 @@ def _cuda_add_lora(ys, x, as_, bs, scales, ranks, token_ids, seg_slots, seg_star
 # ----------------------------------------------------------------------------------------------------
 # public op
 # ----------------------------------------------------------------------------------------------------
+@torch.compiler.assume_constant_result
+def _resolve(backend: Optional[str], device_type: str) -> str:
+    """resolve_backend as a constant for torch.compile (it reads the environment and the extension)."""
+    return resolve_backend(backend, torch.device(device_type), BACKENDS)
+
+
 def _needs_grad(x: torch.Tensor, as_, bs) -> bool:
     return torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in (*as_, *bs)))
 
@@ -356,7 +362,8 @@ def add_lora(y: TensorOrTuple, x: torch.Tensor, lora_a: TensorOrTuple, lora_b: T
     """
     ys, as_, bs = validate(y, x, lora_a, lora_b, slots, scales, ranks, meta)
     num_slots = as_[0].shape[0]
-    name = resolve_backend(backend, x.device, BACKENDS)
+    name = _resolve(backend, x.device.type) if torch.compiler.is_compiling() else resolve_backend(
+        backend, x.device, BACKENDS)
     grad = _needs_grad(x, as_, bs)
     if name != "torch":
         if grad:
