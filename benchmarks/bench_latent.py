@@ -57,22 +57,26 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_fn(fn, device: torch.device, budget_s: float, max_reps: int) -> float:
-    """Median seconds of `fn` after one warm-up call, repeated up to `max_reps` within ~`budget_s`."""
-    fn()
-    _sync(device)
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < max_reps and (len(times) < 2 or time.perf_counter() - start < budget_s):
-        t0 = time.perf_counter()
+def time_interleaved(fns, device: torch.device, budget_s: float, max_reps: int) -> list[float]:
+    """Median seconds of each fn, called round-robin (so a shared machine's load swings hit all of them alike)
+    after one warm-up round, for up to `max_reps` rounds within ~`budget_s` (at least 3 rounds)."""
+    for fn in fns:
         fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    _sync(device)
+    times: list[list[float]] = [[] for _ in fns]
+    start = time.perf_counter()
+    while len(times[0]) < max_reps and (len(times[0]) < 3 or time.perf_counter() - start < budget_s):
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times[i].append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
 
 
 def run_case(hidden: int, rank: int, k: int, policies: int, tpp: int, dtype: torch.dtype, device: torch.device,
-             backend: str | None, budget_s: float, max_reps: int, with_base: bool, seed: int = 0) -> dict:
+             backend: str | None, budget_s: float, max_reps: int, with_base: bool, cold_bytes: int = 0,
+             seed: int = 0) -> dict:
     add_lora, _ = _materialized_op()
     g = torch.Generator(device="cpu").manual_seed(seed)
     T = policies * tpp
@@ -97,14 +101,31 @@ def run_case(hidden: int, rank: int, k: int, policies: int, tpp: int, dtype: tor
     y = rnd(T, d)
     w = rnd(d, d, scale=d ** -0.5)
 
+    # A model's layers each have their own weights, so a forward pass never finds a layer's adapters (or
+    # base weight) in cache. Cycle through enough copies of each path's weights to exceed the cache.
+    def copies_of(*ts):
+        nbytes = sum(t.numel() * t.element_size() for t in ts)
+        n = 1 if cold_bytes <= 0 else max(1, min(16, -(-cold_bytes // max(nbytes, 1))))
+        return [ts] + [tuple(t.clone() for t in ts) for _ in range(n - 1)]
+
+    mat_w, lat_w, base_w = copies_of(a, b), copies_of(w_a, w_b, z), copies_of(w)
+    step = {"mat": 0, "lat": 0, "base": 0}
+
+    def nxt(key, pool):
+        step[key] += 1
+        return pool[step[key] % len(pool)]
+
     def base():
-        return x @ w.T
+        (wc,) = nxt("base", base_w)
+        return x @ wc.T
 
     def mat():
-        add_lora(y, x, a, b, slots, backend=backend, meta=meta)
+        ac, bc = nxt("mat", mat_w)
+        add_lora(y, x, ac, bc, slots, backend=backend, meta=meta)
 
     def lat():
-        latent_lora(y, x, w_a, w_b, z, slots, scales, backend=backend, meta=meta)
+        wac, wbc, zc = nxt("lat", lat_w)
+        latent_lora(y, x, wac, wbc, zc, slots, scales, backend=backend, meta=meta)
 
     choice = dispatch.choose_path(T, policies, d, d, rank, k, dtype, device=device)
 
@@ -112,10 +133,10 @@ def run_case(hidden: int, rank: int, k: int, policies: int, tpp: int, dtype: tor
         c = dispatch.choose_path(T, policies, d, d, rank, k, dtype, device=device)
         (lat if c.path == "latent" else mat)()
 
-    t_mat = time_fn(mat, device, budget_s, max_reps)
-    t_lat = time_fn(lat, device, budget_s, max_reps)
-    t_auto = time_fn(auto, device, budget_s, max_reps)
-    t_base = time_fn(base, device, budget_s, max_reps) if with_base else None
+    fns = [mat, lat, auto] + ([base] if with_base else [])
+    times = time_interleaved(fns, device, budget_s, max_reps)
+    t_mat, t_lat, t_auto = times[:3]
+    t_base = times[3] if with_base else None
     best = min(t_mat, t_lat)
     picked = t_lat if choice.path == "latent" else t_mat
     return dict(hidden=d, rank=rank, latent_k=k, policies=policies, tokens_per_policy=tpp, tokens=T,
@@ -204,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--policies", type=int, nargs="+", default=None)
     p.add_argument("--tokens-per-policy", type=int, nargs="+", default=None)
     p.add_argument("--max-tokens", type=int, default=None, help="skip cases with more tokens")
+    p.add_argument("--cold-mb", type=int, default=None,
+                   help="cycle copies of each path's weights until they exceed this many MB, as a forward over many "
+                        "layers would (default 96 on a CPU, 3x a 32 MB L3; 200 on a GPU; 0 = warm cache)")
     p.add_argument("--no-sweep", action="store_true", help="--quick without the rank / latent_dim sweep")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (on a 2-core machine shared with other jobs use 1: 2-thread OpenMP "
@@ -221,15 +245,16 @@ def main(argv: list[str] | None = None) -> int:
         args.policies = args.policies or [1, 4, 16, 64, 256, 1024]
         args.tokens_per_policy = args.tokens_per_policy or [1, 16]
         args.max_tokens = args.max_tokens or 4096
-        budget, reps = 0.15, 5
+        budget, reps = 0.4, 7
     else:
         args.rank = args.rank or [8, 16]
         args.latent_k = args.latent_k or [17, 33]
         args.policies = args.policies or [1, 4, 16, 64, 256, 1024]
         args.tokens_per_policy = args.tokens_per_policy or [1, 4, 16, 128]
         args.max_tokens = args.max_tokens or (65536 if device.type == "cuda" else 8192)
-        budget, reps = (0.2, 50) if device.type == "cuda" else (0.3, 7)
+        budget, reps = (0.5, 50) if device.type == "cuda" else (0.8, 9)
 
+    cold_mb = args.cold_mb if args.cold_mb is not None else (200 if device.type == "cuda" else 96)
     _, mat_impl = _materialized_op()
     t0 = time.perf_counter()
     profile = dispatch.device_profile(device)
@@ -239,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     for h, r, k, pol, tpp in grid(args):
         with_base = tpp == 1 or device.type == "cuda" or h <= 1024
         with torch.no_grad():
-            rows.append(run_case(h, r, k, pol, tpp, dtype, device, args.backend, budget, reps, with_base))
+            rows.append(run_case(h, r, k, pol, tpp, dtype, device, args.backend, budget, reps, with_base,
+                                 cold_bytes=cold_mb << 20))
         last = rows[-1]
         print(f"  h={h} R={r} K={k} P={pol} tpp={tpp}: mat {last['materialized_ms']:.3f} ms, latent "
               f"{last['latent_ms']:.3f} ms, auto->{last['auto_path']} (regret {last['regret']:.2f})", flush=True)
@@ -259,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "latent_vs_materialized_crossover", "date": now.isoformat(timespec="seconds"),
         "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])]),
         "machine": machine(device), "dtype": str(dtype), "backend": args.backend or "auto",
-        "materialized_impl": mat_impl, "profile": dispatch.dataclasses.asdict(profile),
+        "materialized_impl": mat_impl, "cold_mb": cold_mb, "profile": dispatch.dataclasses.asdict(profile),
         "wall_seconds": round(time.perf_counter() - t0, 1), "summary": summ, "rows": rows}, indent=1))
     print(f"wrote {out}")
     return 0

@@ -233,17 +233,18 @@ def calibrate(device: Union[torch.device, str, None] = None) -> DeviceProfile:
     if not gpu:  # on a GPU the ops' first calls would JIT-compile kernels: keep the defaults there
         prof = _calibrate_ops(dev, prof)
     logger.debug("dispatch: calibrated %s: %.1f GB/s, %.1f TFLOP/s (16-bit), %.1f TFLOP/s (fp32), launch %.1f us, "
-                 "fixed materialized %.1f us + %.1f us/adapter, fixed latent %.1f us at %.0f%% of the dense rates",
+                 "fixed materialized %.1f us + %.1f us/adapter at %.0f%% of the rates, fixed latent %.1f us at %.0f%%",
                  prof.name, bw / 1e9, flops16 / 1e12, prof.flops32 / 1e12, prof.launch_s * 1e6,
-                 prof.materialized_fixed_s * 1e6, prof.segment_s * 1e6, prof.latent_fixed_s * 1e6,
-                 100 * prof.latent_efficiency)
+                 prof.materialized_fixed_s * 1e6, prof.segment_s * 1e6, 100 * prof.gather_efficiency,
+                 prof.latent_fixed_s * 1e6, 100 * prof.latent_efficiency)
     return prof
 
 
 def _calibrate_ops(dev: torch.device, prof: DeviceProfile) -> DeviceProfile:
     """Costs of the ops themselves, on top of the hardware's: the latent op at a tiny shape (fixed cost) and
     at a medium one (its fraction of the dense rates); the materialized op at a tiny shape with 1 and with
-    64 distinct adapters (fixed cost, cost per adapter). What the roofline does not explain is overhead."""
+    64 distinct adapters (fixed cost, cost per adapter) and with 64 adapters of a 1024-wide layer (the rate it
+    reads adapters at, `gather_efficiency`). What the roofline does not explain is overhead."""
     from hyperlora.ops.latent_lora import latent_lora
     from hyperlora.ops.metadata import build_meta
 
@@ -275,14 +276,32 @@ def _calibrate_ops(dev: torch.device, prof: DeviceProfile) -> DeviceProfile:
     except ImportError:  # the materialized op is not there: keep its defaults
         return prof
     a, b = rnd(T, R, d), rnd(T, d, R)
+    # 64 adapters of a 1024-wide layer, cycled through copies that overflow a CPU's last-level cache, as the
+    # adapters of a model's successive layers do in a forward pass
+    am, bm = rnd(T, R, dm), rnd(T, dm, R)
+    copies = [(am, bm)] + [(am.clone(), bm.clone()) for _ in range(11)]
+    turn = [0]
+
+    def cold_many() -> None:
+        turn[0] += 1
+        ac, bc = copies[turn[0] % len(copies)]
+        add_lora(ym[:T], xm[:T], ac, bc, many, meta=m_many)
+
     with torch.no_grad():
         t_one = _best_time(lambda: add_lora(y, x, a, b, one, meta=m_one), dev, 7)
         t_many = _best_time(lambda: add_lora(y, x, a, b, many, meta=m_many), dev, 7)
+        t_many_m = _best_time(cold_many, dev, 6)
+    bare = dataclasses.replace(bare, gather_efficiency=1.0)
     e_one, _ = estimate(T, 1, d, d, R, K, 4, bare)
     e_many, _ = estimate(T, T, d, d, R, K, 4, bare)
     mat_fixed = max(t_one - e_one.seconds, 0.0)
-    return dataclasses.replace(prof, materialized_fixed_s=mat_fixed,
-                               segment_s=max((t_many - e_many.seconds - mat_fixed) / (T - 1), 0.0))
+    segment = max((t_many - e_many.seconds - mat_fixed) / (T - 1), 0.0)
+    # the rate at which the materialized op reads its adapters: 64 adapters of a 1024-wide layer
+    act_s = (4.0 * T * 3 * dm + 8.0 * T * R) / prof.bandwidth
+    adapters_s = 4.0 * T * R * 2 * dm / prof.bandwidth
+    rest = t_many_m - mat_fixed - T * segment - act_s
+    gather = min(1.0, max(0.02, adapters_s / rest)) if rest > 0 else 1.0
+    return dataclasses.replace(prof, materialized_fixed_s=mat_fixed, segment_s=segment, gather_efficiency=gather)
 
 
 def _cpu_has_fast_bf16() -> bool:
