@@ -116,6 +116,7 @@ CASES = {
     "non_contiguous": (24, 4, 8, 32, 40, torch.arange(24) % 4),
     "one_slot_prefill": (50, 2, 16, 24, 36, torch.ones(50, dtype=torch.int64)),
     "rank_one": (9, 3, 1, 5, 7, None),
+    "big_rank": (10, 3, 96, 16, 20, None),
 }
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -156,10 +157,10 @@ def test_empty_batch_is_a_no_op():
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_sliced_form_matches_separate_references(backend, dtype):
+@pytest.mark.parametrize("d_outs", [(24, 8, 8), (16, 40), (8, 8, 16, 24)], ids=["qkv", "gate_up", "four"])
+def test_sliced_form_matches_separate_references(backend, dtype, d_outs):
     torch.manual_seed(11)
     T, S, R, d_in = 21, 4, 8, 24
-    d_outs = (24, 8, 8)  # q, k, v
     x = torch.randn(T, d_in).to(dtype)
     slots = torch.randint(-1, S, (T,))
     slots[0] = -1

@@ -211,7 +211,7 @@ def _add_lora_op(ys: list[torch.Tensor], x: torch.Tensor, lora_as: list[torch.Te
                  lora_bs: list[torch.Tensor], scales: Optional[torch.Tensor], ranks: Optional[torch.Tensor],
                  token_ids: torch.Tensor, seg_slots: torch.Tensor, seg_starts: torch.Tensor,
                  seg_counts: torch.Tensor, num_active: torch.Tensor, backend: str,
-                 max_seg_len: int) -> None:
+                 max_seg_len: int, num_segments: int) -> None:
     """In place: ys[i][t] += scale * (x[t] A_i[s,:r]^T) B_i[s,:,:r]^T over the segments of the metadata."""
     meta_t = (token_ids, seg_slots, seg_starts, seg_counts, num_active)
     if backend == "torch":
@@ -219,16 +219,18 @@ def _add_lora_op(ys: list[torch.Tensor], x: torch.Tensor, lora_as: list[torch.Te
     elif backend == "triton":
         from hyperlora.kernels.add_lora import add_lora_triton
 
-        add_lora_triton(ys, x, lora_as, lora_bs, scales, ranks, *meta_t, max_seg_len=max_seg_len)
+        add_lora_triton(ys, x, lora_as, lora_bs, scales, ranks, *meta_t, max_seg_len=max_seg_len,
+                        num_segments=num_segments)
     elif backend == "cuda":
-        _cuda_add_lora(ys, x, lora_as, lora_bs, scales, ranks, *meta_t, max_seg_len=max_seg_len)
+        _cuda_add_lora(ys, x, lora_as, lora_bs, scales, ranks, *meta_t, max_seg_len=max_seg_len,
+                       num_segments=num_segments)
     else:
         raise ValueError(f"unknown backend {backend!r}")
 
 
 @_add_lora_op.register_fake
 def _(ys, x, lora_as, lora_bs, scales, ranks, token_ids, seg_slots, seg_starts, seg_counts, num_active,
-      backend, max_seg_len) -> None:
+      backend, max_seg_len, num_segments) -> None:
     return None
 
 
@@ -310,7 +312,7 @@ _lora_delta_op.register_autograd(_delta_backward, setup_context=_delta_setup_con
 # CUDA extension glue
 # ----------------------------------------------------------------------------------------------------
 def _cuda_add_lora(ys, x, as_, bs, scales, ranks, token_ids, seg_slots, seg_starts, seg_counts, num_active,
-                   *, max_seg_len: int) -> None:
+                   *, max_seg_len: int, num_segments: int) -> None:
     from hyperlora import _cuda
 
     ext = _cuda.extension()
@@ -382,5 +384,6 @@ def add_lora(y: TensorOrTuple, x: torch.Tensor, lora_a: TensorOrTuple, lora_b: T
             yi.copy_(new)
         return y
     max_seg = meta.max_segment_len if meta.max_segment_len is not None else -1
-    _add_lora_op(list(ys), x, list(as_), list(bs), scales, ranks, *meta.tensors(), name, max_seg)
+    n_seg = meta.num_segments if meta.num_segments is not None else -1
+    _add_lora_op(list(ys), x, list(as_), list(bs), scales, ranks, *meta.tensors(), name, max_seg, n_seg)
     return y
