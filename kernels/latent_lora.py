@@ -71,9 +71,10 @@ def _latent_shrink_kernel(
         zt = tl.load(z_ptr + slot_safe[:, None] * stride_zs + kk[None, :],
                      mask=active[:, None] & n_mask[None, :], other=0.0).to(tl.float32)
         p = acc * zt                                                                    # [BLOCK_T, BLOCK_N]
-        rr = offs_n // K - r0
-        onehot = ((rr[:, None] == offs_rr[None, :]) & n_mask[:, None]).to(tl.float32)  # [BLOCK_N, R_PER_PROG]
-        s_acc += tl.sum(p[:, :, None] * onehot[None, :, :], axis=1)
+        rr = tl.where(n_mask, offs_n // K - r0, -1)                                    # local rank of a column
+        for i in tl.static_range(R_PER_PROG):  # segmented sum of each rank's K columns, in registers
+            s_col = tl.sum(tl.where((rr == i)[None, :], p, 0.0), axis=1)                # [BLOCK_T]
+            s_acc = tl.where((offs_rr == i)[None, :], s_acc + s_col[:, None], s_acc)
     if HAS_SCALES:
         sc = tl.load(scales_ptr + slot_safe, mask=active, other=0.0).to(tl.float32)
         s_acc = s_acc * sc[:, None]
@@ -160,17 +161,18 @@ def latent_lora_triton(y: torch.Tensor, x: torch.Tensor, w_a: torch.Tensor, w_b:
 
     if interp:  # the interpreter pays per program and per loop iteration: few, large blocks
         block_t = min(64, max(16, _pow2(T)))
-        block_d, block_n, block_o, block_j, rpp = 128, 64, 64, 64, _pow2(R)
+        block_d, block_n, block_o, block_j, rpp = 128, 64, 64, 64, min(_pow2(R), 8)
     else:
         block_d, block_n, block_o, block_j = 64, 64, 64, 64
         # the largest token tile (fewer re-reads of the head) that still gives every SM work: decode batches
         # get 16-row tiles; then as many ranks per program as keeps the GPU busy
         want = 2 * _sm_count(x.device)
         block_t = next((b for b in (64, 32) if triton.cdiv(T, b) * R >= want), 16)
-        rpp = _pow2(R)
+        rpp = min(_pow2(R), 8)  # the epilogue unrolls one segmented sum per rank of the program
         while rpp > 1 and triton.cdiv(T, block_t) * triton.cdiv(R, rpp) < want:
             rpp //= 2
     n_tt = triton.cdiv(T, block_t)
+    block_n = min(block_n, max(16, _pow2(rpp * K)))  # a rank group of K columns pads to a power of two
     _latent_shrink_kernel[(n_tt, triton.cdiv(R, rpp))](
         x, w_a, z32, sl, sc if sc is not None else z32, s_buf,
         T, d_in, R, K, x.stride(0), z32.stride(0),

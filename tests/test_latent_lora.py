@@ -245,7 +245,8 @@ needs_triton = pytest.mark.skipif(not available_backends()["triton"]["available"
                                   reason="triton not available (no GPU and TRITON_INTERPRET unset)")
 INTERP_SHAPES = [(1, 16, 8, 2, 3, 1), (7, 13, 11, 3, 5, 4), (37, 40, 72, 4, 9, 6),
                  (70, 24, 20, 5, 70, 3),   # K > one column tile, R not a power of two, two token tiles
-                 (5, 16, 16, 3, 1, 2)]     # K = 1 (latent_dim 0: the head's bias only)
+                 (5, 16, 16, 3, 1, 2),     # K = 1 (latent_dim 0: the head's bias only)
+                 (9, 16, 12, 10, 3, 2)]    # R > 8: ranks split over several programs
 
 
 @needs_triton
