@@ -435,10 +435,11 @@ class HyperNetwork(nn.Module):
             if t not in pool.module_types():
                 raise ValueError(f"the pool has no buffers for module type {t!r}; build it with "
                                  f"AdapterPool(hypernet.targets(), ...) or include those modules")
-            if pool.module_names(t) != self.module_names(t):
-                raise ValueError(f"the pool's {t!r} modules differ from the hypernetwork's (pool "
-                                 f"{len(pool.module_names(t))}, hypernetwork {len(self.module_names(t))} layers): "
-                                 f"they were built for different base models")
+            missing = sorted(set(self.module_names(t)) - set(pool.module_names(t)))
+            if missing:
+                raise ValueError(f"the pool's {t!r} modules differ from the hypernetwork's: {len(missing)} of the "
+                                 f"hypernetwork's modules (first {missing[0]!r}) have no pool buffer; they were "
+                                 f"built for different base models")
             if tuple(pool.shape(t)) != tuple(int(d) for d in self.config.module_shapes[t]):
                 raise ValueError(f"module type {t!r}: pool shape {pool.shape(t)} != hypernetwork shape "
                                  f"{self.config.module_shapes[t]}")
@@ -465,7 +466,16 @@ class HyperNetwork(nn.Module):
             for t in self.types:
                 a_buf, b_buf = pool.buffers(t)
                 w_a, w_b = self.head(t)
-                generate_lora(a_buf, b_buf, z[t].to(dev), w_a.detach().to(dev), w_b.detach().to(dev), slots_dev,
+                zt = z[t]
+                pool_names = pool.module_names(t)
+                if pool_names != self.module_names(t):
+                    # the hypernetwork covers only some of the pool's layers: z = 0 (bias coordinate included)
+                    # gives A = B = 0 exactly, so the same launch zeroes the layers it does not generate
+                    pos = torch.tensor([pool_names.index(n) for n in self.module_names(t)], device=zt.device)
+                    full = zt.new_zeros(zt.shape[0], len(pool_names), zt.shape[2])
+                    full[:, pos] = zt
+                    zt = full
+                generate_lora(a_buf, b_buf, zt.to(dev), w_a.detach().to(dev), w_b.detach().to(dev), slots_dev,
                               scales_dev, backend=backend)
             others = [t for t in pool.module_types() if t not in self.types]
             if others:
@@ -549,7 +559,10 @@ class HyperNetwork(nn.Module):
 
 
 def check_config_matches_model(cfg: HyperNetworkConfig, model: nn.Module) -> None:
-    """Raise ValueError naming every difference between a hypernetwork config and `model`'s target modules."""
+    """Raise ValueError naming every difference between a hypernetwork config and `model`'s target modules.
+
+    A hypernetwork may cover a subset of a type's layers (e.g. trained for the upper layers only): its module
+    names must exist in the model with its shapes, and its layer count must be the model's."""
     try:
         targets = find_targets(model, cfg.target_modules)
     except ValueError as exc:
@@ -566,9 +579,13 @@ def check_config_matches_model(cfg: HyperNetworkConfig, model: nn.Module) -> Non
         got_shape = list(targets[groups[t][0]])
         if got_shape != [int(d) for d in cfg.module_shapes[t]]:
             problems.append(f"{t} shape (d_in, d_out): hypernetwork {tuple(cfg.module_shapes[t])}, model {tuple(got_shape)}")
-        if list(groups[t]) != list(cfg.module_names[t]):
-            problems.append(f"{t} modules: hypernetwork has {len(cfg.module_names[t])} "
-                            f"(first {cfg.module_names[t][0]!r}), model has {len(groups[t])} (first {groups[t][0]!r})")
+        absent = [n for n in cfg.module_names[t] if n not in set(groups[t])]
+        if absent:
+            problems.append(f"{t} modules: hypernetwork has {len(cfg.module_names[t])}, {len(absent)} of them not in "
+                            f"the model (first {absent[0]!r}); model has {len(groups[t])} (first {groups[t][0]!r})")
+    n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    if isinstance(n_layers, int) and n_layers != cfg.num_layers:
+        problems.append(f"num_layers: hypernetwork built for {cfg.num_layers} layers, model has {n_layers}")
     if problems:
         raise ValueError("hypernetwork config does not match the base model: " + "; ".join(problems))
 

@@ -219,17 +219,22 @@ def _refuse(cond: bool, why: str) -> None:
 
 
 def read_peft(directory: str | Path, *, targets: dict[str, tuple[int, int]] | None = None,
-              model_targets: dict[str, tuple[int, int]] | None = None, max_rank: int) -> PeftAdapter:
+              model_targets: dict[str, tuple[int, int]] | None = None, max_rank: int | None = None) -> PeftAdapter:
     """Read and validate a PEFT LoRA directory for a model whose target modules are `targets`
     ({full name: (d_in, d_out)}; `model_targets` is an alias). Every check runs before anything is returned;
-    failures raise ValueError / FileNotFoundError saying what is wrong and, where there is one, the fix."""
+    failures raise ValueError / FileNotFoundError saying what is wrong and, where there is one, the fix.
+
+    Without `targets` the model-side checks (modules present, shapes) are skipped and only the adapter's own
+    consistency is checked: pass them whenever the adapter is applied to a model. max_rank None = no limit."""
     from safetensors import safe_open
 
     targets = targets if targets is not None else model_targets
-    if not targets:
-        raise ValueError("read_peft needs targets={module name: (d_in, d_out)} of the model it will be applied to")
+    if targets is not None and not targets:
+        raise ValueError("targets is empty: pass {module name: (d_in, d_out)} of the model, or None")
+    if max_rank is None:
+        max_rank = VLLM_RANKS[-1] * 1024  # effectively unbounded; r must still be a positive int
     if isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank <= 0:
-        raise ValueError(f"max_rank must be a positive int, got {max_rank!r}")
+        raise ValueError(f"max_rank must be a positive int or None, got {max_rank!r}")
     d = Path(directory)
     if not d.is_dir():
         raise FileNotFoundError(f"PEFT adapter directory {d} does not exist")
@@ -281,8 +286,11 @@ def read_peft(directory: str | Path, *, targets: dict[str, tuple[int, int]] | No
         _refuse(bool(config.get(k)), f"{cfg_path}: {k} is not supported")
     use_rslora = bool(config.get("use_rslora"))
     tm = config["target_modules"]
-    names_all = list(targets)
-    if isinstance(tm, str):
+    names_all = list(targets or {})
+    if targets is None:
+        _refuse(not (isinstance(tm, str) and tm) and not (isinstance(tm, (list, tuple)) and tm),
+                f"{cfg_path}: target_modules must be a non-empty list or a regex string, got {tm!r}")
+    elif isinstance(tm, str):
         _refuse(not any(re.fullmatch(tm, n) for n in names_all),
                 f"{cfg_path}: target_modules regex {tm!r} matches no module of the model")
     elif isinstance(tm, (list, tuple)) and tm:
@@ -311,16 +319,18 @@ def read_peft(directory: str | Path, *, targets: dict[str, tuple[int, int]] | No
             hasher.update(key.encode())
             hasher.update(str(t.dtype).encode())
             hasher.update(t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    unknown = [n for n in pairs if n not in targets]
-    _refuse(bool(unknown), f"{w_path}: modules {unknown[:4]}{' ...' if len(unknown) > 4 else ''} are not served for this "
-                           f"model (e.g. {names_all[0]!r}); the adapter was made for another model or other "
-                           f"target_modules, and would silently not apply")
+    unknown = [n for n in pairs if targets is not None and n not in targets]
+    if unknown:
+        raise ValueError(f"{w_path}: modules {unknown[:4]}{' ...' if len(unknown) > 4 else ''} are not served for "
+                         f"this model (e.g. {names_all[0]!r}); the adapter was made for another model or other "
+                         f"target_modules, and would silently not apply")
     modules: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     raw: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
     for name, ab in pairs.items():
         _refuse(set(ab) != {"lora_A", "lora_B"}, f"{w_path}: module {name!r} has {sorted(ab)} but needs lora_A and lora_B")
         a, b = ab["lora_A"], ab["lora_B"]
-        d_in, d_out = targets[name]
+        _refuse(a.dim() != 2 or b.dim() != 2, f"{w_path}: module {name!r} weights must be 2-D")
+        d_in, d_out = targets[name] if targets is not None else (a.shape[1], b.shape[0])
         r = int(_pattern_value(rank_pattern, name, r_default))
         _refuse(tuple(a.shape) != (r, d_in) or tuple(b.shape) != (d_out, r),
                 f"{w_path}: module {name!r} needs lora_A [{r}, {d_in}] and lora_B [{d_out}, {r}] (r from the config), "

@@ -194,7 +194,7 @@ def test_from_pretrained_refuses_mismatched_model(tmp_path):
     hn.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=r"q_proj shape .*\(32, 32\).*\(64, 64\)"):
         HyperNetwork.from_pretrained(tmp_path, model=tiny_llama(layers=3, hidden=64))
-    with pytest.raises(ValueError, match=r"q_proj modules: hypernetwork has 3.*model has 2"):
+    with pytest.raises(ValueError, match=r"q_proj modules: hypernetwork has 3, 1 of them not in the model .*layers\.2"):
         HyperNetwork.from_pretrained(tmp_path, model=tiny_llama(layers=2, hidden=32))
     with pytest.raises(ValueError, match=r"model_type.*llama.*gpt2|match no module"):
         HyperNetwork.from_pretrained(tmp_path, model=tiny_gpt2())
@@ -296,9 +296,12 @@ def test_generate_into_pool_refuses_bad_slots():
     small = AdapterPool(hn.targets(), max_adapters=2, max_rank=2)
     with pytest.raises(ValueError, match="max_rank"):
         hn.generate_into_pool(torch.randn(1, E), small, [0])
-    other = make_hn(tiny_llama(layers=2))
-    with pytest.raises(ValueError, match="differ"):
+    other = make_hn(tiny_llama(layers=4))
+    with pytest.raises(ValueError, match=r"differ.*model\.layers\.3"):
         other.generate_into_pool(torch.randn(1, E), pool, [s])
+    wider = make_hn(tiny_llama(layers=3, hidden=64))
+    with pytest.raises(ValueError, match="pool shape"):
+        wider.generate_into_pool(torch.randn(1, 16), pool, [s])
 
 
 def test_policy_to_pool_flow_hits_cache_and_distinguishes_texts():
@@ -337,3 +340,32 @@ def test_policy_to_pool_flow_hits_cache_and_distinguishes_texts():
         hn.head("q_proj")[1].add_(0.1)
     s4 = serve("Refunds only within 30 days.")
     assert s4 not in (s1, s3) and pool.stats()["generations"] == 3
+
+
+def test_hypernetwork_on_a_subset_of_layers_zeroes_the_others(tmp_path):
+    """Trained for the upper layers only (as training does): loads against the full model, writes zeros below."""
+    torch.manual_seed(8)
+    model = tiny_llama(layers=4)
+    cfg = HyperNetwork.config_for_model(model, rank=2, latent_dim=3, task_emb_dim=E, hidden_dim=16)
+    for t in cfg.target_modules:
+        cfg.module_names[t] = cfg.module_names[t][2:]
+        cfg.layer_indices[t] = cfg.layer_indices[t][2:]
+    hn = HyperNetwork(cfg)
+    randomize_b(hn)
+    hn.save_pretrained(tmp_path)
+    hn = HyperNetwork.from_pretrained(tmp_path, model=model)
+    pool = AdapterPool(find_targets(model, ["q_proj", "v_proj"]), max_adapters=2, max_rank=2)
+    for t in pool.module_types():
+        for buf in pool.buffers(t):
+            buf.normal_()
+    slot = pool.allocate("k", 2, 1.5)
+    e = torch.randn(1, E)
+    hn.generate_into_pool(e, pool, [slot])
+    gen = hn.generate(e)
+    for t in hn.types:
+        a, b = pool.buffers(t)
+        assert torch.count_nonzero(a[:2, slot]) == 0 and torch.count_nonzero(b[:2, slot]) == 0
+        torch.testing.assert_close(a[2:, slot], gen[t][0][0].detach())
+        torch.testing.assert_close(b[2:, slot], 1.5 * gen[t][1][0].detach())
+    with pytest.raises(ValueError, match="num_layers: hypernetwork built for 4 layers, model has 5"):
+        HyperNetwork.from_pretrained(tmp_path, model=tiny_llama(layers=5))

@@ -217,3 +217,13 @@ def test_export_policy_and_write_peft(tmp_path):
     write_peft(tmp_path / "w", {n: (a.detach(), b.detach()) for n, (a, b) in adapters.items()}, rank=4, lora_alpha=4,
                base_model=model)
     assert json.loads((tmp_path / "w" / "adapter_config.json").read_text())["lora_alpha"] == 8  # padded to r=8
+
+
+def test_read_peft_without_targets_checks_only_the_adapter(tmp_path):
+    targets = _exported(tmp_path)
+    ad = read_peft(tmp_path)
+    assert set(ad.modules) == set(targets) and ad.rank == 8
+    _rewrite_tensors(tmp_path, lambda t: t.__setitem__(
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight", torch.ones(32, 7)))
+    with pytest.raises(ValueError, match=r"needs lora_A \[8, 32\] and lora_B \[32, 8\]"):
+        read_peft(tmp_path)
