@@ -369,3 +369,19 @@ def test_hypernetwork_on_a_subset_of_layers_zeroes_the_others(tmp_path):
         torch.testing.assert_close(b[2:, slot], 1.5 * gen[t][1][0].detach())
     with pytest.raises(ValueError, match="num_layers: hypernetwork built for 4 layers, model has 5"):
         HyperNetwork.from_pretrained(tmp_path, model=tiny_llama(layers=5))
+
+
+@pytest.mark.slow
+def test_for_model_on_the_embedded_smollm2_shapes():
+    """The default base model's real config (built on the meta device: shapes only, no weights)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from hyperlora.models import default_model_path
+
+    cfg = AutoConfig.from_pretrained(str(default_model_path()), local_files_only=True)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    hn = HyperNetwork.for_model(model, rank=8, target_modules=("q_proj", "v_proj"), latent_dim=32)
+    assert hn.config.module_shapes == {"q_proj": [576, 576], "v_proj": [576, 192]}
+    assert hn.config.num_layers == 30 and len(hn.module_names("v_proj")) == 30
+    assert hn.config.base_model_type == "llama"
