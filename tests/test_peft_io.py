@@ -227,3 +227,26 @@ def test_read_peft_without_targets_checks_only_the_adapter(tmp_path):
         "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight", torch.ones(32, 7)))
     with pytest.raises(ValueError, match=r"needs lora_A \[8, 32\] and lora_B \[32, 8\]"):
         read_peft(tmp_path)
+
+
+def test_export_of_an_upper_layers_hypernetwork_targets_only_its_modules(tmp_path):
+    from hyperlora.hypernet import HyperNetwork
+
+    model = tiny_llama()
+    cfg = HyperNetwork.config_for_model(model, rank=2, latent_dim=3, task_emb_dim=8, hidden_dim=8, lora_alpha=2.0)
+    for t in cfg.target_modules:
+        cfg.module_names[t], cfg.layer_indices[t] = cfg.module_names[t][1:], cfg.layer_indices[t][1:]
+    hn = HyperNetwork(cfg)
+    with torch.no_grad():
+        for t in hn.types:
+            hn.head(t)[1].normal_(0, 0.3)
+    emb = torch.randn(1, 8)
+    export_policy(hn, emb, tmp_path, base_model=model)
+    tm = json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"]
+    assert sorted(tm) == ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]  # not every q/v
+    ids = torch.randint(0, 64, (1, 5))
+    adapters = {n: (a.detach(), b.detach()) for n, (a, b) in hn.adapters(emb)[0].items()}
+    want = merged_logits(model, adapters, 1.0, ids)
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(model), str(tmp_path)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(pm(ids).logits, want, rtol=1e-4, atol=1e-4)
