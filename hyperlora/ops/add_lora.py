@@ -313,29 +313,34 @@ _lora_delta_op.register_autograd(_delta_backward, setup_context=_delta_setup_con
 # ----------------------------------------------------------------------------------------------------
 def _cuda_add_lora(ys, x, as_, bs, scales, ranks, token_ids, seg_slots, seg_starts, seg_counts, num_active,
                    *, max_seg_len: int, num_segments: int) -> None:
+    """One extension call per slice (shrink + expand on the current stream); x is re-read per slice."""
     from hyperlora import _cuda
+    from hyperlora.backends import BackendUnavailableError
 
     ext = _cuda.extension()
     if not hasattr(ext, "add_lora"):
-        from hyperlora.backends import BackendUnavailableError
-
         raise BackendUnavailableError("the built hyperlora._C has no add_lora; rebuild with "
                                       "`pip install --no-build-isolation -e .`")
+    r_max = max(a.shape[1] for a in as_)
+    if r_max > 256:
+        raise ValueError(f"lora_a rank R={r_max} exceeds the CUDA backend's maximum 256; use backend='torch'")
     code = _cuda.dtype_code(x)
     stream = _cuda.stream_handle(x.device)
-    t = x.shape[0]
-    s = as_[0].shape[0]
+    t, num_slots = x.shape[0], as_[0].shape[0]
+    sc = None if scales is None else scales.to(torch.float32).contiguous()
+    rk = None if ranks is None else ranks.to(torch.int32).contiguous()
     for y, a, b in zip(ys, as_, bs):
+        r = a.shape[1]
+        if t == 0 or r == 0 or y.shape[1] == 0:
+            continue
+        h = torch.empty((t, r), dtype=torch.float32, device=x.device)
         ext.add_lora(
-            y.data_ptr(), y.stride(0), y.stride(1),
-            x.data_ptr(), x.stride(0), x.stride(1),
-            a.data_ptr(), a.stride(0), a.stride(1), a.stride(2),
-            b.data_ptr(), b.stride(0), b.stride(1), b.stride(2),
-            0 if scales is None else scales.data_ptr(), 0 if ranks is None else ranks.data_ptr(),
-            0 if ranks is None else (8 if ranks.dtype == torch.int64 else 4),
+            y.data_ptr(), y.stride(0), y.stride(1), x.data_ptr(), x.stride(0), x.stride(1),
+            a.data_ptr(), *a.stride(), b.data_ptr(), *b.stride(), h.data_ptr(), h.stride(0),
+            0 if sc is None else sc.data_ptr(), 0 if rk is None else rk.data_ptr(),
             token_ids.data_ptr(), seg_slots.data_ptr(), seg_starts.data_ptr(), seg_counts.data_ptr(),
-            num_active.data_ptr(),
-            t, s, a.shape[1], x.shape[1], y.shape[1], int(max_seg_len), code, stream)
+            num_active.data_ptr(), t, num_slots, r, x.shape[1], y.shape[1], int(max_seg_len), int(num_segments),
+            code, stream)
 
 
 # ----------------------------------------------------------------------------------------------------
