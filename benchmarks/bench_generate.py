@@ -5,7 +5,8 @@ Times, separately and in the same run:
   hyperlora    allocate P slots + HyperNetwork.generate_into_pool (trunk once, one generate_lora launch per
                module type, written straight into the pool)
   batched+copy the same hypernetwork, but A/B materialized by `generate` first, then copied into the slots
-  t2l-style    T2L's way: per policy, generate each module's A/B, then copy each into place (pool.write style)
+  t2l-style    T2L's way: one policy at a time, A/B for all layers of a type, a per-module state dict, then
+               each module copied into place (T2L writes it to disk and vLLM loads it; we skip the disk)
 
 Shapes are built without loading weights: SmolLM2-135M (hidden 576, 30 layers, q_proj 576->576, v_proj
 576->192, rank 8) on the CPU; a 7B model (hidden 4096, 32 layers, q/k/v/o 4096->4096, rank 8) on a GPU.
@@ -97,22 +98,25 @@ def batched_copy(hn: HyperNetwork, pool: AdapterPool, emb: torch.Tensor) -> None
 
 @torch.no_grad()
 def t2l_style(hn: HyperNetwork, pool: AdapterPool, emb: torch.Tensor) -> None:
-    """T2L's flow: per policy, generate each module's (A, B) from its latent, then copy it into place."""
+    """T2L's flow: one description at a time, the head applied to every layer of a module type at once
+    (T2L's `gen_lora` batches layers), giving a per-module LoRA state dict that is then copied into place
+    module by module (what loading it into serving slots does; T2L itself writes it to disk first)."""
     R, K, scale = hn.config.rank, hn.config.K, hn.config.scale
     for p in range(emb.shape[0]):
         z = hn.latents(emb[p:p + 1])
+        state: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for t in hn.types:
             w_a, w_b = hn.head(t)
-            wa3, wb3 = w_a.view(R, K, -1), w_b.view(-1, R, K)
+            a = torch.einsum("lk,rki->lri", z[t][0], w_a.view(R, K, -1))
+            b = torch.einsum("lk,ork->lor", z[t][0], w_b.view(-1, R, K))
             for li, name in enumerate(hn.module_names(t)):
-                zz = z[t][0, li]
-                a = torch.einsum("k,rki->ri", zz, wa3)
-                b = torch.einsum("k,ork->or", zz, wb3)
-                la, lb = pool.lora_a(name)[p], pool.lora_b(name)[p]
-                la[:R].copy_(a)
-                la[R:].zero_()
-                lb[:, :R].copy_(b * scale)
-                lb[:, R:].zero_()
+                state[name] = (a[li], b[li])
+        for name, (a, b) in state.items():
+            la, lb = pool.lora_a(name)[p], pool.lora_b(name)[p]
+            la[:R].copy_(a)
+            la[R:].zero_()
+            lb[:, :R].copy_(b * scale)
+            lb[:, R:].zero_()
 
 
 def machine() -> dict:
