@@ -416,9 +416,11 @@ class HyperNetwork(nn.Module):
                            backend: str | None = None) -> None:
         """Generate the adapters of P policies and write them straight into `pool` slots (one launch per type).
 
-        task_emb [P, E]; slots [P] (allocated in `pool`, not in flight); scale: one float or [P] (default
-        config.scale), folded into B. Pool module types the hypernetwork does not cover are zeroed for these
-        slots (the slot must not apply a previous tenant's weights there). Counts one generation per policy.
+        task_emb [P, E]; slots [P] (allocated in `pool` with this rank, not in flight); scale: one float or [P]
+        (default: the scale each slot was allocated with), folded into B. Pool module types and layers the
+        hypernetwork does not cover are zeroed for these slots (a slot must not apply a previous tenant's
+        weights there). The slots become visible to `pool.get` once the device has finished writing them.
+        Counts one generation per policy and its wall time in `pool.stats()`.
         """
         from hyperlora.ops.generate_lora import generate_lora
 
@@ -480,8 +482,8 @@ class HyperNetwork(nn.Module):
             others = [t for t in pool.module_types() if t not in self.types]
             if others:
                 pool.zero_slots(slots_t.tolist(), others)
-        if dev.type == "cuda":
-            torch.cuda.current_stream(dev).synchronize()
+            if dev.type == "cuda":  # ready only when written, whichever stream reads them next
+                torch.cuda.current_stream(dev).synchronize()
         pool.record_generation(P, time.perf_counter() - t0)
 
     # ---- identity, save, load ----------------------------------------------------------------
