@@ -11,6 +11,7 @@ time of the better path (same measurements; 1.00 = auto picked the faster one).
 
     python benchmarks/bench_latent.py --quick            # CPU, a few minutes on 2 shared cores
     python benchmarks/bench_latent.py --device cuda       # GPU: full grid, bf16, triton/cuda backends
+    python benchmarks/bench_latent.py --quick --e2e       # plus whole SmolLM2-135M forwards (3+ min on a CPU)
 
 Prints a table and writes JSON under benchmarks/results/ (machine, date, command, every row).
 """
@@ -212,6 +213,52 @@ def summary(rows: list[dict]) -> dict:
     return out
 
 
+def run_e2e(args, device: torch.device, dtype: torch.dtype) -> list[dict]:
+    """Whole-model forward of the embedded SmolLM2-135M with a fresh (untrained: timing only) hypernetwork,
+    each row its own policy among P distinct ones: base, materialized, latent, auto."""
+    import hashlib
+
+    import hyperlora
+    from hyperlora.models import load_base_model
+
+    model, _ = load_base_model(dtype=dtype)
+    model.to(device)
+    hn = hyperlora.HyperNetwork.for_model(model, rank=8, target_modules=tuple(args.e2e_targets), latent_dim=32)
+    hn = hn.to(device).eval()
+
+    def encoder(texts):  # timing only: a deterministic stand-in for MiniLM
+        return torch.stack([torch.randn(hn.config.task_emb_dim, generator=torch.Generator().manual_seed(
+            int(hashlib.sha256(t.encode()).hexdigest()[:12], 16))) for t in texts]).to(device)
+
+    rt = hyperlora.attach(model, hn, encoder=encoder, max_adapters=64, max_rank=8, apply_mode="auto")
+    rows = []
+    g = torch.Generator().manual_seed(0)
+    for phase, (b, t) in {"decode": (64, 1), "prefill": (8, 64)}.items():
+        ids = torch.randint(1, 1000, (b, t), generator=g).to(device)
+        for p in (1, 8, 64):
+            if p > b:
+                continue
+            pols = [f"policy number {i % p}: answer briefly" for i in range(b)]
+            rt.apply_mode = "auto"
+            rt.prepare(pols)  # generate (and keep latents) outside the timing
+            res = {"phase": phase, "rows": b, "tokens_per_row": t, "policies": p}
+            fns = {}
+            for mode in ("base", "materialized", "latent", "auto"):
+                def fwd(mode=mode):
+                    rt.apply_mode = "auto" if mode == "base" else mode
+                    with rt.policies([None] * b if mode == "base" else pols):
+                        model(input_ids=ids)
+                fns[mode] = fwd
+            with torch.no_grad():
+                times = time_interleaved(list(fns.values()), device, args.e2e_budget, 5)
+            res.update({f"{m}_ms": tm * 1e3 for m, tm in zip(fns, times)})
+            rows.append(res)
+            print(f"  e2e {phase} B={b} T={t} P={p}: " + ", ".join(f"{m} {res[m + '_ms']:.1f} ms" for m in fns),
+                  flush=True)
+    rt.detach()
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu")
@@ -228,6 +275,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cold-mb", type=int, default=None,
                    help="cycle copies of each path's weights until they exceed this many MB, as a forward over many "
                         "layers would (default 96 on a CPU, 3x a 32 MB L3; 200 on a GPU; 0 = warm cache)")
+    p.add_argument("--e2e", action="store_true",
+                   help="also time whole forwards of the embedded SmolLM2-135M (decode 64 rows, prefill 8 x 64)")
+    p.add_argument("--e2e-targets", nargs="+", default=["q_proj", "v_proj"])
+    p.add_argument("--e2e-budget", type=float, default=2.0)
     p.add_argument("--no-sweep", action="store_true", help="--quick without the rank / latent_dim sweep")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (on a 2-core machine shared with other jobs use 1: 2-thread OpenMP "
@@ -278,6 +329,11 @@ def main(argv: list[str] | None = None) -> int:
         t = summ["target_7b_decode_256"]
         print(f"7B decode, 256 policies: latent {t['latent_speedup_over_materialized']:.2f}x faster than materialized; "
               f"base+latent = {t['base_plus_latent_over_base'] or float('nan'):.2f} x base; auto regret {t['auto_regret']:.2f}")
+    e2e = None
+    if args.e2e:
+        print("\nwhole model (SmolLM2-135M, hypernetwork rank 8, latent_dim 32, targets "
+              f"{' '.join(args.e2e_targets)}):", flush=True)
+        e2e = run_e2e(args, device, dtype)
     now = dt.datetime.now(dt.timezone.utc)
     out = Path(args.out) if args.out else RESULTS / f"latent_{device.type}_{now:%Y%m%d}{'_quick' if args.quick else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -286,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])]),
         "machine": machine(device), "dtype": str(dtype), "backend": args.backend or "auto",
         "materialized_impl": mat_impl, "cold_mb": cold_mb, "profile": dispatch.dataclasses.asdict(profile),
-        "wall_seconds": round(time.perf_counter() - t0, 1), "summary": summ, "rows": rows}, indent=1))
+        "wall_seconds": round(time.perf_counter() - t0, 1), "summary": summ, "rows": rows, "e2e": e2e}, indent=1))
     print(f"wrote {out}")
     return 0
 
