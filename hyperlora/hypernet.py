@@ -445,8 +445,10 @@ class HyperNetwork(nn.Module):
             if tuple(pool.shape(t)) != tuple(int(d) for d in self.config.module_shapes[t]):
                 raise ValueError(f"module type {t!r}: pool shape {pool.shape(t)} != hypernetwork shape "
                                  f"{self.config.module_shapes[t]}")
+        keys = []
         for s in slots_t.tolist():
             info = pool.slot_info(s)
+            keys.append(info["key"])
             if info["state"] == "free":
                 raise ValueError(f"slot {s} is not allocated: call pool.allocate(key, rank, scale) first")
             if info["rank"] != self.config.rank:
@@ -461,7 +463,7 @@ class HyperNetwork(nn.Module):
         if scales.numel() != P:
             raise ValueError(f"scale must be one float or one per policy ({P}), got {scales.numel()} values")
         dev = pool.device
-        with pool.writing(slots_t.tolist()):
+        with pool.writing(slots_t.tolist(), keys=keys):  # refuses slots re-assigned since the checks above
             z = self.latents(e)
             slots_dev = slots_t.to(dev)
             scales_dev = scales.to(dev)

@@ -323,16 +323,22 @@ class AdapterPool:
     # ---- writing -----------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def writing(self, slots: Sequence[int] | torch.Tensor) -> Iterator[list[int]]:
+    def writing(self, slots: Sequence[int] | torch.Tensor, keys: Sequence[str | None] | None = None) -> Iterator[list[int]]:
         """Reserve allocated `slots` for writing (used by `write` and `HyperNetwork.generate_into_pool`).
 
-        Refuses (ValueError) a free slot, a slot in flight, or repeated slots. On success they become ready
-        (visible to `get`); if the body raises they are freed, since their content is incomplete.
+        Refuses (ValueError) a free slot, a slot in flight, or repeated slots; with `keys`, also a slot that no
+        longer holds its key (StaleSlotError). On success they become ready (visible to `get`); if the body
+        raises they are freed, since their content is incomplete.
         """
         lst = _as_slot_list(slots)
         if len(set(lst)) != len(lst):
             raise ValueError(f"slots must be distinct, got {lst}")
         with self._lock:
+            if keys is not None:
+                for s, k in zip(lst, keys, strict=True):
+                    self._check_slot(s)
+                    if k is not None and self._slot_key[s] != k:
+                        raise StaleSlotError(f"slot {s} no longer holds key {str(k)[:12]}... (evicted meanwhile)")
             for s in lst:
                 self._check_slot(s)
                 if self._state[s] == _FREE:
@@ -363,7 +369,7 @@ class AdapterPool:
             raise TypeError(f"modules must be a dict {{module name: (A, B)}}, got {type(modules).__name__}")
         with self._lock:
             self._check_slot(slot)
-            slot_rank, slot_scale = self._rank[slot], self._scale[slot]
+            slot_rank, slot_scale, slot_key = self._rank[slot], self._scale[slot], self._slot_key[slot]
         checked: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for name, pair in modules.items():
             self._locate(name)
@@ -385,7 +391,7 @@ class AdapterPool:
             if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
                 raise ValueError(f"modules[{name!r}]: A or B holds NaN or Inf; refusing to load it into the pool")
             checked[name] = (a, b)
-        with self.writing([slot]):
+        with self.writing([slot], keys=[slot_key]):  # refuses a slot re-assigned since validation
             for mtype, names in self._groups.items():
                 a_buf, b_buf = self._a[mtype], self._b[mtype]
                 for li, name in enumerate(names):
