@@ -197,10 +197,44 @@ def _torch_add_lora(ys, x, as_, bs, scales, ranks, token_ids, seg_slots, seg_sta
     segs, n_tok = _host_segments(token_ids, seg_slots, seg_starts, seg_counts, num_active)
     if n_tok == 0:
         return
+    acc = _acc_dtype(x.dtype)
+    if x.dtype == acc:  # float32/float64: add straight into y's rows, no [T, d_out] buffer
+        _torch_add_lora_direct(ys, x, as_, bs, scales, ranks, token_ids, segs, n_tok)
+        return
     ids = token_ids[:n_tok].to(torch.int64)
     deltas = _segment_deltas(x, as_, bs, scales, ranks, ids, segs, n_tok)
     for y, d in zip(ys, deltas):
         _apply_rows(y, ids, d)
+
+
+def _torch_add_lora_direct(ys, x, as_, bs, scales, ranks, token_ids, segs, n_tok) -> None:
+    """Full-precision inputs: per segment, shrink then addmm_ into y (rows contiguous: the usual case for
+    decode, one token per segment, and for prefill, one sequence per segment), else gather/index_add_."""
+    ids_l = token_ids[:n_tok].tolist()
+    scale_l = scales.tolist() if scales is not None else None
+    rank_l = ranks.tolist() if ranks is not None else None
+    for s, st, n in segs:
+        i0 = ids_l[st]
+        contiguous = ids_l[st + n - 1] - i0 == n - 1  # ids ascend within a segment (stable sort)
+        if contiguous:
+            xseg = x[i0:i0 + n]
+        else:
+            idx = token_ids[st:st + n].to(torch.int64)
+            xseg = x.index_select(0, idx)
+        sc = 1.0 if scale_l is None else scale_l[s]
+        h = None
+        for a, b, y in zip(as_, bs, ys):
+            r = a.shape[1] if rank_l is None else rank_l[s]
+            if r == 0:
+                continue
+            if h is None or h.shape[1] != r or a is not as_[0]:
+                h = torch.mm(xseg, a[s, :r].t())
+                if sc != 1.0:
+                    h.mul_(sc)
+            if contiguous:
+                y[i0:i0 + n].addmm_(h, b[s, :, :r].t())
+            else:
+                y.index_add_(0, idx, torch.mm(h, b[s, :, :r].t()))
 
 
 # ----------------------------------------------------------------------------------------------------
