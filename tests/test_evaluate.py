@@ -215,6 +215,9 @@ def test_find_hypernet_dir(tm, tmp_path):
     hn.save_pretrained(tmp_path / "ckpt" / "v1")
     assert find_hypernet_dir(tmp_path) == tmp_path / "ckpt" / "v1"
     assert find_hypernet_dir(tmp_path / "ckpt" / "v1") == tmp_path / "ckpt" / "v1"
+    hn.save_pretrained(tmp_path / "ckpt" / "final")
+    hn.save_pretrained(tmp_path / "ckpt" / "step_9")  # newer, but an intermediate checkpoint
+    assert find_hypernet_dir(tmp_path) == tmp_path / "ckpt" / "final"
     # generated adapters from a loaded directory equal the in-memory hypernetwork's
     src = HypernetSource(hn, hash_encoder)
     from hyperlora.hypernet import HyperNetwork

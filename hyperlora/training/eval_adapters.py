@@ -30,7 +30,8 @@ def find_hypernet_dir(path: str | Path | None = None) -> Path | None:
     """A hypernetwork directory: ``path`` itself, or (default) the shipped ``hyperlora/checkpoints/``.
 
     A directory qualifies if it holds ``config.json`` + safetensors weights; otherwise its subdirectories
-    are searched (newest first) so ``checkpoints/<name>/`` layouts work. None if nothing is found.
+    are searched (a directory named ``final`` first, then newest first) so ``checkpoints/<name>/`` and
+    ``runs/<name>/final`` layouts work. None if nothing is found.
     """
     root = Path(path) if path is not None else SHIPPED_DIR
     if not root.is_dir():
@@ -43,8 +44,9 @@ def find_hypernet_dir(path: str | Path | None = None) -> Path | None:
 
     if ok(root):
         return root
-    subs = sorted((d for d in root.rglob("*") if d.is_dir() and ok(d)), key=lambda d: d.stat().st_mtime,
-                  reverse=True)
+    # `hyperlora train` writes <out>/final; prefer it over intermediate checkpoints, then the newest
+    subs = sorted((d for d in root.rglob("*") if d.is_dir() and ok(d)),
+                  key=lambda d: (d.name == "final", d.stat().st_mtime), reverse=True)
     if subs:
         return subs[0]
     if path is not None:
