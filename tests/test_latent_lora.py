@@ -415,3 +415,26 @@ def test_attach_auto_logs_choice_and_matches(caplog):
         _, auto = _runtime_logits("auto", RT_POLICIES)
     torch.testing.assert_close(auto, mat, rtol=1e-4, atol=1e-4)
     assert any(r.name.startswith("hyperlora") and "path" in r.getMessage() for r in caplog.records)
+
+
+def test_backend_choice_on_cpu_and_forced(monkeypatch):
+    from hyperlora.ops.latent_lora import _pick_backend
+
+    monkeypatch.delenv("HYPERLORA_BACKEND", raising=False)
+    assert _pick_backend(None, torch.device("cpu")) == "torch"
+    if available_backends()["triton"]["available"]:
+        assert _pick_backend("triton", torch.device("cpu")) == "triton"
+
+
+@pytest.mark.gpu
+def test_gpu_auto_backend_prefers_triton_unless_forced(monkeypatch):
+    from hyperlora.ops.latent_lora import _pick_backend
+
+    monkeypatch.delenv("HYPERLORA_BACKEND", raising=False)
+    dev = torch.device("cuda")
+    if available_backends()["triton"]["available"]:
+        assert _pick_backend(None, dev) == "triton"
+    if available_backends()["cuda"]["available"]:
+        assert _pick_backend("cuda", dev) == "cuda"
+        monkeypatch.setenv("HYPERLORA_BACKEND", "cuda")
+        assert _pick_backend(None, dev) == "cuda"
