@@ -1,7 +1,7 @@
 """Benchmark: policy text -> adapter in the pool, for 1, 8 and 64 new policies.
 
 Times, separately and in the same run:
-  encoder      PolicyEncoder (all-MiniLM-L6-v2) on P new texts (cache cleared)
+  encoder      PolicyEncoder (all-MiniLM-L6-v2) on P new texts (never cached); [bf16] = dtype=torch.bfloat16
   hyperlora    allocate P slots + HyperNetwork.generate_into_pool (trunk once, one generate_lora launch per
                module type, written straight into the pool)
   batched+copy the same hypernetwork, but A/B materialized by `generate` first, then copied into the slots
@@ -166,11 +166,12 @@ def main(argv: list[str] | None = None) -> int:
         backends = ["cuda", "triton", "torch"] if device.startswith("cuda") else [None]
     hn = build_hypernet(model, args.rank, args.latent_dim, device)
     pool = AdapterPool(hn.targets(), max_adapters=max(Ps), max_rank=args.max_rank, dtype=dtype, device=device)
-    enc = None
+    encoders = {}
     if not args.no_encoder:
         from hyperlora.encoder import PolicyEncoder
 
-        enc = PolicyEncoder(device=device)
+        encoders["encoder"] = PolicyEncoder(device=device)
+        encoders["encoder[bf16]"] = PolicyEncoder(device=device, dtype=torch.bfloat16)
     rows = []
     load_before = machine().get("loadavg_1m")
     for P in Ps:
@@ -179,14 +180,14 @@ def main(argv: list[str] | None = None) -> int:
         emb = torch.randn(P, 384, device=device)
         emb = torch.nn.functional.normalize(emb, dim=-1)
         row: dict = {"policies": P}
-        if enc is not None:
+        for ename, enc in encoders.items():
             counter = [0]
 
-            def encode() -> None:
+            def encode(enc=enc) -> None:
                 counter[0] += 1  # new texts every repeat: the cache never hits
                 enc.encode([f"{t} (v{counter[0]})" for t in texts_base])
 
-            row["encoder_s"] = statistics.median(timed(encode, device, args.repeats))
+            row[ename + "_s"] = statistics.median(timed(encode, device, args.repeats))
         for be in backends:
             name = f"hyperlora[{be or 'auto'}]"
             try:
@@ -200,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
             row["t2l-style_s"] = statistics.median(timed(lambda: t2l_style(hn, pool, emb), device, reps))
         rows.append(row)
 
-    cols = sorted({k for r in rows for k in r if k.endswith("_s")}, key=lambda c: (c != "encoder_s", c))
+    cols = sorted({k for r in rows for k in r if k.endswith("_s")}, key=lambda c: (not c.startswith("encoder"), c))
     print(f"\npolicy -> adapter in pool: {model} shapes, rank {args.rank}, latent {args.latent_dim}, pool "
           f"max_rank {args.max_rank}, {dtype}, {device} ({machine().get('gpu') or machine()['cpu']})")
     print(f"{'P':>4} " + " ".join(f"{c[:-2]:>20}" for c in cols) + "   (milliseconds, median)")

@@ -117,3 +117,16 @@ def test_minilm_truncates_long_policies_with_a_warning(minilm):
     # text past the window does not change the embedding
     e_longer = minilm.encode(long + " Also, always answer in German.")
     torch.testing.assert_close(e_long, e_longer)
+
+
+@pytest.mark.slow
+def test_minilm_bfloat16_autocast_stays_close_to_float32(minilm):
+    texts = ["Escalate refunds above 100 euros.", "Answer only in formal English.", "Never quote prices."]
+    ref = minilm.encode(texts)
+    fast = PolicyEncoder(dtype=torch.bfloat16)
+    got = fast.encode(texts)
+    assert got.dtype == torch.float32
+    cos = (got * ref).sum(1)
+    assert cos.min() > 0.999 and not torch.equal(got, ref)  # really computed in bfloat16, and still close
+    with pytest.raises(ValueError, match="dtype"):
+        PolicyEncoder(lambda t: torch.ones(len(t), 2), dtype=torch.int8)
