@@ -115,6 +115,11 @@ def group_by_type(targets: dict[str, tuple[int, int]]) -> dict[str, list[str]]:
     return split(sorted(targets, key=_natural_key), 1)
 
 
+def type_of_names(targets: dict[str, tuple[int, int]]) -> dict[str, str]:
+    """Full module name -> its module type under `group_by_type` (the key of `pool.buffers` / `hn.head`)."""
+    return {n: t for t, names in group_by_type(targets).items() for n in names}
+
+
 def matches_type(name: str, module_type: str) -> bool:
     """True if full module `name` ends with the components of `module_type` ('attn.c_proj', 'q_proj')."""
     return name == module_type or name.endswith("." + module_type)

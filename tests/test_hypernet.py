@@ -92,6 +92,10 @@ def test_gpt2_c_proj_is_split_by_shape_into_two_types(tmp_path):
     pool = AdapterPool(hn.targets(), max_adapters=2, max_rank=4)
     assert pool.module_types() == ["attn.c_proj", "mlp.c_proj"]
     assert pool.shape("mlp.c_proj") == (128, 32)
+    from hyperlora.hypernet import type_of_names
+
+    types = type_of_names(find_targets(model, ["c_attn", "c_proj"]))
+    assert types["transformer.h.1.mlp.c_proj"] == "mlp.c_proj" and types["transformer.h.0.attn.c_attn"] == "c_attn"
 
 
 def test_unknown_target_module_names_it_and_lists_available():
