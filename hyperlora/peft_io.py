@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-__all__ = ["VLLM_RANKS", "PeftAdapter", "export_peft", "write_peft", "export_policy", "read_peft"]
+__all__ = ["VLLM_RANKS", "PeftAdapter", "export_peft", "write_peft", "export_policy", "read_peft", "vllm_problems"]
 
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 CONFIG_NAME = "adapter_config.json"
@@ -345,3 +345,50 @@ def read_peft(directory: str | Path, *, targets: dict[str, tuple[int, int]] | No
     rank = max(a.shape[0] for a, _, _ in raw.values())
     return PeftAdapter(modules=modules, raw=raw, rank=int(rank), key="peft:" + hasher.hexdigest(), config=config,
                        source=str(d))
+
+
+_VLLM_KEY_RE = re.compile(r"^base_model\.model\.(?P<name>.+)\.lora_(?P<which>A|B)\.weight$")
+
+
+def vllm_problems(directory: str | Path) -> list[str]:
+    """What vLLM's LoRA loader would refuse in a PEFT directory (empty list = none found).
+
+    Mirrors the checks vLLM applies (its PEFTHelper and weight-name parsing): safetensors weights, rank in
+    VLLM_RANKS (so a server's max_lora_rank can equal it), numeric lora_alpha, bias 'none', no DoRA, no
+    modules_to_save, keys `base_model.model.<module>.lora_A|lora_B.weight` only, A [r, d_in] / B [d_out, r]."""
+    from safetensors import safe_open
+
+    d = Path(directory)
+    problems: list[str] = []
+    if not (d / WEIGHTS_NAME).is_file():
+        return [f"{WEIGHTS_NAME} is missing"]
+    try:
+        cfg = json.loads((d / CONFIG_NAME).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        return [f"{CONFIG_NAME} unreadable: {exc}"]
+    r = cfg.get("r")
+    if r not in VLLM_RANKS:
+        problems.append(f"r={r!r} is not one of vLLM's ranks {VLLM_RANKS}")
+    if isinstance(cfg.get("lora_alpha"), bool) or not isinstance(cfg.get("lora_alpha"), (int, float)):
+        problems.append(f"lora_alpha={cfg.get('lora_alpha')!r} is not a number")
+    if cfg.get("bias", "none") != "none":
+        problems.append(f"bias={cfg.get('bias')!r} (vLLM needs 'none' unless bias is enabled server-side)")
+    if cfg.get("use_dora"):
+        problems.append("use_dora=true (DoRA is not supported by vLLM)")
+    if cfg.get("modules_to_save"):
+        problems.append(f"modules_to_save={cfg.get('modules_to_save')!r}")
+    if not cfg.get("target_modules"):
+        problems.append("target_modules is empty")
+    with safe_open(str(d / WEIGHTS_NAME), framework="pt") as f:
+        seen: dict[str, set[str]] = {}
+        for key in f.keys():
+            m = _VLLM_KEY_RE.match(key)
+            if m is None:
+                problems.append(f"tensor {key!r} is not base_model.model.<module>.lora_A|lora_B.weight")
+                continue
+            shape = tuple(f.get_slice(key).get_shape())
+            seen.setdefault(m.group("name"), set()).add(m.group("which"))
+            if len(shape) != 2 or (m.group("which") == "A" and shape[0] != r) or (m.group("which") == "B" and shape[1] != r):
+                problems.append(f"tensor {key!r} has shape {shape}, not lora_A [r={r}, d_in] / lora_B [d_out, r={r}]")
+        problems += [f"module {n!r} lacks lora_{'B' if ab == {'A'} else 'A'}" for n, ab in seen.items() if ab != {"A", "B"}]
+    return problems

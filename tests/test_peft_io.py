@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hyperlora.hypernet import find_targets
-from hyperlora.peft_io import VLLM_RANKS, export_peft, export_policy, read_peft, write_peft
+from hyperlora.peft_io import VLLM_RANKS, export_peft, export_policy, read_peft, vllm_problems, write_peft
 
 peft = pytest.importorskip("peft")
 
@@ -66,6 +66,7 @@ def test_export_loads_in_peft_and_reproduces_logits(tmp_path, builder, types, ra
     assert cfg["r"] in VLLM_RANKS and cfg["bias"] == "none" and cfg["use_dora"] is False
     assert cfg["lora_alpha"] / cfg["r"] == pytest.approx(alpha / rank)
     assert cfg["fan_in_fan_out"] == (builder is tiny_gpt2)
+    assert vllm_problems(tmp_path) == []
     ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(3))
     expected = merged_logits(model, adapters, alpha / rank, ids)
     base = model(ids).logits
@@ -250,3 +251,13 @@ def test_export_of_an_upper_layers_hypernetwork_targets_only_its_modules(tmp_pat
     pm = peft.PeftModel.from_pretrained(copy.deepcopy(model), str(tmp_path)).eval()
     with torch.no_grad():
         torch.testing.assert_close(pm(ids).logits, want, rtol=1e-4, atol=1e-4)
+
+
+def test_vllm_problems_flags_what_vllm_refuses(tmp_path):
+    model = tiny_llama()
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], use_dora=True, bias="all")
+    pm = peft.get_peft_model(copy.deepcopy(model), cfg)
+    pm.save_pretrained(str(tmp_path))
+    found = " | ".join(vllm_problems(tmp_path))
+    for expected in ("r=4 is not one of", "bias='all'", "use_dora", "lora_magnitude_vector"):
+        assert expected in found, (expected, found)
