@@ -10,9 +10,10 @@ stores them, so each program writes a contiguous run of a slot row (no intermedi
           -> pool_b[l, slots[p]].flat[n]          (zero where r >= R)
 
 The grid is (row tiles, A column tiles + B column tiles); a program's column tile index says which half it
-writes. K (latent_dim + 1) fits in one BLOCK_K tile. z and the head are read as float32 and the dot runs
-in float32 ("ieee"), so the bf16 interpreter bug (TOOLCHAIN.md) never arises; the result is cast to the
-pool's dtype on the store. Under TRITON_INTERPRET=1 (set before import) it runs on the CPU for tests.
+writes, and A tiles lying wholly in ranks R..R_max just store zeros. K (latent_dim + 1) fits in one BLOCK_K
+tile. z and the head are read as float32 and the dot accumulates in float32 ("ieee"; "tf32" on a GPU when
+the pool is bfloat16, whose rounding is coarser than tf32's), so the bf16 interpreter bug (TOOLCHAIN.md)
+never arises; the result is cast to the pool's dtype on the store. Under TRITON_INTERPRET=1 (set before import) it runs on the CPU for tests.
 """
 from __future__ import annotations
 
@@ -24,8 +25,20 @@ __all__ = ["generate_lora_triton"]
 
 
 @triton.jit
+def _store_rows(out_ptr, acc, slots_ptr, M, L, S, N, offs_m, offs_n):
+    """acc [BLOCK_M, BLOCK_N] -> pool rows (l, slots[p]) of the flat per-slot matrix of N columns."""
+    m_mask = offs_m < M
+    p = offs_m // L
+    l = offs_m % L
+    slot = tl.load(slots_ptr + p, mask=m_mask, other=0).to(tl.int64)
+    row_base = (l.to(tl.int64) * S + slot) * N
+    out_ptrs = out_ptr + row_base[:, None] + offs_n[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & (offs_n < N)[None, :])
+
+
+@triton.jit
 def _head_tile(out_ptr, z_ptr, w_ptr, slots_ptr, scales_ptr, M, L, S, K, R, R_MAX, D, N,
-               pid_m, pid_n, IS_B: tl.constexpr, APPLY_SCALE: tl.constexpr,
+               pid_m, pid_n, IS_B: tl.constexpr, APPLY_SCALE: tl.constexpr, PRECISION: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """One [BLOCK_M rows x BLOCK_N pool columns] tile of A (IS_B=False, D=d_in) or B (IS_B=True, D=d_out)."""
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -49,30 +62,32 @@ def _head_tile(out_ptr, z_ptr, w_ptr, slots_ptr, scales_ptr, M, L, S, K, R, R_MA
         w_ptrs = w_ptr + (r * K)[None, :] * D + offs_k[:, None] * D + i[None, :]
     col_ok = n_mask & (r < R)
     w = tl.load(w_ptrs, mask=k_mask[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-    acc = tl.dot(z, w, input_precision="ieee")
-    p = offs_m // L
-    l = offs_m % L
+    acc = tl.dot(z, w, input_precision=PRECISION)
     if APPLY_SCALE:
-        sc = tl.load(scales_ptr + p, mask=m_mask, other=0.0)
+        sc = tl.load(scales_ptr + offs_m // L, mask=m_mask, other=0.0)
         acc = acc * sc[:, None]
-    slot = tl.load(slots_ptr + p, mask=m_mask, other=0).to(tl.int64)
-    row_base = (l.to(tl.int64) * S + slot) * N
-    out_ptrs = out_ptr + row_base[:, None] + offs_n[None, :]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    _store_rows(out_ptr, acc, slots_ptr, M, L, S, N, offs_m, offs_n)
 
 
 @triton.jit
 def _generate_lora_kernel(pool_a_ptr, pool_b_ptr, z_ptr, wa_ptr, wb_ptr, slots_ptr, scales_ptr,
-                          M, L, S, K, R, R_MAX, D_IN, D_OUT, N_A, N_B, TILES_A,
+                          M, L, S, K, R, R_MAX, D_IN, D_OUT, N_A, N_B, TILES_A, PRECISION: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     if pid_n < TILES_A:
-        _head_tile(pool_a_ptr, z_ptr, wa_ptr, slots_ptr, scales_ptr, M, L, S, K, R, R_MAX, D_IN, N_A,
-                   pid_m, pid_n, False, False, BLOCK_M, BLOCK_N, BLOCK_K)
+        if pid_n * BLOCK_N >= R * D_IN:
+            # the whole tile lies in ranks R..R_max of A: zeros, no head reads, no dot
+            offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            _store_rows(pool_a_ptr, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), slots_ptr, M, L, S, N_A,
+                        offs_m, offs_n)
+        else:
+            _head_tile(pool_a_ptr, z_ptr, wa_ptr, slots_ptr, scales_ptr, M, L, S, K, R, R_MAX, D_IN, N_A,
+                       pid_m, pid_n, False, False, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     else:
         _head_tile(pool_b_ptr, z_ptr, wb_ptr, slots_ptr, scales_ptr, M, L, S, K, R, R_MAX, D_OUT, N_B,
-                   pid_m, pid_n - TILES_A, True, True, BLOCK_M, BLOCK_N, BLOCK_K)
+                   pid_m, pid_n - TILES_A, True, True, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 def generate_lora_triton(pool_a: torch.Tensor, pool_b: torch.Tensor, z: torch.Tensor, w_a: torch.Tensor,
@@ -92,5 +107,9 @@ def generate_lora_triton(pool_a: torch.Tensor, pool_b: torch.Tensor, z: torch.Te
     block_k = max(16, triton.next_power_of_2(K))
     tiles_a, tiles_b = triton.cdiv(n_a, block_n), triton.cdiv(n_b, block_n)
     grid = (triton.cdiv(M, block_m), tiles_a + tiles_b)
+    # bf16 pools keep 8 mantissa bits: tf32 products (10 bits, fp32 accumulation) are below their rounding and
+    # run on tensor cores; float32/float16 pools get exact fp32 products
+    precision = "tf32" if (pool_a.dtype == torch.bfloat16 and pool_a.is_cuda) else "ieee"
     _generate_lora_kernel[grid](pool_a, pool_b, z, w_a, w_b, slots, scales, M, L, S, K, R, R_max, d_in, d_out,
-                                n_a, n_b, tiles_a, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+                                n_a, n_b, tiles_a, PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n,
+                                BLOCK_K=block_k)
