@@ -50,7 +50,8 @@ class ActiveBatch:
     apply_mode  "auto" | "materialized" | "latent" (see `select_apply_path`).
     latent_rows [B] bool or None: rows whose adapter is a generated one with a stored latent (the only rows
                 the latent path may serve; PEFT-loaded adapters are always materialized).
-    latents     callable (module name) -> z [S, K] for the latent path, or None when unavailable.
+    latents     callable (module name) -> (w_a [R*K, d_in], w_b [d_out, R*K], z [S, K]) for the latent path, or
+                None where the hypernetwork does not generate that module (then the materialized path runs).
     """
 
     row_slots: torch.Tensor
@@ -58,7 +59,7 @@ class ActiveBatch:
     pool: Any
     apply_mode: str = "materialized"
     latent_rows: torch.Tensor | None = None
-    latents: Callable[[str], torch.Tensor | None] | None = None
+    latents: Callable[[str], tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] | None = None
     hypernet: Any = None
     _cache: dict = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -78,6 +79,7 @@ class ActiveBatch:
         lat = self.latent_rows.tolist() if self.latent_rows is not None else [False] * len(host)
         self.num_latent_rows = sum(1 for f in lat if f)
         self.num_latent_adapters = len({s for s, f in zip(host, lat) if f})
+        self.num_materialized_rows = sum(1 for s, f in zip(host, lat) if s >= 0 and not f)
 
     def tokens_per_row(self, x: torch.Tensor) -> int:
         """Tokens per row for an activation `x` [B, T, d] (or [B*T, d]); ValueError if it is another batch."""
@@ -237,14 +239,15 @@ def apply_adapters(layer: "LoraLayerMixin", x: torch.Tensor, y: torch.Tensor, ba
     inplace = not (torch.is_grad_enabled() and (x.requires_grad or y.requires_grad))
     out = y if inplace else y.clone()
     out2 = out.view(-1, d_out)
-    if path == "latent":
+    latent = batch.latents(name) if path == "latent" else None
+    if latent is not None:
         latent_lora = _latent_op()
         slots, meta = batch.token_slots(t, "latent")
-        w_a, w_b = batch.hypernet.head(layer.hl_type)
+        w_a, w_b, z = latent
         if w_a.dtype != x2.dtype or w_a.device != x2.device:
             w_a, w_b = w_a.to(x2.device, x2.dtype), w_b.to(x2.device, x2.dtype)
-        latent_lora(out2, x2, w_a, w_b, batch.latents(name), slots, pool.scales, meta=meta)
-        if not bool(batch.latent_rows.all()):
+        latent_lora(out2, x2, w_a, w_b, z, slots, pool.scales, meta=meta)
+        if batch.num_materialized_rows:
             slots, meta = batch.token_slots(t, "materialized")
             add_lora(out2, x2, pool.lora_a(name), pool.lora_b(name), slots, None, pool.ranks, meta=meta)
         return out

@@ -33,10 +33,10 @@ log = logging.getLogger(__name__)
 
 __all__ = ["attach", "Runtime", "DEFAULT_TARGET_TYPES"]
 
-# Tried in this order when neither target_modules nor a hypernetwork says what to serve. GPT-2's c_proj is
-# left out: attn.c_proj and mlp.c_proj share the name with two shapes, and the pool keeps one buffer per name.
+# Served when neither target_modules nor a hypernetwork says what to (those present in the model). GPT-2's
+# c_proj covers attn.c_proj and mlp.c_proj, two shapes: the pool keeps them apart as two module types.
 DEFAULT_TARGET_TYPES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
-                        "c_attn", "c_fc")
+                        "c_attn", "c_proj", "c_fc")
 
 Entry = "str | None"
 
@@ -47,8 +47,13 @@ def _natural_key(name: str) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
+def _matches(name: str, module_type: str) -> bool:
+    """`name` ends with the components of `module_type` ('q_proj', or 'attn.c_proj' for GPT-2's split type)."""
+    return name == module_type or name.endswith("." + module_type)
+
+
 def _find_targets(model: nn.Module, types: Sequence[str]) -> dict[str, tuple[int, int]]:
-    """Full name -> (d_in, d_out) of every Linear/Conv1D whose last name component is in `types`."""
+    """Full name -> (d_in, d_out) of every Linear/Conv1D matching one of `types` (trailing name components)."""
     wanted = list(dict.fromkeys(types))
     found: dict[str, tuple[int, int]] = {}
     linear_types: set[str] = set()
@@ -56,18 +61,17 @@ def _find_targets(model: nn.Module, types: Sequence[str]) -> dict[str, tuple[int
     for name, module in model.named_modules():
         if not name:
             continue
-        mtype = name.rsplit(".", 1)[-1]
         ok = is_supported(module) and module is not out_emb
         if ok:
-            linear_types.add(mtype)
-        if mtype in wanted:
+            linear_types.add(name.rsplit(".", 1)[-1])
+        if any(_matches(name, t) for t in wanted):
             if isinstance(module, LoraLayerMixin):
                 raise ValueError(f"{name!r} is already served by a hyperlora runtime: detach() it before attaching again")
             if not ok:
                 raise ValueError(f"target module {name!r} is a {type(module).__name__}, not an nn.Linear or a "
-                                 f"transformers Conv1D: leave {mtype!r} out of target_modules")
+                                 f"transformers Conv1D: leave it out of target_modules")
             found[name] = shape_of(module)
-    missing = [t for t in wanted if not any(n.rsplit(".", 1)[-1] == t for n in found)]
+    missing = [t for t in wanted if not any(_matches(n, t) for n in found)]
     if missing:
         raise ValueError(f"target_modules {missing} match no module of this model; its Linear/Conv1D module types "
                          f"are {sorted(linear_types)}")
@@ -207,12 +211,15 @@ class Runtime:
             buf.index_copy_(1, idx, zt.transpose(0, 1).to(buf.device, buf.dtype))
         self._latent_key.update(zip(slots, keys))
 
-    def _latent_of(self, name: str) -> torch.Tensor | None:
+    def _latent_of(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(w_a [R*K, d_in], w_b [d_out, R*K], z [S, K]) of module `name` for the latent path, or None where the
+        hypernetwork does not generate that module (its generated slots hold zeros there)."""
         where = self._latent_where.get(name)
         if where is None:
             return None
         t, li = where
-        return self._latents[t][li]
+        w_a, w_b = self.hypernet.head(t)
+        return w_a, w_b, self._latents[t][li]
 
     # ---- adapters: PEFT ---------------------------------------------------------------------
 
@@ -503,10 +510,6 @@ def attach(model: nn.Module, hypernet: Any = None, *, target_modules: Sequence[s
     hn_types = list(hypernet.types) if hypernet is not None else []
     if target_modules is not None:
         types = list(dict.fromkeys(target_modules))
-        missing = [t for t in hn_types if t not in types]
-        if missing:
-            raise ValueError(f"target_modules {types} leave out {missing}, which the hypernetwork generates; "
-                             f"include them (or pass target_modules=None)")
     elif hn_types:
         types = hn_types
     else:
@@ -517,12 +520,15 @@ def attach(model: nn.Module, hypernet: Any = None, *, target_modules: Sequence[s
                              f"from its Linear module types {sorted(present)}")
     targets = _find_targets(model, types)
     if hypernet is not None:
-        for t in hn_types:
-            hn_names = hypernet.module_names(t)
-            ours = [n for n in targets if n.rsplit(".", 1)[-1] == t]
-            if hn_names != ours:
-                raise ValueError(f"the hypernetwork's {t!r} modules do not match this model's ({len(hn_names)} vs "
-                                 f"{len(ours)}, first {hn_names[:1]} vs {ours[:1]}): it was built for another model")
+        hn_targets = hypernet.targets()
+        left_out = sorted({t for t in hn_types for n in hypernet.module_names(t) if n not in targets})
+        if left_out:
+            raise ValueError(f"target_modules {types} leave out {left_out}, which the hypernetwork generates; "
+                             f"include them (or pass target_modules=None)")
+        wrong = [n for n, shp in hn_targets.items() if tuple(targets[n]) != tuple(shp)]
+        if wrong:
+            raise ValueError(f"the hypernetwork was built for another model: {wrong[0]!r} is "
+                             f"{hn_targets[wrong[0]]} there and {targets[wrong[0]]} here")
         if int(hypernet.config.rank) > max_rank:
             raise ValueError(f"the hypernetwork's rank {hypernet.config.rank} exceeds max_rank={max_rank}; "
                              f"attach with max_rank >= {hypernet.config.rank}")

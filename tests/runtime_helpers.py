@@ -44,7 +44,7 @@ def tiny_model(arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch.fl
 
 def default_types(arch: str) -> list[str]:
     if arch == "gpt2":
-        return ["c_attn", "c_fc"]
+        return ["c_attn", "c_proj", "c_fc"]  # c_proj: attn.c_proj 48->48 and mlp.c_proj 192->48, two pool types
     return ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -57,7 +57,7 @@ def tiny_hypernet(model, types, seed: int = 1, rank: int = 4, b_std: float = 0.1
                                 task_proj_dim=8, layer_emb_dim=4, module_emb_dim=4, hidden_dim=16)
     with torch.no_grad():
         for t in hn.types:
-            hn.head_b[t].normal_(0, b_std)
+            hn.head(t)[1].normal_(0, b_std)
     return hn.eval()
 
 
