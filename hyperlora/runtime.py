@@ -28,6 +28,7 @@ from torch import nn
 
 from hyperlora.layers import (APPLY_MODES, ActiveBatch, LoraLayerMixin, LoraState, PoolViews, is_supported,
                               set_submodule, shape_of, unwrap_module, wrap_module)
+from hyperlora.pool import StaleSlotError
 
 log = logging.getLogger(__name__)
 
@@ -329,17 +330,21 @@ class Runtime:
                                 f"{type(e).__name__}")
             uniq.setdefault(e, []).append(i)
 
-        def hold(slot: int) -> None:
-            stack.enter_context(self.pool.in_flight([slot]))
+        def hold(slot: int, key: str) -> bool:
+            """Hold `slot` in flight for this batch if it still holds `key` (False if evicted meanwhile)."""
+            try:
+                stack.enter_context(self.pool.in_flight([slot], keys=[key]))
+            except StaleSlotError:
+                return False
+            return True
 
         texts: list[str] = []
         for e in uniq:
             if e in self._peft:
                 ad = self._peft[e]
                 slot = self.pool.get(ad.key)
-                if slot is None:
+                while slot is None or not hold(slot, ad.key):
                     slot = self._place_peft(ad)
-                hold(slot)
                 keys[e] = slot
             else:
                 if not e.strip():
@@ -350,10 +355,9 @@ class Runtime:
                                      f"hypernet=...))")
                 key = self._policy_key(e)
                 slot = self.pool.get(key)
-                if slot is None:
+                if slot is None or not hold(slot, key):
                     texts.append(e)
                     continue
-                hold(slot)
                 keys[e] = slot
                 if self._latent_enabled() and self._latent_key.get(slot) != key:
                     self._store_latents(self._encode([e]), [slot], [key])
@@ -365,7 +369,7 @@ class Runtime:
                 latent_flags[i] = e not in self._peft and self._latent_key.get(keys[e]) == self.pool.key_of(keys[e])
         return row_slots, latent_flags
 
-    def _generate(self, texts: list[str], keys: dict[Any, int], hold: Callable[[int], None]) -> None:
+    def _generate(self, texts: list[str], keys: dict[Any, int], hold: Callable[[int, str], bool]) -> None:
         hn = self.hypernet
         cfg = hn.config
         new_keys = [self._policy_key(t) for t in texts]
@@ -386,8 +390,9 @@ class Runtime:
             raise
         if self._latent_enabled():
             self._store_latents(emb, slots, new_keys)
-        for t, s in zip(texts, slots):
-            hold(s)
+        for t, s, k in zip(texts, slots, new_keys):
+            if not hold(s, k):  # only if someone outside this runtime evicted it within microseconds
+                raise RuntimeError(f"the adapter generated for {t[:40]!r} was evicted before its batch started")
             keys[t] = s
 
     def _free_unwritten(self, key: str) -> None:
