@@ -166,8 +166,11 @@ def test_registered_as_custom_op_with_fake():
                           test_utils=("test_schema", "test_faketensor"))
 
 
-@pytest.mark.skipif(not TRITON_OK, reason="triton unavailable")
-def test_hypernetwork_generate_into_pool_triton_equals_torch():
+@pytest.mark.parametrize("backend", [
+    pytest.param("triton", marks=pytest.mark.skipif(not TRITON_OK, reason="triton unavailable")),
+    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")]),
+])
+def test_hypernetwork_generate_into_pool_backend_equals_torch(backend):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from hyperlora.hypernet import HyperNetwork
@@ -182,10 +185,10 @@ def test_hypernetwork_generate_into_pool_triton_equals_torch():
             hn.head(t)[1].normal_()
     emb = torch.randn(2, 8, device=DEV)
     pools = []
-    for backend in ("torch", "triton"):
+    for be in ("torch", backend):
         pool = AdapterPool(hn.targets(), max_adapters=3, max_rank=4, device=DEV)
         slots = [pool.allocate(f"k{i}", 2, 0.7) for i in range(2)]
-        hn.generate_into_pool(emb, pool, slots, backend=backend)
+        hn.generate_into_pool(emb, pool, slots, backend=be)
         pools.append(pool)
     for t in hn.types:
         for x, y in zip(pools[0].buffers(t), pools[1].buffers(t)):
