@@ -117,6 +117,10 @@ CASES = {
     "one_slot_prefill": (50, 2, 16, 24, 36, torch.ones(50, dtype=torch.int64)),
     "rank_one": (9, 3, 1, 5, 7, None),
     "big_rank": (10, 3, 96, 16, 20, None),
+    "decode_distinct": (6, 8, 4, 16, 12, torch.tensor([5, 0, 7, -1, 2, 3])),
+    "decode_batched": (21, 24, 4, 16, 12, torch.tensor([23, 0, 7, -1, 2, 3, 9, 1, 4, 5, 6, 8, 10, 11, 12, 13,
+                                                         14, 15, 16, -1, 22])),
+    "sparse_pool": (5, 40, 4, 8, 8, torch.tensor([39, 2, 2, -1, 39])),
 }
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -137,6 +141,8 @@ def test_matches_float64_reference(backend, dtype, case):
 def test_mixed_ranks_including_zero(backend, dtype):
     # unused rank rows/columns are NaN: reading them would poison the output
     run_and_check(backend, "cpu", dtype, 29, 6, 8, 21, 13, mixed_ranks=True, seed=3)
+    # one token per adapter, many adapters (the batched decode path of the torch backend)
+    run_and_check(backend, "cpu", dtype, 20, 20, 8, 21, 13, slots=torch.randperm(20), mixed_ranks=True, seed=4)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
