@@ -22,7 +22,6 @@ import hashlib
 import json
 import math
 import threading
-import time
 from collections import OrderedDict
 from typing import Iterator, Sequence
 

@@ -5,7 +5,6 @@ import json
 
 import pytest
 import torch
-from torch import nn
 
 from hyperlora.hypernet import HyperNetwork, HyperNetworkConfig, find_targets
 from hyperlora.pool import AdapterPool
