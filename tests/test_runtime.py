@@ -299,3 +299,36 @@ def test_latent_mode_matches_materialized_and_peft_rows_fall_back(tmp_path, monk
     torch.testing.assert_close(results["latent"], results["materialized"], rtol=1e-4, atol=1e-4)
     assert torch.equal(results["latent"][1], results["materialized"][1])
     assert layers.select_apply_path is not None
+
+
+def test_concurrent_threads_each_see_their_own_batch():
+    import threading
+
+    model, hn, rt = _attach("llama")
+    ids, mask, _ = padded_batch([6, 6])
+    plans = [[POLICIES[0], None], [None, POLICIES[1]], [POLICIES[2], POLICIES[0]]]
+    expected = []
+    for p in plans:
+        with rt.policies(p):
+            expected.append(forward_logits(model, ids, mask))
+    got: dict[int, list] = {i: [] for i in range(len(plans))}
+    errors = []
+
+    def worker(i):
+        try:
+            for _ in range(3):
+                with rt.policies(plans[i]):
+                    got[i].append(forward_logits(model, ids, mask))
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(plans))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for i, outs in got.items():
+        for out in outs:
+            torch.testing.assert_close(out, expected[i], rtol=1e-5, atol=1e-5)
+    assert rt.pool.stats()["in_flight"] == 0
