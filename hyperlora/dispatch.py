@@ -37,7 +37,7 @@ PATHS = ("materialized", "latent")
 class DeviceProfile:
     """Throughputs of one device, as the cost model sees it.
 
-    bandwidth: bytes/s a streaming kernel reaches (reads + writes).
+    bandwidth: bytes/s a streaming read reaches (what reading weights and activations costs).
     flops: FLOP/s of a dense GEMM in a 16-bit dtype; flops32 the same in float32 (float64 counts as half).
     latent_efficiency: fraction of the dense rates the latent op's two GEMMs and contractions reach.
     gather_efficiency: fraction of `flops` and `bandwidth` the materialized path's per-adapter skinny GEMMs
@@ -205,7 +205,7 @@ def _best_time(fn, device: torch.device, repeats: int) -> float:
 
 
 def calibrate(device: Union[torch.device, str, None] = None) -> DeviceProfile:
-    """Measure bandwidth (a large copy), dense GEMM FLOP rates (16-bit and float32) and launch overhead.
+    """Measure bandwidth (a large streaming read), dense GEMM FLOP rates (16-bit, float32), launch overhead.
 
     Takes ~0.1-0.5 s on a CPU, milliseconds on a GPU. Efficiency factors and the per-segment cost keep
     their defaults for the device kind (they describe kernels, not the hardware).
@@ -214,11 +214,12 @@ def calibrate(device: Union[torch.device, str, None] = None) -> DeviceProfile:
     base = _default_for(dev)
     gpu = dev.type == "cuda"
     with torch.no_grad():
-        n_copy = (64 << 20) // 4 if gpu else (48 << 20) // 4
-        src = torch.empty(n_copy, dtype=torch.float32, device=dev).uniform_()
-        dst = torch.empty_like(src)
-        bw = 2 * src.numel() * 4 / _best_time(lambda: dst.copy_(src), dev, 5)
-        del src, dst
+        # streaming reads (the LoRA ops' dominant traffic is reading weights); a copy's write-allocate traffic
+        # made the figure swing 2-3x between runs on the shared CPU machines
+        n_read = (128 << 20) // 4 if gpu else (48 << 20) // 4
+        src = torch.empty(n_read, dtype=torch.float32, device=dev).uniform_()
+        bw = src.numel() * 4 / _best_time(lambda: src.sum(), dev, 10)
+        del src
         # a LoRA-like GEMM: a token block against a weight that does not fit in a CPU's cache (a small square
         # GEMM that does fit overstates a CPU's rate on real layers ~3x)
         m, k, n = (4096, 4096, 4096) if gpu else (256, 2048, 512)
@@ -226,7 +227,7 @@ def calibrate(device: Union[torch.device, str, None] = None) -> DeviceProfile:
         for dt in (torch.bfloat16 if (gpu or _cpu_has_fast_bf16()) else torch.float32, torch.float32):
             a = torch.randn(m, k, device=dev).to(dt)
             b = torch.randn(n, k, device=dev).to(dt)
-            rates[dt] = 2 * m * k * n / _best_time(lambda: a @ b.T, dev, 3)
+            rates[dt] = 2 * m * k * n / _best_time(lambda: a @ b.T, dev, 5)
         small = torch.ones(8, device=dev)
         launch = _best_time(lambda: small.add_(0.0), dev, 20)
     flops16 = max(rates.values())
@@ -245,8 +246,8 @@ def calibrate(device: Union[torch.device, str, None] = None) -> DeviceProfile:
 def _calibrate_ops(dev: torch.device, prof: DeviceProfile) -> DeviceProfile:
     """Costs of the ops themselves, on top of the hardware's: the latent op at a tiny shape (fixed cost) and
     at a medium one (its fraction of the dense rates); the materialized op at a tiny shape with 1 and with
-    64 distinct adapters (fixed cost, cost per adapter) and with 64 adapters of a 1024-wide layer (the rate it
-    reads adapters at, `gather_efficiency`). What the roofline does not explain is overhead."""
+    64 distinct adapters (fixed cost, cost per adapter) and with 256 adapters of a 1024-wide layer, cache-cold
+    (the rate it reads adapters at, `gather_efficiency`). What the roofline does not explain is overhead."""
     from hyperlora.ops.latent_lora import latent_lora
     from hyperlora.ops.metadata import build_meta
 
@@ -266,7 +267,7 @@ def _calibrate_ops(dev: torch.device, prof: DeviceProfile) -> DeviceProfile:
     slm = torch.zeros(Tm, dtype=torch.int32, device=dev)
     mm = build_meta(slm, 1)
     with torch.no_grad():
-        t_lat = _best_time(lambda: latent_lora(y, x, w_a, w_b, z, one, meta=m_one), dev, 7)
+        t_lat = _best_time(lambda: latent_lora(y, x, w_a, w_b, z, one, meta=m_one), dev, 11)
         t_lat_m = _best_time(lambda: latent_lora(ym, xm, wam, wbm, zm, slm, meta=mm), dev, 5)
     _, e_lat = estimate(T, 1, d, d, R, K, 4, bare)
     _, e_lat_m = estimate(Tm, 1, dm, dm, R, Km, 4, bare)
@@ -278,30 +279,34 @@ def _calibrate_ops(dev: torch.device, prof: DeviceProfile) -> DeviceProfile:
     except ImportError:  # the materialized op is not there: keep its defaults
         return prof
     a, b = rnd(T, R, d), rnd(T, d, R)
-    # 64 adapters of a 1024-wide layer, cycled through copies that overflow a CPU's last-level cache, as the
-    # adapters of a model's successive layers do in a forward pass
-    am, bm = rnd(T, R, dm), rnd(T, dm, R)
-    copies = [(am, bm)] + [(am.clone(), bm.clone()) for _ in range(11)]
+    # 256 adapters of a 1024-wide layer, one token each (decode), cycled through copies that overflow a CPU's
+    # last-level cache, as the adapters of a model's successive layers do in a forward pass
+    Pg = 256
+    xg, yg = rnd(Pg, dm), rnd(Pg, dm)
+    ag, bg = rnd(Pg, R, dm), rnd(Pg, dm, R)
+    copies = [(ag, bg)] + [(ag.clone(), bg.clone()) for _ in range(3)]
+    sg = torch.arange(Pg, dtype=torch.int32, device=dev)
+    mg = build_meta(sg, Pg)
     turn = [0]
 
     def cold_many() -> None:
         turn[0] += 1
         ac, bc = copies[turn[0] % len(copies)]
-        add_lora(ym[:T], xm[:T], ac, bc, many, meta=m_many)
+        add_lora(yg, xg, ac, bc, sg, meta=mg)
 
     with torch.no_grad():
-        t_one = _best_time(lambda: add_lora(y, x, a, b, one, meta=m_one), dev, 7)
-        t_many = _best_time(lambda: add_lora(y, x, a, b, many, meta=m_many), dev, 7)
-        t_many_m = _best_time(cold_many, dev, 6)
+        t_one = _best_time(lambda: add_lora(y, x, a, b, one, meta=m_one), dev, 11)
+        t_many = _best_time(lambda: add_lora(y, x, a, b, many, meta=m_many), dev, 9)
+        t_many_m = _best_time(cold_many, dev, 8)
     bare = dataclasses.replace(bare, gather_efficiency=1.0)
     e_one, _ = estimate(T, 1, d, d, R, K, 4, bare)
     e_many, _ = estimate(T, T, d, d, R, K, 4, bare)
     mat_fixed = max(t_one - e_one.seconds, 0.0)
     segment = max((t_many - e_many.seconds - mat_fixed) / (T - 1), 0.0)
-    # the rate at which the materialized op reads its adapters: 64 adapters of a 1024-wide layer
-    act_s = (4.0 * T * 3 * dm + 8.0 * T * R) / prof.bandwidth
-    adapters_s = 4.0 * T * R * 2 * dm / prof.bandwidth
-    rest = t_many_m - mat_fixed - T * segment - act_s
+    # the rate at which the materialized op reads its adapters
+    act_s = (4.0 * Pg * 3 * dm + 8.0 * Pg * R) / prof.bandwidth
+    adapters_s = 4.0 * Pg * R * 2 * dm / prof.bandwidth
+    rest = t_many_m - mat_fixed - Pg * segment - act_s
     gather = min(1.0, max(0.02, adapters_s / rest)) if rest > 0 else 1.0
     return dataclasses.replace(prof, materialized_fixed_s=mat_fixed, segment_s=segment, gather_efficiency=gather)
 
