@@ -65,9 +65,9 @@ class DeviceProfile:
 # counted at the TF32-free CUDA-core rate). CPU: one thread of this project's 2-core AMD EPYC machines as
 # calibrated on 2026-11-25 (benchmarks/results/latent_cpu_20261125_quick.json).
 DEFAULT_PROFILES: dict[str, DeviceProfile] = {
-    "cpu": DeviceProfile("cpu", bandwidth=25e9, flops=200e9, flops32=60e9, gather_efficiency=0.45,
-                         latent_efficiency=1.0, launch_s=3e-6, segment_s=9e-6, materialized_fixed_s=1.6e-4,
-                         latent_fixed_s=3.5e-5),
+    "cpu": DeviceProfile("cpu", bandwidth=25e9, flops=200e9, flops32=55e9, gather_efficiency=0.5,
+                         latent_efficiency=1.0, launch_s=3e-6, segment_s=2e-6, materialized_fixed_s=3.5e-5,
+                         latent_fixed_s=3e-5),
     "h100": DeviceProfile("NVIDIA H100", bandwidth=3.0e12, flops=400e12, flops32=50e12, gather_efficiency=0.4,
                           launch_s=4e-6, segment_s=0.0, materialized_fixed_s=8e-6, latent_fixed_s=8e-6),
     "h200": DeviceProfile("NVIDIA H200", bandwidth=4.3e12, flops=400e12, flops32=50e12, gather_efficiency=0.4,
