@@ -256,8 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     dtype = DTYPES[args.dtype or ("float32" if device.type == "cpu" else "bfloat16")]
     backends = (args.backends.split(",") if args.backends else
                 (["torch"] if device.type == "cpu" else ["triton", "cuda"]))
-    reps = args.reps or (9 if device.type == "cpu" else 30)
-    budget = args.budget or (6.0 if device.type == "cpu" else 3.0)
+    reps = args.reps or (15 if device.type == "cpu" else 30)
+    budget = args.budget or (8.0 if device.type == "cpu" else 3.0)
     clock = args.clock or ("cpu" if device.type == "cpu" and args.quick else "wall")
     if device.type == "cpu" and clock == "cpu":
         if args.threads not in (None, 1):
