@@ -438,3 +438,24 @@ def test_gpu_auto_backend_prefers_triton_unless_forced(monkeypatch):
         assert _pick_backend("cuda", dev) == "cuda"
         monkeypatch.setenv("HYPERLORA_BACKEND", "cuda")
         assert _pick_backend(None, dev) == "cuda"
+
+
+def test_bench_latent_smoke(tmp_path, monkeypatch):
+    """The crossover benchmark runs end to end on a tiny grid and writes its JSON (keeps it from rotting)."""
+    import importlib.util as iu
+    import json
+    import os
+
+    monkeypatch.setenv("HYPERLORA_CALIBRATE", "0")
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "bench_latent.py")
+    spec = iu.spec_from_file_location("bench_latent_smoke", path)
+    bench = iu.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "r.json"
+    assert bench.main(["--quick", "--no-sweep", "--hidden", "64", "--policies", "1", "8", "--tokens-per-policy",
+                       "1", "--cold-mb", "0", "--threads", "1", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["summary"]["cases"] == 2 and len(data["rows"]) == 2
+    for r in data["rows"]:
+        assert r["materialized_ms"] > 0 and r["latent_ms"] > 0 and r["auto_path"] in ("materialized", "latent")
+        assert r["regret"] >= 1.0
