@@ -459,3 +459,40 @@ def test_bench_latent_smoke(tmp_path, monkeypatch):
     for r in data["rows"]:
         assert r["materialized_ms"] > 0 and r["latent_ms"] > 0 and r["auto_path"] in ("materialized", "latent")
         assert r["regret"] >= 1.0
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cfg", [
+    dict(block_t=16, block_d=16, block_n=16, r_per_prog=2, splits=3, expand_block_t=32),   # split d_in
+    dict(block_t=32, block_d=32, block_n=32, r_per_prog=1, splits=2, expand_block_t=16),
+    dict(block_t=16, block_d=64, block_n=64, r_per_prog=4, splits=1, expand_block_t=64, block_o=16, block_j=16),
+])
+def test_triton_launch_configs(dtype, cfg):
+    """Every tiling the GPU heuristic can produce (split d_in, several ranks per program, separate expand
+    tiles) gives the oracle's result; the heuristic itself only picks among these."""
+    from hyperlora.kernels.latent_lora import LaunchConfig, latent_lora_triton
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    c = make_case(300 + cfg["splits"], 37, 40, 29, 5, 9, 4, dtype, device=device)
+    before = c["y"].clone()
+    ref = oracle_materialized(c, before)
+    latent_lora_triton(c["y"], c["x"], c["w_a"], c["w_b"], c["z"], c["slots"], c["scales"], config=LaunchConfig(**cfg))
+    assert_close_rows(c["y"], ref, c, dtype, before)
+
+
+def test_gpu_launch_heuristic_shapes(monkeypatch):
+    """The GPU heuristic (run on the CPU with a faked SM count): decode splits d_in, prefill does not."""
+    import hyperlora.kernels.latent_lora as kl
+
+    if not available_backends()["triton"]["available"]:
+        pytest.skip("triton not importable")
+    monkeypatch.setattr(kl, "triton_interpreting", lambda: False)
+    monkeypatch.setattr(kl, "_sm_count", lambda device: 132)
+    dec = kl.launch_config(256, 4096, 4096, 8, 33, torch.device("cpu"))
+    assert dec.block_t == 64 and dec.splits > 1 and dec.r_per_prog == 1
+    assert 4 * 8 * dec.splits >= 132
+    pre = kl.launch_config(8192, 4096, 4096, 8, 33, torch.device("cpu"))
+    assert pre.splits == 1 and pre.block_t == 64 and pre.expand_block_t == 64
+    one = kl.launch_config(1, 576, 576, 8, 33, torch.device("cpu"))
+    assert one.block_t == 16 and one.expand_block_t == 16
