@@ -206,7 +206,8 @@ def test_meta_for_another_batch_is_rejected():
         add_lora(y, x, a, b, slots, meta=build_meta(torch.zeros(7, dtype=torch.int64), 3))
 
 
-def test_non_contiguous_inputs():
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_non_contiguous_inputs(backend):
     torch.manual_seed(13)
     T, S, R, d_in, d_out = 15, 3, 4, 10, 6
     x = torch.randn(d_in, T).t()                        # column-major x
@@ -215,7 +216,7 @@ def test_non_contiguous_inputs():
     y = torch.randn(T, 2 * d_out)[:, ::2]               # strided rows
     slots = torch.randint(-1, S, (T,))
     ref = reference(y, x, a, b, slots, None, None)
-    add_lora(y, x, a, b, slots)
+    add_lora(y, x, a, b, slots, backend=backend)
     assert_matches(y, ref, slots, torch.float32)
 
 
