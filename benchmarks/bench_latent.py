@@ -145,7 +145,11 @@ def run_case(hidden: int, rank: int, k: int, policies: int, tpp: int, dtype: tor
                 auto_ms=t_auto * 1e3, auto_path=choice.path, better_path="latent" if t_lat < t_mat else "materialized",
                 regret=picked / best, auto_over_best=t_auto / best,
                 est_materialized_ms=choice.materialized.seconds * 1e3, est_latent_ms=choice.latent.seconds * 1e3,
-                est_materialized_mb=choice.materialized.bytes / 1e6, est_latent_mb=choice.latent.bytes / 1e6)
+                est_materialized_mb=choice.materialized.bytes / 1e6, est_latent_mb=choice.latent.bytes / 1e6,
+                # achieved rates: the bytes each path must move (cost model's count) over its measured time,
+                # to compare with the device's calibrated read bandwidth (profile.bandwidth in the JSON)
+                materialized_gbps=choice.materialized.bytes / t_mat / 1e9, latent_gbps=choice.latent.bytes / t_lat / 1e9,
+                latent_tflops=choice.latent.flops / t_lat / 1e12)
 
 
 def grid(args) -> list[tuple[int, int, int, int, int]]:
