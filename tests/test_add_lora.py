@@ -265,6 +265,27 @@ def test_autograd_float32_matches_float64_reference_and_y_grad_flows():
     assert torch.all(g32[1][1, 2:] == 0) and torch.all(g32[1][2] == 0)
 
 
+def test_forced_kernel_backend_with_grad_raises():
+    if not TRITON_OK:
+        pytest.skip("triton not available")
+    y, x, a, b, slots, scales, ranks = make_case(8, 3, 4, 6, 6, torch.float32, "cpu")
+    x.requires_grad_()
+    with pytest.raises(ValueError, match="backend 'triton' has no autograd"):
+        add_lora(y, x, a, b, slots, scales, ranks, backend="triton")
+
+
+@pytest.mark.gpu
+def test_gpu_autograd_with_automatic_backend():
+    y, x, a, b, slots, scales, ranks = make_case(33, 5, 8, 24, 16, torch.float32, "cuda", mixed_ranks=False)
+    leaves = [t.clone().requires_grad_() for t in (x, a, b)]
+    w = torch.randn_like(y)
+    g = torch.autograd.grad((add_lora(y.clone(), *leaves, slots, scales, ranks) * w).sum(), leaves)
+    leaves64 = [t.double().requires_grad_() for t in (x, a, b)]
+    g64 = torch.autograd.grad((reference(y, *leaves64, slots, scales, ranks) * w.double()).sum(), leaves64)
+    for got, want in zip(g, g64):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+
+
 def test_no_grad_uses_in_place_op_even_with_leaf_params():
     y, x, a, b, slots, scales, ranks = make_case(8, 3, 4, 6, 6, torch.float32, "cpu")
     a.requires_grad_()

@@ -462,6 +462,8 @@ def add_lora(y: TensorOrTuple, x: torch.Tensor, lora_a: TensorOrTuple, lora_b: T
     name = _resolve(backend, x.device.type) if torch.compiler.is_compiling() else resolve_backend(
         backend, x.device, BACKENDS)
     grad = _needs_grad(x, as_, bs)
+    if grad and name != "torch" and backend is None:
+        name = "torch"  # automatic choice: only the torch backend is differentiable
     if name != "torch":
         if grad:
             raise ValueError(f"backend {name!r} has no autograd; use backend='torch' (or None) when x, lora_a or "
