@@ -10,7 +10,8 @@ roofline of the device (`time = max(bytes / bandwidth, flops / flop_rate) + fixe
 
 So the latent path wins when many distinct policies share few tokens each (decode), and loses for
 prefill-heavy batches with few policies. The device's bandwidth and FLOP rate are measured once per device
-by a tiny calibration (well under a second) and cached; `HYPERLORA_CALIBRATE=0` uses the defaults named
+by a small calibration (~0.5 s on an idle CPU core, a few seconds on a loaded one; milliseconds on a GPU)
+and cached for the process; `HYPERLORA_CALIBRATE=0` uses the defaults named
 below instead (CPU, H100, H200, other GPUs). Every new decision is logged at debug level on the
 `hyperlora.dispatch` logger.
 """
