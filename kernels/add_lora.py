@@ -35,10 +35,10 @@ def _shrink_kernel(
     x_ptr, h_ptr, tok_ptr, seg_slot_ptr, seg_start_ptr, seg_count_ptr, nact_ptr, ranks_ptr, scales_ptr,
     a0_ptr, a1_ptr, a2_ptr,
     sa0_s, sa0_r, sa0_d, sa1_s, sa1_r, sa1_d, sa2_s, sa2_r, sa2_d,
-    R0, R1, R2, D_IN, stride_xt, stride_xd, stride_hj, stride_ht,
+    R0, R1, R2, D_IN, K_PER_SPLIT, NUM_R_BLOCKS, stride_xt, stride_xd, stride_hj, stride_ht,
     NUM_SLICES: tl.constexpr, HAS_RANKS: tl.constexpr, HAS_SCALES: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
-    IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
     seg = tl.program_id(0)
     m0 = tl.program_id(1) * BLOCK_M
@@ -56,16 +56,19 @@ def _shrink_kernel(
     offs_m = m0 + tl.arange(0, BLOCK_M)
     m_mask = offs_m < count
     tok = tl.load(tok_ptr + start + offs_m, mask=m_mask, other=0).to(tl.int64)
-    offs_r = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
+    pid_r = tl.program_id(2) % NUM_R_BLOCKS
+    k_begin = (tl.program_id(2) // NUM_R_BLOCKS) * K_PER_SPLIT
+    k_end = tl.minimum(k_begin + K_PER_SPLIT, D_IN)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     r0_mask = offs_r < tl.minimum(rank, R0)
     r1_mask = offs_r < tl.minimum(rank, R1)
     r2_mask = offs_r < tl.minimum(rank, R2)
     acc0 = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
     acc1 = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-    for k0 in range(0, D_IN, BLOCK_K):
+    for k0 in range(k_begin, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < D_IN
+        k_mask = offs_k < k_end
         xt = tl.load(x_ptr + tok[:, None] * stride_xt + offs_k[None, :] * stride_xd,
                      mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         if UPCAST:
@@ -102,11 +105,18 @@ def _shrink_kernel(
         acc1 = acc1 * sc
         acc2 = acc2 * sc
     h_rows = h_ptr + (start + offs_m)[:, None] * stride_ht + offs_r[None, :]
-    tl.store(h_rows, acc0, mask=m_mask[:, None] & (offs_r < R0)[None, :])
-    if NUM_SLICES > 1:
-        tl.store(h_rows + stride_hj, acc1, mask=m_mask[:, None] & (offs_r < R1)[None, :])
-    if NUM_SLICES > 2:
-        tl.store(h_rows + 2 * stride_hj, acc2, mask=m_mask[:, None] & (offs_r < R2)[None, :])
+    if SPLIT_K == 1:
+        tl.store(h_rows, acc0, mask=m_mask[:, None] & (offs_r < R0)[None, :])
+        if NUM_SLICES > 1:
+            tl.store(h_rows + stride_hj, acc1, mask=m_mask[:, None] & (offs_r < R1)[None, :])
+        if NUM_SLICES > 2:
+            tl.store(h_rows + 2 * stride_hj, acc2, mask=m_mask[:, None] & (offs_r < R2)[None, :])
+    else:  # partial sums over a slice of d_in into a zeroed h
+        tl.atomic_add(h_rows, acc0, mask=m_mask[:, None] & (offs_r < R0)[None, :])
+        if NUM_SLICES > 1:
+            tl.atomic_add(h_rows + stride_hj, acc1, mask=m_mask[:, None] & (offs_r < R1)[None, :])
+        if NUM_SLICES > 2:
+            tl.atomic_add(h_rows + 2 * stride_hj, acc2, mask=m_mask[:, None] & (offs_r < R2)[None, :])
 
 
 @triton.jit
@@ -156,6 +166,23 @@ def _expand_kernel(
     mask = m_mask[:, None] & n_mask[None, :]
     yt = tl.load(y_ptrs, mask=mask, other=0.0)
     tl.store(y_ptrs, (yt.to(tl.float32) + acc).to(yt.dtype), mask=mask)
+
+
+# Tests set this to force a split of d_in in the shrink (the interpreter never needs one).
+FORCE_SPLIT_K: Optional[int] = None
+
+
+def split_k_for(programs: int, d_in: int, block_k: int, device: torch.device, interpreting: bool) -> int:
+    """How many slices of d_in the shrink splits into, so that decode (few programs: one per adapter)
+    still fills the GPU: aim for ~2 programs per SM, each with at least two K tiles. Partial sums are
+    added atomically into a zeroed float32 h (summation order, hence the last bits, may vary per run)."""
+    if FORCE_SPLIT_K is not None:
+        return max(1, min(FORCE_SPLIT_K, triton.cdiv(d_in, block_k)))
+    if interpreting or device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    want = triton.cdiv(2 * sms, max(programs, 1))
+    return max(1, min(want, d_in // (2 * block_k), 16))
 
 
 def pick_config(max_seg_len: int, d_in: int, d_out: int, rank: int, interpreting: bool) -> dict:
@@ -210,7 +237,12 @@ def add_lora_triton(ys: Sequence[torch.Tensor], x: torch.Tensor, as_: Sequence[t
     if grid_seg == 0:
         return
     grid_m = triton.cdiv(max_seg_len if known else t, bm)
-    h = torch.empty((len(ys), t, r_max), dtype=torch.float32, device=x.device)
+    r_blocks = triton.cdiv(r_max, cfg["BLOCK_R_SHRINK"])
+    split = split_k_for(grid_seg * grid_m * r_blocks, d_in, cfg["BLOCK_K"], x.device, interp)
+    k_per_split = triton.cdiv(triton.cdiv(d_in, split), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
+    split = triton.cdiv(d_in, k_per_split)
+    alloc = torch.zeros if split > 1 else torch.empty
+    h = alloc((len(ys), t, r_max), dtype=torch.float32, device=x.device)
     dummy = scales if scales is not None else token_ids
     rk = ranks if ranks is not None else token_ids
     for g0 in range(0, len(as_), 3):
@@ -219,14 +251,14 @@ def add_lora_triton(ys: Sequence[torch.Tensor], x: torch.Tensor, as_: Sequence[t
         rs = [a.shape[1] for a in a_l[:len(grp)]] + [0] * (3 - len(grp))
         hv = h[g0:]
         br = cfg["BLOCK_R_SHRINK"]
-        grid = (grid_seg, grid_m, triton.cdiv(max(rs), br))
+        grid = (grid_seg, grid_m, r_blocks * split)
         _shrink_kernel[grid](
             x, hv, token_ids, seg_slots, seg_starts, seg_counts, num_active, rk, dummy,
             a_l[0], a_l[1], a_l[2],
             *a_l[0].stride(), *a_l[1].stride(), *a_l[2].stride(),
-            rs[0], rs[1], rs[2], d_in, x.stride(0), x.stride(1), hv.stride(0), hv.stride(1),
+            rs[0], rs[1], rs[2], d_in, k_per_split, r_blocks, x.stride(0), x.stride(1), hv.stride(0), hv.stride(1),
             NUM_SLICES=len(grp), HAS_RANKS=ranks is not None, HAS_SCALES=scales is not None,
-            BLOCK_M=bm, BLOCK_R=br, BLOCK_K=cfg["BLOCK_K"], UPCAST=upcast, IEEE=ieee,
+            BLOCK_M=bm, BLOCK_R=br, BLOCK_K=cfg["BLOCK_K"], SPLIT_K=split, UPCAST=upcast, IEEE=ieee,
             num_warps=cfg["warps_shrink"],
         )
     for j, (y, b) in enumerate(zip(ys, bs)):

@@ -155,6 +155,28 @@ def test_float64_on_torch_backend():
     run_and_check("torch", "cpu", torch.float64, 13, 3, 4, 7, 5, seed=6)
 
 
+@pytest.mark.skipif(not TRITON_OK, reason="triton not available")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_triton_split_k_shrink(dtype, monkeypatch):
+    """d_in split across programs with atomic partial sums (what decode uses on a GPU), forced here."""
+    import hyperlora.kernels.add_lora as K
+
+    monkeypatch.setattr(K, "FORCE_SPLIT_K", 3)
+    torch.manual_seed(7)
+    T, S, R, d_in = 9, 4, 8, 600
+    x = torch.randn(T, d_in).to(dtype)
+    slots = torch.tensor([3, -1, 0, 3, 1, 2, 0, -1, 1])
+    scales, ranks = torch.rand(S) + 0.5, torch.tensor([8, 5, 0, 3])
+    as_ = tuple((torch.randn(S, R, d_in) / d_in ** 0.5).to(dtype) for _ in range(2))
+    bs = tuple(torch.randn(S, d, R).to(dtype) for d in (24, 8))
+    ys = tuple(poison_untouched(torch.randn(T, d).to(dtype), slots) for d in (24, 8))
+    y0s = tuple(y.clone() for y in ys)
+    add_lora(ys, x, as_, bs, slots, scales, ranks, backend="triton")
+    for y, y0, a, b in zip(ys, y0s, as_, bs):
+        assert_matches(y, reference(y0, x, a, b, slots, scales, ranks), slots, dtype)
+        assert_bits_equal(y[slots < 0], y0[slots < 0])
+
+
 def test_empty_batch_is_a_no_op():
     x, y = torch.randn(0, 8), torch.randn(0, 4)
     a, b = torch.randn(2, 3, 8), torch.randn(2, 4, 3)
@@ -519,7 +541,7 @@ for cc, dt in ((80, "fp32"), (90, "bf16")):
     if True:
         ieee = dt == "fp32"
         c = dict(NUM_SLICES=3, HAS_RANKS=True, HAS_SCALES=True, BLOCK_M=16, BLOCK_R=32, BLOCK_K=128,
-                 UPCAST=False, IEEE=ieee)
+                 SPLIT_K=1 if cc == 80 else 4, UPCAST=False, IEEE=ieee)
         sig = signature(K._shrink_kernel, {"x_ptr", "a0_ptr", "a1_ptr", "a2_ptr"}, dt, c)
         triton.compile(ASTSource(fn=K._shrink_kernel, signature=sig, constexprs=c),
                        target=GPUTarget("cuda", cc, 32), options={"num_warps": 4})
