@@ -298,6 +298,8 @@ def _calibrate_ops(dev: torch.device, prof: DeviceProfile) -> DeviceProfile:
     with torch.no_grad():
         t_one = _best_time(lambda: add_lora(y, x, a, b, one, meta=m_one), dev, 11)
         t_many = _best_time(lambda: add_lora(y, x, a, b, many, meta=m_many), dev, 9)
+        for _ in range(2 * len(copies)):  # settle the allocator: the op's big temporaries must reach steady state
+            cold_many()
         t_many_m = _best_time(cold_many, dev, 8)
     bare = dataclasses.replace(bare, gather_efficiency=1.0)
     e_one, _ = estimate(T, 1, d, d, R, K, 4, bare)
