@@ -183,3 +183,13 @@ def test_churn_test_detects_a_pool_without_in_flight_protection(tmp_path, monkey
     finally:
         hook.remove()
     assert not torch.equal(broken, reference)
+
+
+def test_hf_generate_inside_policies_context_matches_runtime_generate():
+    model, rt = _rt("llama")
+    ids, mask, _ = padded_batch([5, 3, 5], seed=6)
+    entries = [POLICIES[0], None, POLICIES[1]]
+    ours = rt.generate(input_ids=ids, attention_mask=mask, policies=entries, max_new_tokens=5)
+    with rt.policies(entries):
+        hf = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(hf, ours)
