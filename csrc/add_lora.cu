@@ -69,7 +69,9 @@ __global__ void __launch_bounds__(kWarps * 32) shrink_kernel(AddLoraArgs a) {
   const T* x = static_cast<const T*>(a.x);
   const T* A = static_cast<const T*>(a.a) + static_cast<int64_t>(v.slot) * a.sa_s;
   const int r_per_block = kWarps * a.rows_per_warp;
-  const int r_begin = blockIdx.z * r_per_block;
+  const int r_begin = (blockIdx.z % a.num_r_blocks) * r_per_block;
+  const int k_begin = (blockIdx.z / a.num_r_blocks) * a.k_per_split;
+  const int k_end = min(k_begin + a.k_per_split, a.d_in);
 
   float acc[4][BM];  // up to 4 adapter rows per warp
 #pragma unroll
@@ -77,8 +79,8 @@ __global__ void __launch_bounds__(kWarps * 32) shrink_kernel(AddLoraArgs a) {
 #pragma unroll
     for (int m = 0; m < BM; ++m) acc[j][m] = 0.f;
 
-  for (int k0 = 0; k0 < a.d_in; k0 += kShrinkChunk) {
-    const int kn = min(kShrinkChunk, a.d_in - k0);
+  for (int k0 = k_begin; k0 < k_end; k0 += kShrinkChunk) {
+    const int kn = min(kShrinkChunk, k_end - k0);
     __syncthreads();
     for (int e = threadIdx.x; e < BM * kShrinkChunk; e += blockDim.x) {
       const int m = e / kShrinkChunk, k = e % kShrinkChunk;
@@ -109,7 +111,8 @@ __global__ void __launch_bounds__(kWarps * 32) shrink_kernel(AddLoraArgs a) {
       float s = acc[j][m];
 #pragma unroll
       for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
-      if (lane == 0 && m < rows) a.h[static_cast<int64_t>(v.start + m0 + m) * a.sh_t + r] = s * scale;
+      // h is zeroed by the caller; partial sums over slices of d_in add up atomically
+      if (lane == 0 && m < rows) atomicAdd(&a.h[static_cast<int64_t>(v.start + m0 + m) * a.sh_t + r], s * scale);
     }
   }
 }
@@ -168,11 +171,29 @@ void check(cudaError_t err, const char* what) {
   }
 }
 
+int num_sms() {
+  int dev = 0, sms = 0;
+  check(cudaGetDevice(&dev), "cudaGetDevice");
+  check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "cudaDeviceGetAttribute");
+  return sms > 0 ? sms : 1;
+}
+
 template <typename T, int BM>
 void launch_bm(AddLoraArgs args, int grid_seg, int grid_m, cudaStream_t stream) {
   args.rows_per_warp = (args.R + kWarps - 1) / kWarps > 4 ? 4 : (args.R + kWarps - 1) / kWarps;
   const int r_per_block = kWarps * args.rows_per_warp;
-  dim3 g1(grid_seg, grid_m, (args.R + r_per_block - 1) / r_per_block);
+  args.num_r_blocks = (args.R + r_per_block - 1) / r_per_block;
+  // Decode has one block per adapter: split d_in so that ~2 blocks per SM run, each >= 2 chunks of x.
+  const long long blocks = static_cast<long long>(grid_seg) * grid_m * args.num_r_blocks;
+  const int chunks = (args.d_in + kShrinkChunk - 1) / kShrinkChunk;
+  long long split = (2LL * num_sms() + blocks - 1) / blocks;
+  split = split < 1 ? 1 : split;
+  if (split > chunks / 2) split = chunks / 2 > 0 ? chunks / 2 : 1;
+  if (split > 16) split = 16;
+  args.k_per_split = static_cast<int>(((chunks + split - 1) / split) * kShrinkChunk);
+  if (args.k_per_split < kShrinkChunk) args.k_per_split = kShrinkChunk;  // d_in == 0
+  const int n_split = (args.d_in + args.k_per_split - 1) / args.k_per_split;
+  dim3 g1(grid_seg, grid_m, args.num_r_blocks * (n_split > 0 ? n_split : 1));
   shrink_kernel<T, BM><<<g1, kWarps * 32, 0, stream>>>(args);
   check(cudaGetLastError(), "shrink launch");
   dim3 g2(grid_seg, grid_m, (args.d_out + kExpandCols - 1) / kExpandCols);

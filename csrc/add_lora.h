@@ -16,7 +16,7 @@ struct AddLoraArgs {
   const void* x; int64_t sx_t, sx_d;
   const void* a; int64_t sa_s, sa_r, sa_d;        // [S, R, d_in]
   const void* b; int64_t sb_s, sb_o, sb_r;        // [S, d_out, R]
-  float* h; int64_t sh_t;                          // [T, R] float32 scratch, sorted-token order
+  float* h; int64_t sh_t;                          // [T, R] float32 scratch, sorted-token order, ZEROED
   const float* scales;                             // [S] float32 or nullptr (= 1)
   const int32_t* ranks;                            // [S] int32 or nullptr (= R)
   const int32_t* token_ids;                        // [T] tokens sorted by slot
@@ -26,6 +26,7 @@ struct AddLoraArgs {
   const int32_t* num_active;                       // [2] (segments, tokens with a slot)
   int T, S, R, d_in, d_out;
   int rows_per_warp;                               // set by the launcher
+  int num_r_blocks, k_per_split;                   // set by the launcher (shrink split over d_in)
 };
 
 // Launches shrink then expand on `stream`. max_seg_len / num_segments: host hints, -1 = unknown

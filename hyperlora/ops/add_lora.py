@@ -423,7 +423,7 @@ def _cuda_add_lora(ys, x, as_, bs, scales, ranks, token_ids, seg_slots, seg_star
         r = a.shape[1]
         if t == 0 or r == 0 or y.shape[1] == 0:
             continue
-        h = torch.empty((t, r), dtype=torch.float32, device=x.device)
+        h = torch.zeros((t, r), dtype=torch.float32, device=x.device)  # the shrink adds into it atomically
         ext.add_lora(
             y.data_ptr(), y.stride(0), y.stride(1), x.data_ptr(), x.stride(0), x.stride(1),
             a.data_ptr(), *a.stride(), b.data_ptr(), *b.stride(), h.data_ptr(), h.stride(0),
