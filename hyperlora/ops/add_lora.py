@@ -16,12 +16,13 @@ functional op `hyperlora::lora_delta` is used instead (torch backend).
 """
 from __future__ import annotations
 
+import os
 from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 
-from hyperlora.backends import resolve_backend
+from hyperlora.backends import available_backends, resolve_backend
 from hyperlora.ops.metadata import LoraBatchMeta, build_meta, check_slots
 
 TensorOrTuple = Union[torch.Tensor, Sequence[torch.Tensor]]
@@ -436,10 +437,25 @@ def _cuda_add_lora(ys, x, as_, bs, scales, ranks, token_ids, seg_slots, seg_star
 # ----------------------------------------------------------------------------------------------------
 # public op
 # ----------------------------------------------------------------------------------------------------
+# Automatic choice on a GPU: Triton first. Its semantics are verified in the interpreter on every CI run;
+# the CUDA kernels are compiled in CI but have not yet been executed on a GPU (see docs/KERNELS.md).
+AUTO_GPU_ORDER = ("triton", "cuda")
+
+
+def _pick_backend(backend: Optional[str], device: torch.device) -> str:
+    if backend is None and not os.environ.get("HYPERLORA_BACKEND") and device.type == "cuda":
+        status = available_backends()
+        for name in AUTO_GPU_ORDER:
+            if status[name]["available"]:
+                return name
+        return "torch"
+    return resolve_backend(backend, device, BACKENDS)
+
+
 @torch.compiler.assume_constant_result
 def _resolve(backend: Optional[str], device_type: str) -> str:
-    """resolve_backend as a constant for torch.compile (it reads the environment and the extension)."""
-    return resolve_backend(backend, torch.device(device_type), BACKENDS)
+    """_pick_backend as a constant for torch.compile (it reads the environment and the extension)."""
+    return _pick_backend(backend, torch.device(device_type))
 
 
 def _needs_grad(x: torch.Tensor, as_, bs) -> bool:
@@ -453,14 +469,14 @@ def add_lora(y: TensorOrTuple, x: torch.Tensor, lora_a: TensorOrTuple, lora_b: T
 
     x [T, d_in]; y [T, d_out]; lora_a [S, R, d_in]; lora_b [S, d_out, R]; slots [T] int (-1 = none);
     scales [S] float (None = 1); ranks [S] int (None = R). Sliced form: y, lora_a, lora_b are tuples.
-    backend: "torch", "triton", "cuda" or None (best available for x's device; HYPERLORA_BACKEND forces one).
+    backend: "torch", "triton", "cuda" or None (CUDA tensors: triton > cuda > torch; CPU: torch;
+    HYPERLORA_BACKEND forces one).
     meta: metadata from `build_meta(slots, S)`, built once per forward and reused by every layer.
     Autograd (w.r.t. x, lora_a, lora_b) runs through the torch backend.
     """
     ys, as_, bs = validate(y, x, lora_a, lora_b, slots, scales, ranks, meta)
     num_slots = as_[0].shape[0]
-    name = _resolve(backend, x.device.type) if torch.compiler.is_compiling() else resolve_backend(
-        backend, x.device, BACKENDS)
+    name = _resolve(backend, x.device.type) if torch.compiler.is_compiling() else _pick_backend(backend, x.device)
     grad = _needs_grad(x, as_, bs)
     if grad and name != "torch" and backend is None:
         name = "torch"  # automatic choice: only the torch backend is differentiable
