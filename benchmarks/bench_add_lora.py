@@ -107,8 +107,8 @@ def interleaved(fns: dict[str, Callable[[], object]], timer: Timer, reps: int, b
 
 def measure_roofline(device: torch.device, dtype: torch.dtype, timer: Timer) -> dict[str, float]:
     """Copy bandwidth (bytes read + written per second) and dense GEMM FLOP/s on this device now."""
-    n = (1 << 28) if device.type == "cuda" else (1 << 26)  # 1 GiB / 256 MiB of float32
-    src = torch.randn(n // 4 if device.type == "cuda" else n // 4, device=device)
+    n = (1 << 28) if device.type == "cuda" else (1 << 24)  # float32: 1 GiB on a GPU, 64 MiB (> L3) on a CPU
+    src = torch.randn(n, device=device)
     dst = torch.empty_like(src)
     t_copy = interleaved({"copy": lambda: dst.copy_(src)}, timer, 7, 5.0)["copy"]
     bw = 2 * src.numel() * src.element_size() / t_copy
@@ -225,6 +225,16 @@ def summarize(rows: list[dict], backends: list[str]) -> list[str]:
     out = []
     for be in backends:
         k = f"hyperlora_{be}"
+        for kind, sel in (("decode", lambda r: r["T"] // r["adapters"] < 16),
+                          ("prefill", lambda r: r["T"] // r["adapters"] >= 16)):
+            fr = [r["methods"][k]["roofline_frac"] for r in rows if sel(r) and k in r["methods"]]
+            sp = [r["methods"][k]["speedup_vs_loop"] for r in rows if sel(r) and k in r["methods"]]
+            if fr:
+                out.append(f"{k}, {kind} shapes ({len(fr)}): median {100 * statistics.median(fr):.0f}% of the roofline "
+                           f"(min {100 * min(fr):.0f}%, max {100 * max(fr):.0f}%), median {statistics.median(sp):.2f}x "
+                           "the per-adapter loop")
+    for be in backends:
+        k = f"hyperlora_{be}"
         dec = [r for r in rows if r["adapters"] == 64 and r["T"] // r["adapters"] < 16 and k in r["methods"]]
         for r in dec:
             gb = r["methods"].get("gather_bmm")
@@ -246,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clock", choices=["wall", "cpu"], default=None,
                     help="CPU timing: wall time, or process CPU time (needs --threads 1; default with --quick "
                          "on the CPU, since the machine is shared)")
+    ap.add_argument("--shapes", default=None, help="explicit shapes 'T,P,r,d;T,P,r,d' instead of the sweep")
     ap.add_argument("--tag", default="", help="suffix of the result files")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
@@ -264,7 +275,11 @@ def main(argv: list[str] | None = None) -> int:
             ap.error("--clock cpu measures one thread's CPU time: use --threads 1")
         torch.set_num_threads(1)
     timer = Timer(device, clock)
-    if args.quick:
+    if args.shapes:
+        shapes = [tuple(int(v) for v in item.split(",")) for item in args.shapes.split(";") if item.strip()]
+        if any(len(sh) != 4 or sh[1] > sh[0] for sh in shapes):
+            ap.error("--shapes: 'T,P,r,d;...' with adapters P <= tokens T")
+    elif args.quick:
         shapes = QUICK
     else:
         shapes = [(t, p, r, d) for d in FULL["hidden"] for r in FULL["ranks"] for p in FULL["adapters"]
