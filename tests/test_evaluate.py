@@ -82,6 +82,26 @@ def test_train_policy_lora_learns_its_examples(tm):
         train_policy_lora(model, tok, [Example("x", check={"regex": "a"})], steps=1)
 
 
+def test_train_policy_lora_cached_lower_layers_equal_full_forward():
+    """Training through cached lower-layer states must give the adapters full forwards give."""
+    tok = tiny_tokenizer()
+    model = tiny_llama(tok, seed=1, layers=3)
+    names = [n for n, _ in model.named_modules() if n.endswith(("q_proj", "v_proj")) and ".layers.0." not in n]
+    exs = [Example(f"Ticket {w}", ["flag", "pass"], a) for w, a in
+           [("refund now", "flag"), ("hello there, a longer one", "pass"), ("money back", "flag")]]
+    kw = dict(rank=2, module_names=names, steps=4, batch_size=3, lr=1e-2, seed=0, bf16=False)
+    fast = train_policy_lora(model, tok, exs, cache_lower=True, **kw)
+    full = train_policy_lora(model, tok, exs, cache_lower=False, **kw)
+    assert set(fast.modules) == set(names)
+    for n in names:
+        assert torch.allclose(fast.modules[n][0], full.modules[n][0], atol=1e-4)
+        assert torch.allclose(fast.modules[n][1], full.modules[n][1], atol=1e-4)
+        assert fast.modules[n][1].abs().max() > 1e-3  # it trained
+    # default targets: q/v of the last n_upper layers only
+    d = train_policy_lora(model, tok, exs, rank=2, n_upper=1, steps=1, batch_size=2, bf16=False)
+    assert sorted(d.modules) == ["model.layers.2.self_attn.q_proj", "model.layers.2.self_attn.v_proj"]
+
+
 def test_stack_adapter_sets_folds_scales_and_pads_ranks(tm):
     model, _ = tm
     names = [n for n, _ in model.named_modules() if n.endswith("q_proj")]

@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import random
+import re
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -186,16 +187,38 @@ def _linear_targets(model: nn.Module, types: Sequence[str]) -> dict[str, nn.Line
     return out
 
 
+def _layer_of(name: str) -> int | None:
+    m = re.search(r"\.(\d+)\.", name)
+    return int(m.group(1)) if m else None
+
+
+def _lower_split(model: nn.Module, targets: Sequence[str]) -> Any:
+    """A ``fastpath.LayerSplit`` at the lowest adapted layer when it is worth it (Llama family, start > 0)."""
+    layers = [_layer_of(n) for n in targets]
+    if not layers or any(x is None for x in layers) or min(layers) == 0:
+        return None
+    try:
+        from hyperlora.training.fastpath import LayerSplit
+
+        return LayerSplit(model, min(layers))
+    except (ImportError, TypeError, ValueError):
+        return None
+
+
 def train_policy_lora(model: nn.Module, tokenizer: Any, examples: Sequence[Example], *, rank: int = 8,
                       alpha: float = 16.0, target_modules: Sequence[str] = ("q_proj", "v_proj"),
-                      module_names: Sequence[str] | None = None, steps: int = 60,
-                      batch_size: int = 8, lr: float = 1e-3, seed: int = 0, bf16: bool = True) -> AdapterSet:
+                      module_names: Sequence[str] | None = None, n_upper: int | None = 12, steps: int = 60,
+                      batch_size: int = 8, lr: float = 1e-3, seed: int = 0, bf16: bool = True,
+                      cache_lower: bool = True) -> AdapterSet:
     """A LoRA trained on one policy's examples with no policy in the prompt (the ``oracle_lora`` baseline).
 
     Loss: cross-entropy on ``answer + end-of-turn`` (option tasks: the gold option; free text: the
     reference reply; free-text examples without one are skipped). Targets: ``module_names`` (full names,
-    e.g. the hypernetwork's, so the oracle adapts the same modules) or every Linear of ``target_modules``.
-    Returns P=1 with the scale folded in.
+    e.g. the hypernetwork's, so the oracle adapts the same modules), else the ``target_modules`` Linears
+    of the last ``n_upper`` layers (None: all layers; 12 matches ``hyperlora train``'s default).
+    When nothing below layer ``start`` is adapted (Llama family), the hidden states entering ``start`` are
+    computed once per example and each step runs only the upper layers (``cache_lower=False``: full
+    forwards every step; same result). Returns P=1, scale folded in.
     """
     pairs = [(prompt_text(tokenizer, e.input), target_text(tokenizer, e.answer)) for e in examples if e.answer]
     if not pairs:
@@ -211,6 +234,10 @@ def train_policy_lora(model: nn.Module, tokenizer: Any, examples: Sequence[Examp
         targets = {n: mods[n] for n in module_names}
     else:
         targets = _linear_targets(model, target_modules)
+        idx = [x for x in (_layer_of(n) for n in targets) if x is not None]
+        if n_upper is not None and idx:
+            lo = max(idx) + 1 - n_upper
+            targets = {n: m for n, m in targets.items() if (_layer_of(n) or 0) >= lo}
     params: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for n, m in targets.items():
         a = (torch.rand(1, rank, m.in_features, generator=g) * 2 - 1) / math.sqrt(m.in_features)
@@ -223,25 +250,66 @@ def train_policy_lora(model: nn.Module, tokenizer: Any, examples: Sequence[Examp
     scale = alpha / rank
     from hyperlora.training.lora_fn import apply_lora
 
+    split = _lower_split(model, list(targets)) if cache_lower else None
+    cached: list[torch.Tensor] = []
+    if split is not None:  # states entering layer `start` never depend on the adapter: compute them once
+        from hyperlora.training.fastpath import pad_right
+
+        with torch.no_grad():
+            for s0 in range(0, len(enc), 16):
+                chunk = [p + t for p, t in enc[s0:s0 + 16]]
+                ids, _ = pad_right(chunk, pad)
+                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+                    h = split.lower(ids.to(dev))
+                cached.extend(h[j, : len(c)].float() for j, c in enumerate(chunk))
+
+    def loss_upper(pick: list[int]) -> torch.Tensor:
+        T = max(cached[i].shape[0] for i in pick)
+        h = torch.zeros(len(pick), T, cached[0].shape[-1], device=dev)
+        for r, i in enumerate(pick):  # right padding + causal attention: real positions never see the pads
+            h[r, : cached[i].shape[0]] = cached[i]
+        rows_, cols, labels = [], [], []
+        for r, i in enumerate(pick):
+            P, t = len(enc[i][0]), enc[i][1]
+            rows_ += [r] * len(t)
+            cols += list(range(P - 1, P - 1 + len(t)))  # position P-1+j predicts target token j
+            labels += t
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+            pos, pe = split._pos(h)
+            for layer in split.layers[split.start:]:
+                h = layer(h, attention_mask=None, position_ids=pos, position_embeddings=pe)
+                if isinstance(h, tuple):
+                    h = h[0]
+            hs = split.norm(h[torch.tensor(rows_, device=dev), torch.tensor(cols, device=dev)])
+            logits = split.lm_head(hs)
+        return nn.functional.cross_entropy(logits.float(), torch.tensor(labels, device=dev))
+
+    def loss_full(pick: list[int]) -> torch.Tensor:
+        batch = [enc[i] for i in pick]
+        seqs = [p + t for p, t in batch]
+        T = max(len(s) for s in seqs)
+        keep = max(len(t) for _, t in batch) + 1  # logits only where targets are predicted (vocab is large)
+        ids = torch.full((len(seqs), T), pad, dtype=torch.long)
+        labels = torch.full((len(seqs), keep), -100, dtype=torch.long)
+        mask = torch.zeros((len(seqs), T), dtype=torch.long)
+        for i, ((p, t), s) in enumerate(zip(batch, seqs)):  # left padding: every row ends at T-1
+            ids[i, T - len(s):] = torch.tensor(s)
+            mask[i, T - len(s):] = 1
+            labels[i, keep - len(t):] = torch.tensor(t)  # label j is predicted by kept logit j-1
+        ids, mask, labels = ids.to(dev), mask.to(dev), labels.to(dev)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False,
+                           logits_to_keep=keep).logits
+        return nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                                           labels[:, 1:].reshape(-1), ignore_index=-100)
+
     was_training = model.training
     model.eval()
     for _ in range(steps):
-        batch = [enc[rng.randrange(len(enc))] for _ in range(batch_size)]
-        seqs = [p + t for p, t in batch]
-        T = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), T), pad, dtype=torch.long)
-        labels = torch.full((len(seqs), T), -100, dtype=torch.long)
-        mask = torch.zeros((len(seqs), T), dtype=torch.long)
-        for i, ((p, t), s) in enumerate(zip(batch, seqs)):  # right padding: positions 0..len-1 are real
-            ids[i, : len(s)] = torch.tensor(s)
-            mask[i, : len(s)] = 1
-            labels[i, len(p): len(s)] = torch.tensor(t)
-        ids, mask, labels = ids.to(dev), mask.to(dev), labels.to(dev)
-        with apply_lora(model, params, scale=scale, rows=torch.zeros(len(seqs), dtype=torch.long)):
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
-                logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        loss = nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                                           labels[:, 1:].reshape(-1), ignore_index=-100)
+        pick = [rng.randrange(len(enc)) for _ in range(batch_size)]
+        with apply_lora(model, params, scale=scale, rows=torch.zeros(batch_size, dtype=torch.long)):
+            loss = loss_upper(pick) if split is not None else loss_full(pick)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
