@@ -199,14 +199,7 @@ def _torch_add_lora(ys, x, as_, bs, scales, ranks, token_ids, seg_slots, seg_sta
     segs, n_tok = _host_segments(token_ids, seg_slots, seg_starts, seg_counts, num_active)
     if n_tok == 0:
         return
-    acc = _acc_dtype(x.dtype)
-    if x.dtype == acc:  # float32/float64: add straight into y's rows, no [T, d_out] buffer
-        _torch_add_lora_direct(ys, x, as_, bs, scales, ranks, token_ids, segs, n_tok)
-        return
-    ids = token_ids[:n_tok].to(torch.int64)
-    deltas = _segment_deltas(x, as_, bs, scales, ranks, ids, segs, n_tok)
-    for y, d in zip(ys, deltas):
-        _apply_rows(y, ids, d)
+    _torch_add_lora_segments(ys, x, as_, bs, scales, ranks, token_ids, segs, n_tok)
 
 
 # Decode with many small adapters: gathering them for two bmm beats one small GEMM pair per segment
@@ -219,13 +212,15 @@ _BATCHED_MAX_ADAPTER_BYTES = 96 * 1024
 
 
 def _torch_decode_batched(ys, x, as_, bs, scales, ranks, ids, seg_slots) -> None:
-    """One token per segment: gather the used adapters, mask ranks past each slot's rank, two bmm."""
-    xs = x.index_select(0, ids).unsqueeze(1)                                    # [M, 1, d_in]
-    sc = None if scales is None else scales.index_select(0, seg_slots).to(x.dtype).view(-1, 1, 1)
+    """One token per segment: gather the used adapters, mask ranks past each slot's rank, two bmm
+    (in the accumulation dtype), one rounding into y."""
+    acc = _acc_dtype(x.dtype)
+    xs = x.index_select(0, ids).unsqueeze(1).to(acc)                            # [M, 1, d_in]
+    sc = None if scales is None else scales.index_select(0, seg_slots).to(acc).view(-1, 1, 1)
     rk = None if ranks is None else ranks.index_select(0, seg_slots).view(-1, 1)
     for a, b, y in zip(as_, bs, ys):
-        ag = a.index_select(0, seg_slots)                                       # [M, R, d_in]
-        bg = b.index_select(0, seg_slots)                                       # [M, d_out, R]
+        ag = a.index_select(0, seg_slots).to(acc)                               # [M, R, d_in]
+        bg = b.index_select(0, seg_slots).to(acc)                               # [M, d_out, R]
         if rk is not None:
             dead = torch.arange(a.shape[1], device=x.device).view(1, -1) >= rk   # [M, R]
             ag.masked_fill_(dead.unsqueeze(2), 0)
@@ -233,12 +228,13 @@ def _torch_decode_batched(ys, x, as_, bs, scales, ranks, ids, seg_slots) -> None
         h = torch.bmm(xs, ag.transpose(1, 2))                                   # [M, 1, R]
         if sc is not None:
             h.mul_(sc)
-        y.index_add_(0, ids, torch.bmm(h, bg.transpose(1, 2)).squeeze(1))
+        _apply_rows(y, ids, torch.bmm(h, bg.transpose(1, 2)).squeeze(1))
 
 
-def _torch_add_lora_direct(ys, x, as_, bs, scales, ranks, token_ids, segs, n_tok) -> None:
-    """Full-precision inputs: per segment, shrink then addmm_ into y (rows contiguous: the usual case for
-    decode, one token per segment, and for prefill, one sequence per segment), else gather/index_add_.
+def _torch_add_lora_segments(ys, x, as_, bs, scales, ranks, token_ids, segs, n_tok) -> None:
+    """Per segment, shrink then addmm into y's rows (rows contiguous: the usual case for decode, one
+    token per segment, and for prefill, one sequence per segment), else gather / index_add_. float32 and
+    float64 add in place; float16/bfloat16 compute in float32 and round each updated row once.
 
     Per-segment views come from one C++ call each (split/unbind) rather than Python indexing: in decode
     (one token per adapter) the dispatcher, not the arithmetic, is most of the cost."""
@@ -254,6 +250,10 @@ def _torch_add_lora_direct(ys, x, as_, bs, scales, ranks, token_ids, segs, n_tok
             _torch_decode_batched(ys, x, as_, bs, scales, ranks, token_ids[:n_tok].to(torch.int64),
                                   torch.tensor([sg[0] for sg in segs], dtype=torch.int64, device=x.device))
             return
+    acc = _acc_dtype(x.dtype)
+    half = x.dtype != acc
+    if half:
+        x = x.to(acc)
     x_rows = x.split(1) if one_token else None
     y_rows = [y.split(1) for y in ys] if one_token else None
     per_slot = as_[0].shape[0] <= 4 * m  # unbind all S slots only when most are used
@@ -279,8 +279,17 @@ def _torch_add_lora_direct(ys, x, as_, bs, scales, ranks, token_ids, segs, n_tok
             a_s, bt_s = a_views[j][s], bt_views[j][s]            # [R, d_in], [R, d_out]
             if r != full[j]:
                 a_s, bt_s = a_s[:r], bt_s[:r]
+            if half:
+                a_s, bt_s = a_s.to(acc), bt_s.to(acc)
             h = F.linear(xseg, a_s)                              # [n, r]
-            if one_token:
+            if half:
+                if idx is None:
+                    yv = y_rows[j][i0] if one_token else ys[j][i0:i0 + n]
+                    yv.copy_(torch.addmm(yv.to(acc), h, bt_s, alpha=sc))
+                else:
+                    rows = ys[j].index_select(0, idx).to(acc).addmm_(h, bt_s, alpha=sc)
+                    ys[j].index_copy_(0, idx, rows.to(ys[j].dtype))
+            elif one_token:
                 y_rows[j][i0].addmm_(h, bt_s, alpha=sc)
             elif contiguous:
                 ys[j][i0:i0 + n].addmm_(h, bt_s, alpha=sc)
