@@ -177,6 +177,16 @@ def test_triton_split_k_shrink(dtype, monkeypatch):
         assert_bits_equal(y[slots < 0], y0[slots < 0])
 
 
+def test_public_name_is_callable_even_after_submodule_import():
+    import hyperlora.ops.add_lora  # noqa: F401  (binds the package attribute to the module)
+    from hyperlora.ops import add_lora as op
+
+    y, x, a, b, slots, scales, ranks = make_case(6, 3, 2, 5, 4, torch.float32, "cpu")
+    ref = reference(y, x, a, b, slots, scales, ranks)
+    assert op(y, x, a, b, slots, scales, ranks) is y
+    assert_matches(y, ref, slots, torch.float32)
+
+
 def test_empty_batch_is_a_no_op():
     x, y = torch.randn(0, 8), torch.randn(0, 4)
     a, b = torch.randn(2, 3, 8), torch.randn(2, 4, 3)

@@ -4,7 +4,8 @@
 
 Rows whose slot is -1 are left bitwise untouched. Shapes: x [T, d_in], y [T, d_out], lora_a [S, R, d_in],
 lora_b [S, d_out, R], slots [T] int32/int64, scales [S] float (None = 1), ranks [S] int (None = R).
-Sliced form: `y`, `lora_a`, `lora_b` are equal-length tuples (e.g. q, k, v sharing x); x is read once.
+Sliced form: `y`, `lora_a`, `lora_b` are equal-length tuples (e.g. q, k, v sharing x); the Triton shrink
+reads each x tile once for up to three slices.
 
 Backends: "torch" (grouped by slot, the CPU path and the test oracle, differentiable), "triton" and
 "cuda" (GPU kernels over sorted segments). All accumulate in float32 for float16/bfloat16 inputs.
@@ -17,6 +18,8 @@ functional op `hyperlora::lora_delta` is used instead (torch backend).
 from __future__ import annotations
 
 import os
+import sys
+import types
 from typing import Optional, Sequence, Union
 
 import torch
@@ -111,7 +114,6 @@ def validate(y: TensorOrTuple, x: torch.Tensor, lora_a: TensorOrTuple, lora_b: T
                              f"but this call has T={t}, S={num_slots} on {dev}; rebuild it with build_meta")
         if not isinstance(slots, torch.Tensor) or slots.dim() != 1:
             raise ValueError("slots must be a 1-D tensor [T]")
-    max_r = max(a.shape[1] for a in as_)
     if scales is not None:
         if not isinstance(scales, torch.Tensor):
             raise TypeError(f"scales must be a float tensor [S] or None, got {type(scales).__name__}")
@@ -134,7 +136,6 @@ def validate(y: TensorOrTuple, x: torch.Tensor, lora_a: TensorOrTuple, lora_b: T
             if lo < 0 or hi > min_r:
                 raise ValueError(f"ranks values must be in [0, R={min_r}] (R = lora_a.shape[1]), got min {lo} "
                                  f"and max {hi}")
-    del max_r
     return ys, as_, bs
 
 
@@ -512,3 +513,15 @@ def add_lora(y: TensorOrTuple, x: torch.Tensor, lora_a: TensorOrTuple, lora_b: T
     else:  # eager: same implementation without the custom-op dispatcher (~0.1 ms per call on a CPU)
         _add_lora_impl(ys, x, as_, bs, scales, ranks, *meta.tensors(), name, max_seg, n_seg)
     return y
+
+
+class _CallableModule(types.ModuleType):
+    """`hyperlora.ops.add_lora` is both this module and the op: once the submodule has been imported,
+    Python binds the package attribute to the module, so `from hyperlora.ops import add_lora` returns the
+    module. Making the module callable keeps `add_lora(y, x, ...)` working either way."""
+
+    def __call__(self, *args, **kwargs):
+        return add_lora(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
