@@ -550,12 +550,13 @@ def signature(fn, dtype_ptrs, dt, consts):
 for cc, dt in ((80, "fp32"), (90, "bf16")):
     if True:
         ieee = dt == "fp32"
-        c = dict(NUM_SLICES=3, HAS_RANKS=True, HAS_SCALES=True, BLOCK_M=16, BLOCK_R=32, BLOCK_K=128,
-                 SPLIT_K=1 if cc == 80 else 4, UPCAST=False, IEEE=ieee)
+        full = cc == 90  # sm_90: every option on; sm_80: every option off
+        c = dict(NUM_SLICES=3 if full else 1, HAS_RANKS=full, HAS_SCALES=full, BLOCK_M=16, BLOCK_R=32,
+                 BLOCK_K=128, SPLIT_K=4 if full else 1, UPCAST=False, IEEE=ieee)
         sig = signature(K._shrink_kernel, {"x_ptr", "a0_ptr", "a1_ptr", "a2_ptr"}, dt, c)
         triton.compile(ASTSource(fn=K._shrink_kernel, signature=sig, constexprs=c),
                        target=GPUTarget("cuda", cc, 32), options={"num_warps": 4})
-        c = dict(HAS_RANKS=True, BLOCK_M=64, BLOCK_N=128, BLOCK_R=64, UPCAST=False, IEEE=ieee)
+        c = dict(HAS_RANKS=full, BLOCK_M=64, BLOCK_N=128, BLOCK_R=64, UPCAST=False, IEEE=ieee)
         sig = signature(K._expand_kernel, {"y_ptr", "b_ptr"}, dt, c)
         triton.compile(ASTSource(fn=K._expand_kernel, signature=sig, constexprs=c),
                        target=GPUTarget("cuda", cc, 32), options={"num_warps": 8})
