@@ -142,7 +142,7 @@ def run_case(hidden: int, rank: int, k: int, policies: int, tpp: int, dtype: tor
     picked = t_lat if choice.path == "latent" else t_mat
     return dict(hidden=d, rank=rank, latent_k=k, policies=policies, tokens_per_policy=tpp, tokens=T,
                 base_ms=None if t_base is None else t_base * 1e3, materialized_ms=t_mat * 1e3, latent_ms=t_lat * 1e3,
-                auto_ms=t_auto * 1e3, auto_path=choice.path, better_path="latent" if t_lat < t_mat else "materialized",
+                auto_ms=t_auto * 1e3, auto_path=choice.path, auto_timed=choice.measured is not None, better_path="latent" if t_lat < t_mat else "materialized",
                 regret=picked / best, auto_over_best=t_auto / best,
                 est_materialized_ms=choice.materialized.seconds * 1e3, est_latent_ms=choice.latent.seconds * 1e3,
                 est_materialized_mb=choice.materialized.bytes / 1e6, est_latent_mb=choice.latent.bytes / 1e6,
@@ -196,9 +196,10 @@ def format_table(rows: list[dict]) -> str:
         base = f"{r['base_ms']:8.3f}" if r["base_ms"] is not None else f"{'-':>8}"
         lines.append(f"{r['hidden']:>6} {r['rank']:>3} {r['latent_k']:>3} {r['policies']:>5} {r['tokens_per_policy']:>4} "
                      f"{r['tokens']:>6} | {base} {r['materialized_ms']:8.3f} {r['latent_ms']:8.3f} {r['auto_ms']:8.3f} | "
-                     f"{r['auto_path']:>12} {r['better_path']:>12} {r['regret']:6.2f} | "
+                     f"{r['auto_path'] + ('*' if r.get('auto_timed') else ''):>12} {r['better_path']:>12} {r['regret']:6.2f} | "
                      f"{r['est_materialized_ms']:8.3f} {r['est_latent_ms']:8.3f}")
-    lines.append("times in ms (median); regret = picked path / better path, same measurements; est = cost model")
+    lines.append("times in ms (median); regret = picked path / better path, same measurements; est = cost model; "
+                 "* = a close call that auto settled by timing both ops once")
     return "\n".join(lines)
 
 

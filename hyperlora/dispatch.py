@@ -12,15 +12,17 @@ So the latent path wins when many distinct policies share few tokens each (decod
 prefill-heavy batches with few policies. The device's bandwidth and FLOP rate are measured once per device
 by a small calibration (~0.5 s on an idle CPU core, a few seconds on a loaded one; milliseconds on a GPU)
 and cached for the process; `HYPERLORA_CALIBRATE=0` uses the defaults named
-below instead (CPU, H100, H200, other GPUs). Every new decision is logged at debug level on the
-`hyperlora.dispatch` logger.
+below instead (CPU, H100, H200, other GPUs). Close calls are then checked by timing both ops once per
+shape bucket (`choose_path`). Every new decision is logged at debug level on the `hyperlora.dispatch` logger.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass
 from typing import Optional, Union
@@ -95,6 +97,7 @@ class PathChoice:
     materialized: PathCost
     latent: PathCost
     profile: str
+    measured: Optional[tuple[float, float]] = None  # (materialized, latent) seconds when a close call was timed
 
     @property
     def ratio(self) -> float:
@@ -171,11 +174,115 @@ def choose_path(tokens: int, policies: int, d_in: int, d_out: int, rank: int, la
         latent_k: K = latent_dim + 1 of the hypernetwork head.
         dtype: the activations' / weights' dtype (or its element size in bytes).
         device: whose profile to use (calibrated once, cached); ignored when `profile` is given.
-    Decisions are cached per (shape, batch, profile) and logged at debug level the first time.
+    Decisions are cached per (shape, batch, profile) and logged at debug level the first time. Close calls
+    (estimates within 20x, both under 0.5 s) on a device are checked once per bucket (tokens and adapters
+    rounded up to powers of two) by timing both ops on synthetic inputs; then `measured` holds those times
+    and `path` follows them. `HYPERLORA_DISPATCH_MEASURE=0` turns the check off; an explicit `profile`
+    (a what-if) never measures.
     """
     _check_sizes(tokens=tokens, policies=policies, d_in=d_in, d_out=d_out, rank=rank, latent_k=latent_k)
     prof = profile if profile is not None else device_profile(device)
-    return _decide(tokens, policies, d_in, d_out, rank, latent_k, _elem_size(dtype), prof)
+    choice = _decide(tokens, policies, d_in, d_out, rank, latent_k, _elem_size(dtype), prof)
+    if profile is None and isinstance(dtype, torch.dtype) and _should_measure(choice, tokens):
+        dev = _device_of(device)
+        key = (_bucket(tokens), min(_bucket(policies), _bucket(tokens)), d_in, d_out, rank, latent_k, dtype, str(dev))
+        times = _measured(key)
+        if times is not None:
+            path = "latent" if times[1] < times[0] else "materialized"
+            choice = dataclasses.replace(choice, path=path, measured=times)
+    return choice
+
+
+# --------------------------------------------------------------------------------------------------
+# close calls: time both ops once per shape bucket
+# --------------------------------------------------------------------------------------------------
+# Estimates closer than this are checked by timing both ops. Wide on purpose: on a CPU the cost of the
+# materialized op swings with its allocator's state (fresh gather buffers page-fault), which no roofline sees.
+_MEASURE_RATIO = 20.0
+_MEASURE_MAX_S = 0.5      # ... when both estimates are under this (bounds the one-off cost of a check, ~8 calls)
+_MEASURED: dict[tuple, Optional[tuple[float, float]]] = {}
+_MEASURE_LOCK = threading.Lock()
+
+
+def _bucket(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def _device_of(device: Union[torch.device, str, None]) -> torch.device:
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
+def _should_measure(choice: PathChoice, tokens: int) -> bool:
+    if tokens == 0 or os.environ.get("HYPERLORA_DISPATCH_MEASURE", "1").strip().lower() in {"0", "false", "no", "off"}:
+        return False
+    if torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+        return False
+    m, l = choice.materialized.seconds, choice.latent.seconds
+    return max(m, l) < _MEASURE_MAX_S and max(m, l) / max(min(m, l), 1e-12) < _MEASURE_RATIO
+
+
+def _measured(key: tuple) -> Optional[tuple[float, float]]:
+    """(materialized, latent) seconds for a bucket, timed once (thread-safe), or None if it cannot be timed."""
+    if key in _MEASURED:
+        return _MEASURED[key]
+    with _MEASURE_LOCK:
+        if key not in _MEASURED:
+            try:
+                _MEASURED[key] = _time_both(*key)
+            except Exception as exc:  # a failed check must never break a forward pass: keep the model's choice
+                logger.warning("dispatch: timing both paths for %s failed (%s); using the cost model", key, exc)
+                _MEASURED[key] = None
+        return _MEASURED[key]
+
+
+def _time_both(T: int, P: int, d_in: int, d_out: int, R: int, K: int, dtype: torch.dtype,
+               device_key: str) -> Optional[tuple[float, float]]:
+    """Median times of add_lora and latent_lora on synthetic inputs of this bucket (P adapters, T tokens spread
+    evenly), called alternately with the caches flushed in between, as a forward over many layers sees them."""
+    try:
+        from hyperlora.ops.add_lora import add_lora
+    except ImportError:
+        return None
+    from hyperlora.ops.metadata import build_meta
+
+    latent_mod = importlib.import_module("hyperlora.ops.latent_lora")
+
+    dev = torch.device(device_key)
+    g = torch.Generator().manual_seed(0)
+
+    def rnd(*shape: int) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g) / shape[-1] ** 0.5).to(dev, dtype)
+
+    x, y = rnd(T, d_in), rnd(T, d_out)
+    w_a, w_b, a, b = rnd(R * K, d_in), rnd(d_out, R * K), rnd(P, R, d_in), rnd(P, d_out, R)
+    z = torch.randn(P, K, generator=g).to(dev)
+    scales = torch.ones(P, device=dev)
+    slots = (torch.arange(T) % P).to(dev, torch.int32)
+    meta = build_meta(slots, P)
+    flush = torch.empty((96 << 20) // 4 if dev.type == "cpu" else (192 << 20) // 4, device=dev)
+    fns = (lambda: add_lora(y, x, a, b, slots, meta=meta),
+           lambda: latent_mod.latent_lora(y, x, w_a, w_b, z, slots, scales, meta=meta))
+    times: tuple[list[float], list[float]] = ([], [])
+    with torch.no_grad():
+        for fn in fns:  # warm up (and JIT-compile on a GPU)
+            fn()
+        for _ in range(3):
+            for i, fn in enumerate(fns):
+                flush.fill_(1.0)
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                t0 = time.perf_counter()
+                fn()
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                times[i].append(time.perf_counter() - t0)
+    out = (sorted(times[0])[1], sorted(times[1])[1])
+    logger.debug("dispatch: timed T=%d P=%d d_in=%d d_out=%d R=%d K=%d %s on %s: materialized %.3g us, latent "
+                 "%.3g us", T, P, d_in, d_out, R, K, dtype, device_key, out[0] * 1e6, out[1] * 1e6)
+    return out
 
 
 # --------------------------------------------------------------------------------------------------

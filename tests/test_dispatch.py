@@ -145,6 +145,80 @@ def test_op_calibration_finds_per_adapter_cost(monkeypatch, one_thread):
     assert slow.path == "latent" and slow.materialized.seconds > 64 * 3e-4
 
 
+def _fake_ops(monkeypatch, mat_s: float, lat_s: float) -> dict:
+    """Stand-in add_lora / latent_lora that take known times; returns their call counters."""
+    import sys
+    import time as _time
+    import types
+
+    import hyperlora.ops.latent_lora as lat_mod
+
+    calls = {"mat": 0, "lat": 0}
+
+    def add_lora(*a, **k):
+        calls["mat"] += 1
+        _time.sleep(mat_s)
+
+    def latent_lora(*a, **k):
+        calls["lat"] += 1
+        _time.sleep(lat_s)
+
+    fake = types.ModuleType("hyperlora.ops.add_lora")
+    fake.add_lora = add_lora
+    monkeypatch.setitem(sys.modules, "hyperlora.ops.add_lora", fake)
+    monkeypatch.setattr(lat_mod, "latent_lora", latent_lora)
+    monkeypatch.setattr(dispatch, "_MEASURED", {})
+    monkeypatch.setenv("HYPERLORA_DISPATCH_MEASURE", "1")
+    return calls
+
+
+def _close_call_profile(monkeypatch):
+    """Make the device profile one under which (T=64, P=64, 576, R 8, K 33, fp32) is a close call."""
+    prof = DEFAULT_PROFILES["cpu"]
+    c = choose_path(64, 64, 576, 576, 8, 33, torch.float32, profile=prof)
+    m, l = c.materialized.seconds, c.latent.seconds
+    assert max(m, l) / min(m, l) < dispatch._MEASURE_RATIO and max(m, l) < dispatch._MEASURE_MAX_S
+    monkeypatch.setattr(dispatch, "device_profile", lambda device=None: prof)
+    return c
+
+
+def test_close_call_follows_the_timing_not_the_model(monkeypatch):
+    model = _close_call_profile(monkeypatch)
+    # the ops say the opposite of the model, by a wide margin: the timing must win
+    slow, fast = 0.004, 0.0005
+    calls = _fake_ops(monkeypatch, mat_s=fast if model.path == "latent" else slow,
+                      lat_s=slow if model.path == "latent" else fast)
+    c = choose_path(64, 64, 576, 576, 8, 33, torch.float32, device="cpu")
+    assert c.measured is not None and c.path != model.path
+    assert calls["mat"] == calls["lat"] == 4  # one warm-up + three timed rounds each
+    # cached per bucket: 50 tokens / 40 adapters fall in the same (64, 64) bucket, nothing is timed again
+    c2 = choose_path(50, 40, 576, 576, 8, 33, torch.float32, device="cpu")
+    assert calls["mat"] == 4 and c2.path == c.path and c2.measured == c.measured
+
+
+def test_no_timing_when_off_for_what_ifs_or_far_apart(monkeypatch):
+    _close_call_profile(monkeypatch)
+    calls = _fake_ops(monkeypatch, mat_s=0.0, lat_s=0.0)
+    monkeypatch.setenv("HYPERLORA_DISPATCH_MEASURE", "0")
+    assert choose_path(64, 64, 576, 576, 8, 33, torch.float32, device="cpu").measured is None
+    monkeypatch.setenv("HYPERLORA_DISPATCH_MEASURE", "1")
+    # an explicit profile is a what-if: never timed
+    assert choose_path(64, 64, 576, 576, 8, 33, torch.float32, profile=DEFAULT_PROFILES["cpu"]).measured is None
+    # too costly to check (1 policy, 16384 tokens at 4096: the latent estimate is over a second)
+    assert choose_path(16384, 1, 4096, 4096, 8, 33, torch.float32, device="cpu").measured is None
+    assert calls == {"mat": 0, "lat": 0}
+
+
+def test_close_call_with_the_real_ops(monkeypatch, one_thread):
+    """The real add_lora and latent_lora time without error at a small close-call shape."""
+    _close_call_profile(monkeypatch)
+    monkeypatch.setattr(dispatch, "_MEASURED", {})
+    monkeypatch.setenv("HYPERLORA_DISPATCH_MEASURE", "1")
+    c = choose_path(64, 64, 576, 576, 8, 33, torch.float32, device="cpu")
+    assert c.measured is not None and all(t > 0 for t in c.measured)
+    assert c.path == ("latent" if c.measured[1] < c.measured[0] else "materialized")
+
+
 @pytest.mark.gpu
 def test_gpu_profile_is_calibrated():
     dispatch._profile_for.cache_clear()
