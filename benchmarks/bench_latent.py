@@ -170,6 +170,22 @@ def grid(args) -> list[tuple[int, int, int, int, int]]:
     return cases
 
 
+def code_version() -> dict:
+    """HEAD and whether the two ops' files differ from it (other work in progress changes the timings)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    ops = ["hyperlora/ops/add_lora.py", "hyperlora/ops/latent_lora.py", "hyperlora/dispatch.py"]
+    return {"head": git("rev-parse", "--short", "HEAD"), "uncommitted": git("status", "--short", "--", *ops).splitlines()}
+
+
 def machine(device: torch.device) -> dict:
     info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
@@ -345,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps({
         "benchmark": "latent_vs_materialized_crossover", "date": now.isoformat(timespec="seconds"),
         "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])]),
-        "machine": machine(device), "dtype": str(dtype), "backend": args.backend or "auto",
+        "machine": machine(device), "code": code_version(), "dtype": str(dtype), "backend": args.backend or "auto",
         "materialized_impl": mat_impl, "cold_mb": cold_mb, "profile": dispatch.dataclasses.asdict(profile),
         "wall_seconds": round(time.perf_counter() - t0, 1), "summary": summ, "rows": rows, "e2e": e2e}, indent=1))
     print(f"wrote {out}")

@@ -262,7 +262,7 @@ def _time_both(T: int, P: int, d_in: int, d_out: int, R: int, K: int, dtype: tor
     scales = torch.ones(P, device=dev)
     slots = (torch.arange(T) % P).to(dev, torch.int32)
     meta = build_meta(slots, P)
-    flush = torch.empty((96 << 20) // 4 if dev.type == "cpu" else (192 << 20) // 4, device=dev)
+    flush = torch.empty((96 << 20) // 4 if dev.type == "cpu" else (128 << 20) // 4, device=dev)  # > LLC / L2
     fns = (lambda: add_lora(y, x, a, b, slots, meta=meta),
            lambda: latent_mod.latent_lora(y, x, w_a, w_b, z, slots, scales, meta=meta))
     times: tuple[list[float], list[float]] = ([], [])
