@@ -146,6 +146,29 @@ def test_mixed_ranks_including_zero(backend, dtype):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("pattern", ["one_each", "three_each", "uneven", "half_pool"])
+def test_decode_over_most_of_the_pool_with_common_rank(backend, dtype, pattern):
+    """Most slots used, few tokens each, one common rank below R (NaN past it): the torch backend's
+    dense path (bmm over the pool's strided views) and the kernels must agree with the oracle."""
+    torch.manual_seed(21)
+    S, R, d_in, d_out = 10, 8, 24, 20
+    slots = {"one_each": torch.randperm(S),
+             "three_each": (torch.arange(3 * S) % S)[torch.randperm(3 * S)],
+             "uneven": torch.tensor([0, 1, 1, 2, 3, 4, 5, 6, 7, 8, 9, 9, 9, -1]),
+             "half_pool": torch.tensor([9, 7, 5, 3, 1, -1, 1])}[pattern]
+    y, x, a, b, _, scales, _ = make_case(slots.numel(), S, R, d_in, d_out, dtype, "cpu", slots, seed=21)
+    ranks = torch.full((S,), 5, dtype=torch.int64)
+    a[:, 5:] = float("nan")
+    b[:, :, 5:] = float("nan")
+    poison_untouched(y, slots)
+    y0 = y.clone()
+    add_lora(y, x, a, b, slots, scales, ranks, backend=backend)
+    assert_matches(y, reference(y0, x, a, b, slots, scales, ranks), slots, dtype)
+    assert_bits_equal(y[slots < 0], y0[slots < 0])
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_no_scales_and_int32_slots(backend):
     slots = torch.tensor([1, -1, 0, 1, 2], dtype=torch.int32)
     run_and_check(backend, "cpu", torch.float32, 5, 3, 4, 11, 6, slots=slots, with_scales=False, seed=5)
