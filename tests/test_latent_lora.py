@@ -116,7 +116,7 @@ def test_both_oracles_agree():
     assert torch.allclose(oracle_latent(c), oracle_materialized(c), rtol=1e-12, atol=1e-12, equal_nan=True)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
 def test_matches_materialized_add_lora(dtype):
     """Same generated adapters through the materialized op (add_lora, scale folded into B) and the latent op."""
     if not HAS_ADD_LORA:
