@@ -238,11 +238,12 @@ def _torch_decode_batched(ys, x, as_, bs, scales, ranks, ids, seg_slots) -> None
 # only when at least half the slots are in the batch. Measured on the 2-core CPU machines (one thread):
 # 64 single-token adapters, r=16: 0.3 ms vs 1.2 ms for the segment loop at d=1024, 2.0 vs 2.5 ms at 4096.
 _DENSE_MAX_TOKENS_PER_SLOT = 8
+_DENSE_MIN_SEGMENTS = 8  # below that the segment loop's fixed cost is lower
 
 
 def _dense_ok(as_, segs, rank_l, n_tok) -> bool:
     num_slots, m = as_[0].shape[0], len(segs)
-    if 2 * m < num_slots or m == 0:
+    if 2 * m < num_slots or m < _DENSE_MIN_SEGMENTS:
         return False
     max_len = max(c for _, _, c in segs)
     if max_len > _DENSE_MAX_TOKENS_PER_SLOT or num_slots * max_len > 2 * n_tok + num_slots:
