@@ -9,7 +9,9 @@ once per token block instead of once per token, and rows with slot -1 are never 
    (q/k/v), so each x tile is loaded once for all of them. h is a small float32 buffer in sorted order.
 2. `_expand_kernel`: y_j[tok[p]] += h[j, p, :r] @ B_j[s, :, :r].T, float32 accumulate, one rounding.
 
-Configurations: decode (segments of <= 16 tokens: BLOCK_M 16, wide d tiles) and prefill (BLOCK_M 64).
+Configurations: decode (segments of <= 16 tokens: BLOCK_M 16, wide d tiles) and prefill (BLOCK_M 32/64).
+Decode launches one shrink program per adapter, too few to fill a GPU, so the shrink then splits d_in
+across programs (`split_k_for`) and adds float32 partial sums atomically into a zeroed h.
 Segment bounds are read on the device, so with fixed-size metadata the launches are CUDA-graph safe (the
 grid then covers all S slots and T tokens; programs past the active segments exit at once).
 Float32 inputs use IEEE float32 dots (no TF32); float16/bfloat16 use tensor cores with float32 accumulation.
