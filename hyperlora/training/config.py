@@ -1,0 +1,107 @@
+"""`hyperlora train` configuration: one dataclass == the JSON config file; CLI flags override fields."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+METHODS = ("sft", "reconstruct", "multitask_lora", "oracle_lora")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on. Saved as ``train_config.json`` next to its checkpoints."""
+
+    method: str = "sft"
+    # data: a JSONL task file, or (None) the generated suite's train split
+    tasks: str | None = None
+    eval_tasks: str | None = None          # JSONL of held-out tasks; None = generated held-out splits
+    suite_seed: int = 0
+    train_per_family: int = 120
+    train_examples_per_task: int = 8       # records per training policy (each costs one full forward to cache)
+    held_out_per_family: int = 8
+    families: list[str] = field(default_factory=lambda: ["topic", "routing", "conjunction", "threshold"])
+    # base model and adapter placement
+    base_model: str | None = None
+    n_upper: int = 12                      # adapt only the last n_upper decoder layers (lower ones cached)
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    rank: int = 8
+    lora_alpha: float = 16.0
+    # hypernetwork
+    latent_dim: int = 32
+    hidden_dim: int = 256
+    task_proj_dim: int = 64
+    trunk_layers: int = 2
+    encoder: str = "minilm"                # minilm | base_mean | base_attn (hyperlora.policy_encoders)
+    encoder_layer: int = 15
+    encoder_queries: int = 4
+    # optimisation
+    steps: int = 400
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup: int = 20
+    grad_clip: float = 1.0
+    policies_per_step: int = 8
+    examples_per_policy: int = 4
+    contrastive: float = 0.5
+    extra_policies_per_family: int = 0     # >0 (needs relabel_per_task): more topic/routing train policies,
+                                           # trained only on relabelled cached records
+    relabel_per_task: int = 0              # >0: add that many relabelled records to topic/routing policies
+    loss: str = "options"                  # options: softmax over the options' first-token logits
+    time_budget_s: float | None = None     # stop after this many seconds of training (then save)
+    # baselines
+    multitask_examples_per_task: int = 4   # records per policy for multitask_lora (policy-in-prompt prompts
+                                           # share no prefix, so each costs a full forward to cache)
+    oracle_steps: int = 60
+    oracle_lr: float = 1e-3
+    oracle_train_fraction: float = 0.5
+    oracle_tasks_per_split: int = 8
+    # bookkeeping
+    eval_every: int = 100
+    eval_tasks_per_split: int = 16
+    save_every: int = 50
+    bf16: bool = True
+    threads: int = 1                       # 1 is ~3x faster than 2 on the shared 2-core machine
+    seed: int = 0
+    device: str = "cpu"
+    out: str = "runs/sft"
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.loss != "options":
+            raise ValueError(f"loss must be 'options' (softmax over the options' first tokens), got {self.loss!r}")
+        for name in ("n_upper", "rank", "steps", "policies_per_step", "examples_per_policy", "threads"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v <= 0:
+                raise ValueError(f"config.{name} must be a positive int, got {v!r}")
+        if not 0.0 <= self.contrastive <= 1.0:
+            raise ValueError(f"config.contrastive must be in [0, 1], got {self.contrastive}")
+        if not 0.0 < self.oracle_train_fraction < 1.0:
+            raise ValueError(f"config.oracle_train_fraction must be in (0, 1), got {self.oracle_train_fraction}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown training config fields {unknown}; known fields: {sorted(known)}")
+        cfg = cls(**d)
+        cfg.validate()
+        return cfg
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TrainConfig":
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"training config {str(p)!r} does not exist (see hyperlora/training/configs/)")
+        try:
+            data = json.loads(p.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"training config {str(p)!r} is not valid JSON: {exc}") from exc
+        return cls.from_dict(data)

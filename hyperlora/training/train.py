@@ -1,0 +1,121 @@
+"""`hyperlora train`: train the hypernetwork (SFT through the frozen base model) or a baseline.
+
+    hyperlora train --config hyperlora/training/configs/cpu.json [--method sft] [--out runs/x] [--set key=value]
+
+Methods: sft (the hypernetwork), multitask_lora (one LoRA, policy in the prompt), oracle_lora (one LoRA per
+held-out policy), reconstruct (not implemented in this version: a clear error). Every method uses the
+same tasks, target modules, rank, loss and step budget. Checkpoints (safetensors + JSON) go to --out;
+re-running the same command resumes from the last checkpoint. Progress bars via tqdm.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="JSON training config (fields of TrainConfig); flags below override it")
+    parser.add_argument("--method", choices=["sft", "reconstruct", "multitask_lora", "oracle_lora"])
+    parser.add_argument("--tasks", help="training tasks JSONL (default: the generated suite's train split)")
+    parser.add_argument("--eval-tasks", help="held-out tasks JSONL (default: the generated held-out splits)")
+    parser.add_argument("--out", help="output directory (checkpoints, logs, results)")
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--threads", type=int, help="torch threads (default from config: 2)")
+    parser.add_argument("--time-budget", type=float, dest="time_budget_s", help="stop training after N seconds")
+    parser.add_argument("--no-resume", action="store_true", help="start from scratch even if --out has a checkpoint")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override any config field (JSON value), e.g. --set encoder='\"base_mean\"' --set n_upper=8")
+
+
+def _build_config(args: argparse.Namespace):
+    from hyperlora.training.config import TrainConfig
+
+    cfg = TrainConfig.load(args.config) if args.config else TrainConfig()
+    d = cfg.to_dict()
+    for key in ("method", "tasks", "eval_tasks", "out", "steps", "seed", "threads", "time_budget_s"):
+        v = getattr(args, key, None)
+        if v is not None:
+            d[key] = v
+    for kv in args.set:
+        if "=" not in kv:
+            raise ValueError(f"--set expects KEY=VALUE, got {kv!r}")
+        k, v = kv.split("=", 1)
+        try:
+            d[k] = json.loads(v)
+        except json.JSONDecodeError:
+            d[k] = v
+    return TrainConfig.from_dict(d)
+
+
+def run(args: argparse.Namespace) -> int:
+    import time
+
+    import torch
+
+    cfg = _build_config(args)
+    torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    log_path = out / "log.txt"
+
+    def log(msg: str) -> None:
+        line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+        print(line, flush=True)
+        with open(log_path, "a") as f:
+            f.write(line + "\n")
+
+    log(f"hyperlora train --method {cfg.method} -> {out}")
+    t0 = time.time()
+    if cfg.method == "reconstruct":
+        raise NotImplementedError("method 'reconstruct' is not implemented in this version; use --method sft")
+    from hyperlora.training.session import build_session
+
+    if cfg.method == "sft":
+        from hyperlora.training.sft import quick_eval, train_sft
+
+        s = build_session(cfg, log=log)
+        hn, enc, hist = train_sft(s, log=log, resume=not args.no_resume)
+        ev = quick_eval(s, hn, enc, cfg.eval_tasks_per_split)
+        final = out / "final"
+        hn.save_pretrained(final)
+        enc.save(final)
+        res = {"method": "sft", "eval": ev, "train_seconds": round(time.time() - t0, 1)}
+    elif cfg.method == "multitask_lora":
+        from hyperlora.training.baselines import accuracy_with, train_multitask
+        from hyperlora.training.data import spread_over_families
+
+        s = build_session(cfg, policy_in_prompt=True, log=log)
+        lora, hist = train_multitask(s, log=log)
+        lora.save(out / "multitask_lora.safetensors", {"config": cfg.to_dict()})
+        res = {"method": "multitask_lora", "eval": {}, "train_seconds": round(time.time() - t0, 1)}
+        for name, d in s.evals.items():
+            rows = [(0, it) for t in spread_over_families(d, cfg.eval_tasks_per_split) for it in d.items[t]]
+            fam = {t: d.tasks[t].family or "tasks" for t in d.usable_tasks}
+            acc, fams, n = accuracy_with(s, s.eval_states[name], rows, lora.adapters(), lora.scale, families=fam)
+            base, _, _ = accuracy_with(s, s.eval_states[name], rows, None, families=fam)
+            res["eval"][name] = {"multitask_lora": round(acc, 1), "in_context": round(base, 1), "families": fams, "n": n}
+            log(f"{name}: multitask_lora {acc:.1f}  in_context {base:.1f}  (n={n})")
+    else:  # oracle_lora
+        from hyperlora.training.baselines import accuracy_with, train_oracles
+        from hyperlora.training.data import spread_over_families
+
+        s = build_session(cfg, with_train=False, log=log)
+        res = {"method": "oracle_lora", "eval": {}}
+        for name, d in s.evals.items():
+            tids = spread_over_families(d, cfg.oracle_tasks_per_split)
+            loras, tr, te, secs = train_oracles(s, name, tids, log=log)
+            loras.save(out / f"oracle_{name}.safetensors", {"tasks": [d.tasks[t].id for t in tids]})
+            rows = [(k, it) for k, t in enumerate(tids) for it in te[t]]
+            fam = {t: d.tasks[t].family or "tasks" for t in tids}
+            acc, fams, n = accuracy_with(s, s.eval_states[name], rows, loras.adapters(), loras.scale, families=fam)
+            base, _, _ = accuracy_with(s, s.eval_states[name], rows, None, families=fam)
+            res["eval"][name] = {"oracle_lora": round(acc, 1), "base": round(base, 1), "families": fams, "n": n,
+                                 "seconds": round(secs, 1), "seconds_per_policy": round(secs / len(tids), 1)}
+            log(f"{name}: oracle_lora {acc:.1f}  base {base:.1f}  (n={n}, {secs:.0f} s for {len(tids)} policies)")
+        res["train_seconds"] = round(time.time() - t0, 1)
+    (out / "results.json").write_text(json.dumps(res, indent=2) + "\n")
+    log(json.dumps(res["eval"]))
+    return 0
