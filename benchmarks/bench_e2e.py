@@ -82,11 +82,19 @@ def build_peft(model, adapters):
     """A PeftModel (on a copy of `model`) holding every adapter as 'a<i>' with the given weights."""
     from peft import LoraConfig, get_peft_model
 
+    from peft.tuners.lora import LoraLayer
+
     cfg = LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=SEVEN, lora_dropout=0.0)
     # low_cpu_mem_usage: adapter weights start on the meta device (no init), then get ours assigned
     pm = get_peft_model(copy.deepcopy(model), cfg, adapter_name="a0", low_cpu_mem_usage=True)
+    # PeftModel.add_adapter re-walks every module per call (quadratic: ~4 min for 64 adapters on SmolLM2
+    # here), so the other adapters are added with PEFT's own per-layer LoraLayer.update_layer, which builds
+    # the same lora_A / lora_B modules add_adapter would; the forward is PEFT's unchanged.
+    layers = [m for m in pm.base_model.model.modules() if isinstance(m, LoraLayer)]
     for i in range(1, len(adapters)):
-        pm.add_adapter(f"a{i}", cfg, low_cpu_mem_usage=True)
+        pm.peft_config[f"a{i}"] = cfg
+        for layer in layers:
+            layer.update_layer(f"a{i}", RANK, ALPHA, config=cfg)
     mods = dict(pm.base_model.model.named_modules())
     for i, ad in enumerate(adapters):
         for name, (a, b) in ad.items():
@@ -223,11 +231,22 @@ def run_model(label: str, model, desc: str, counts: list[int], shapes: dict, rep
     return rows_out
 
 
+def _cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small shapes and few repetitions (smoke test)")
     ap.add_argument("--models", default="llama1024,smollm2", help="comma list: llama1024, smollm2")
-    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--reps", type=int, default=None, help="timed repetitions per shape (default: decode 5, prefill 2)")
+    ap.add_argument("--shapes", default="decode,prefill", help="comma list: decode, prefill")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -236,6 +255,7 @@ def main(argv=None) -> int:
     load0 = os.getloadavg()[0]
     counts = [1, 64] if args.quick else [1, 8, 32, 64]
     shapes = {"decode": (64, 1), "prefill": (16, 64)} if not args.quick else {"decode": (64, 1), "prefill": (4, 16)}
+    shapes = {k: v for k, v in shapes.items() if k in args.shapes.split(",")}
     # prefill forwards cost seconds each on this CPU: fewer repetitions there
     reps = {"decode": args.reps or (2 if args.quick else 5), "prefill": args.reps or 2}
     results = []
@@ -264,7 +284,7 @@ def main(argv=None) -> int:
                   f"{r['hyperlora_overhead'] * 100:.0f}% vs floor {r['floor_overhead'] * 100:.0f}%)")
     info = {
         "benchmark": "bench_e2e", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "host": socket.gethostname(), "machine": platform.machine(), "processor": platform.processor(),
+        "host": socket.gethostname(), "machine": platform.machine(), "cpu_model": _cpu_model(),
         "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
         "python": platform.python_version(), "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
         "decode_note": "64 rows x 1 token, single-token forward without KV cache",
@@ -279,7 +299,8 @@ def main(argv=None) -> int:
     except ImportError:
         pass
     out = Path(args.out) if args.out else Path(__file__).parent / "results" / (
-        f"e2e_{'quick_' if args.quick else ''}{socket.gethostname()}_{datetime.date.today().isoformat()}.json")
+        f"e2e_{'quick_' if args.quick else ''}{'_'.join(shapes) + '_' if len(shapes) == 1 else ''}"
+        f"{socket.gethostname()}_{datetime.date.today().isoformat()}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(info, indent=2) + "\n")
     print(f"wrote {out} ({total:.0f} s)")
