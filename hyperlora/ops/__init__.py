@@ -3,26 +3,14 @@
 - `add_lora`: many materialized LoRA adapters in one batch (SGMV-style), slot -1 = no adapter.
 - `generate_lora`: hypernetwork head outputs written straight into adapter-pool slots.
 - `latent_lora`: the fused path that applies generated adapters without materializing them.
+
+The functions are imported eagerly (the modules need only torch; Triton and the CUDA extension load on
+first use). Binding them here after the submodule imports means `from hyperlora.ops import add_lora`
+is always the function, never the submodule of the same name.
 """
-from __future__ import annotations
+from hyperlora.ops.add_lora import add_lora
+from hyperlora.ops.generate_lora import generate_lora
+from hyperlora.ops.latent_lora import latent_lora
+from hyperlora.ops.metadata import LoraBatchMeta, build_meta
 
-import importlib
-from typing import Any
-
-_LAZY = {
-    "add_lora": ("hyperlora.ops.add_lora", "add_lora"),
-    "LoraBatchMeta": ("hyperlora.ops.metadata", "LoraBatchMeta"),
-    "generate_lora": ("hyperlora.ops.generate_lora", "generate_lora"),
-    "latent_lora": ("hyperlora.ops.latent_lora", "latent_lora"),
-}
-__all__ = list(_LAZY)
-
-
-def __getattr__(name: str) -> Any:
-    try:
-        module_name, attr = _LAZY[name]
-    except KeyError:
-        raise AttributeError(f"module 'hyperlora.ops' has no attribute {name!r}") from None
-    value = getattr(importlib.import_module(module_name), attr)
-    globals()[name] = value
-    return value
+__all__ = ["add_lora", "generate_lora", "latent_lora", "LoraBatchMeta", "build_meta"]

@@ -18,8 +18,6 @@ functional op `hyperlora::lora_delta` is used instead (torch backend).
 from __future__ import annotations
 
 import os
-import sys
-import types
 from typing import Optional, Sequence, Union
 
 import torch
@@ -558,15 +556,3 @@ def add_lora(y: TensorOrTuple, x: torch.Tensor, lora_a: TensorOrTuple, lora_b: T
     else:  # eager: same implementation without the custom-op dispatcher (~0.1 ms per call on a CPU)
         _add_lora_impl(ys, x, as_, bs, scales, ranks, *meta.tensors(), name, max_seg, n_seg)
     return y
-
-
-class _CallableModule(types.ModuleType):
-    """`hyperlora.ops.add_lora` is both this module and the op: once the submodule has been imported,
-    Python binds the package attribute to the module, so `from hyperlora.ops import add_lora` returns the
-    module. Making the module callable keeps `add_lora(y, x, ...)` working either way."""
-
-    def __call__(self, *args, **kwargs):
-        return add_lora(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
