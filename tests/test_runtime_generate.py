@@ -175,7 +175,7 @@ def test_churn_test_detects_a_pool_without_in_flight_protection(tmp_path, monkey
     ids, mask, _ = padded_batch([5, 6, 4], seed=8)
     entries = [POLICIES[0], None, POLICIES[1]]
     reference = rt.generate(input_ids=ids, attention_mask=mask, policies=entries, max_new_tokens=6)
-    monkeypatch.setattr(rt.pool, "in_flight", lambda slots: contextlib.nullcontext(list(slots)))
+    monkeypatch.setattr(rt.pool, "in_flight", lambda slots, keys=None: contextlib.nullcontext(list(slots)))
     texts = iter(f"churn policy {i}" for i in range(1000))
     hook = model.register_forward_pre_hook(lambda m, a: rt.prepare([next(texts), next(texts)]) and None)
     try:
