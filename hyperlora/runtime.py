@@ -122,6 +122,8 @@ class Runtime:
         self._install(targets)
         for name in targets:
             self.model.get_submodule(name).hl_views = PoolViews((self.pool.lora_a(name), self.pool.lora_b(name)))
+        log.info("hyperlora: serving %d modules of %s; adapter pool %d slots x rank %d = %.1f MB (%s)",
+                 len(targets), type(model).__name__, max_adapters, max_rank, self.pool.nbytes() / 1e6, self.pool.dtype)
 
     # ---- attach / detach ---------------------------------------------------------------------
 
