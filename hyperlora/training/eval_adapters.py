@@ -205,6 +205,14 @@ def _lower_split(model: nn.Module, targets: Sequence[str]) -> Any:
         return None
 
 
+def _choice_loss(first_logits: torch.Tensor, choice: Sequence[tuple[list[int], int] | None]) -> torch.Tensor:
+    """Cross-entropy of the gold option among the options' first tokens at the answer position ([B, V] logits);
+    0 for free-text rows. It trains the choice directly, not only the answer words' likelihood."""
+    terms = [nn.functional.cross_entropy(first_logits[r, ids].unsqueeze(0), torch.tensor([gold], device=first_logits.device))
+             for r, c in enumerate(choice) if c is not None for ids, gold in [c]]
+    return torch.stack(terms).mean() if terms else first_logits.sum() * 0.0
+
+
 def train_policy_lora(model: nn.Module, tokenizer: Any, examples: Sequence[Example], *, rank: int = 8,
                       alpha: float = 16.0, target_modules: Sequence[str] = ("q_proj", "v_proj"),
                       module_names: Sequence[str] | None = None, n_upper: int | None = 12, steps: int = 60,
@@ -213,14 +221,16 @@ def train_policy_lora(model: nn.Module, tokenizer: Any, examples: Sequence[Examp
     """A LoRA trained on one policy's examples with no policy in the prompt (the ``oracle_lora`` baseline).
 
     Loss: cross-entropy on ``answer + end-of-turn`` (option tasks: the gold option; free text: the
-    reference reply; free-text examples without one are skipped). Targets: ``module_names`` (full names,
+    reference reply; free-text examples without one are skipped), plus for option tasks the cross-entropy
+    of the gold option among the options' first tokens (the choice itself). Targets: ``module_names`` (full names,
     e.g. the hypernetwork's, so the oracle adapts the same modules), else the ``target_modules`` Linears
     of the last ``n_upper`` layers (None: all layers; 12 matches ``hyperlora train``'s default).
     When nothing below layer ``start`` is adapted (Llama family), the hidden states entering ``start`` are
     computed once per example and each step runs only the upper layers (``cache_lower=False``: full
     forwards every step; same result). Returns P=1, scale folded in.
     """
-    pairs = [(prompt_text(tokenizer, e.input), target_text(tokenizer, e.answer)) for e in examples if e.answer]
+    used = [e for e in examples if e.answer]
+    pairs = [(prompt_text(tokenizer, e.input), target_text(tokenizer, e.answer)) for e in used]
     if not pairs:
         raise ValueError("train_policy_lora needs examples with an 'answer' (gold option or reference reply)")
     g = torch.Generator().manual_seed(seed)
@@ -246,6 +256,14 @@ def train_policy_lora(model: nn.Module, tokenizer: Any, examples: Sequence[Examp
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 5) * 0.5 * (1 + math.cos(math.pi * s / steps)))
     enc = [(tokenizer(p, add_special_tokens=False)["input_ids"], tokenizer(t, add_special_tokens=False)["input_ids"])
            for p, t in pairs]
+    # option tasks: first token of each option (+ gold index) for the discriminative term of the loss
+    choice: list[tuple[list[int], int] | None] = []
+    for e in used:
+        if e.options is None:
+            choice.append(None)
+            continue
+        firsts = [tokenizer(target_text(tokenizer, o), add_special_tokens=False)["input_ids"][0] for o in e.options]
+        choice.append((firsts, e.options.index(e.answer)) if len(set(firsts)) == len(firsts) else None)
     pad = int(getattr(tokenizer, "pad_token_id", None) or getattr(tokenizer, "eos_token_id", None) or 0)
     scale = alpha / rank
     from hyperlora.training.lora_fn import apply_lora
@@ -281,8 +299,10 @@ def train_policy_lora(model: nn.Module, tokenizer: Any, examples: Sequence[Examp
                 if isinstance(h, tuple):
                     h = h[0]
             hs = split.norm(h[torch.tensor(rows_, device=dev), torch.tensor(cols, device=dev)])
-            logits = split.lm_head(hs)
-        return nn.functional.cross_entropy(logits.float(), torch.tensor(labels, device=dev))
+            logits = split.lm_head(hs).float()
+        firsts = [rows_.index(r) for r in range(len(pick))]  # row of each example's first target token
+        return nn.functional.cross_entropy(logits, torch.tensor(labels, device=dev)) + _choice_loss(
+            logits[torch.tensor(firsts, device=dev)], [choice[i] for i in pick])
 
     def loss_full(pick: list[int]) -> torch.Tensor:
         batch = [enc[i] for i in pick]
@@ -300,9 +320,10 @@ def train_policy_lora(model: nn.Module, tokenizer: Any, examples: Sequence[Examp
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
             logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False,
-                           logits_to_keep=keep).logits
-        return nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                                           labels[:, 1:].reshape(-1), ignore_index=-100)
+                           logits_to_keep=keep).logits.float()
+        first = logits[torch.arange(len(batch)), torch.tensor([keep - 1 - len(t) for _, t in batch])]
+        return nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                           ignore_index=-100) + _choice_loss(first, [choice[i] for i in pick])
 
     was_training = model.training
     model.eval()

@@ -414,6 +414,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--examples-per-policy", type=int, default=10, help="examples scored per policy (default 10)")
     p.add_argument("--oracle-policies", type=int, default=1, help="policies per family that get an oracle LoRA")
     p.add_argument("--oracle-steps", type=int, default=60, help="training steps per oracle LoRA (batch 8)")
+    p.add_argument("--oracle-lr", type=float, default=1e-3, help="oracle LoRA learning rate")
+    p.add_argument("--oracle-n-upper", type=int, default=12,
+                   help="without a hypernetwork: the oracle adapts q/v of the last N layers (with one: its modules)")
     p.add_argument("--full", action="store_true",
                    help="the full eval: 8 policies per (split, family), 16 examples each, 2 oracles per family")
     p.add_argument("--where", choices=("system", "user"), default="system",
@@ -493,7 +496,8 @@ def run(args: argparse.Namespace) -> int:
                      "module_names": [n for t in hn.hypernet.types for n in hn.hypernet.module_names(t)]}
 
     def oracle(m: Any, t: Any, exs: Sequence[Example]) -> AdapterSet:
-        return train_policy_lora(m, t, exs, steps=args.oracle_steps, seed=args.seed, bf16=bf16, **oracle_kw)
+        return train_policy_lora(m, t, exs, steps=args.oracle_steps, lr=args.oracle_lr, n_upper=args.oracle_n_upper,
+                                 seed=args.seed, bf16=bf16, **oracle_kw)
 
     results, info = evaluate(model, tok, etasks, conditions=conds, hypernet=hn, multitask=multitask,
                              oracle_trainer=oracle, where=args.where, batch_size=args.batch_size, bf16=bf16,
@@ -501,9 +505,9 @@ def run(args: argparse.Namespace) -> int:
     config = {
         "tasks": source, "n_policies": len(etasks), "n_examples": sum(len(e.examples) for e in etasks),
         "max_policies": args.max_policies, "examples_per_policy": args.examples_per_policy,
-        "oracle_policies_per_family": args.oracle_policies, "oracle_steps": args.oracle_steps,
+        "oracle_policies_per_family": args.oracle_policies, "oracle_steps": args.oracle_steps, "oracle_lr": args.oracle_lr,
         "where": args.where, "bf16": bf16, "hypernet": str(find_hypernet_dir(args.hypernet) or "") if hn else None,
-        "multitask_lora": str(mt_path) if mt_path else None, "oracle": {"trainer": "train_policy_lora (full-sequence CE)",
+        "multitask_lora": str(mt_path) if mt_path else None, "oracle": {"trainer": "train_policy_lora (CE on answer+eot, plus option choice)",
                                                                        **{k: v for k, v in oracle_kw.items() if k != "module_names"},
                                                                        "n_modules": len(oracle_kw.get("module_names", []))
                                                                        or "q_proj+v_proj, all layers"},
