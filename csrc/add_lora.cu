@@ -14,6 +14,8 @@
 // Raw device pointers and a cudaStream_t only: nothing here depends on torch's C++ ABI.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+
+#include "convert.cuh"
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -31,15 +33,6 @@ constexpr int kShrinkChunk = 256;     // d_in elements of x staged per step
 constexpr int kExpandCols = 128;      // output columns per expand block (one per thread)
 constexpr int kExpandRanks = 32;      // rank columns of B staged per step
 
-template <typename T> __device__ __forceinline__ float to_f(T v);
-template <> __device__ __forceinline__ float to_f<float>(float v) { return v; }
-template <> __device__ __forceinline__ float to_f<__half>(__half v) { return __half2float(v); }
-template <> __device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T> __device__ __forceinline__ T from_f(float v);
-template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 struct SegmentView {
   int count, start, slot, rank;

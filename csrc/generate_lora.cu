@@ -12,6 +12,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "convert.cuh"
+
 namespace hyperlora {
 namespace {
 
@@ -19,10 +21,6 @@ constexpr int kThreads = 128;       // columns per block
 constexpr int kRowsPerBlock = 16;   // (policy, layer) rows per block
 constexpr int64_t kMaxK = 512;
 
-template <typename T> __device__ __forceinline__ T from_float(float v);
-template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 template <typename T>
 __global__ void generate_lora_kernel(T* __restrict__ pool_a, T* __restrict__ pool_b, const float* __restrict__ z,
@@ -74,7 +72,7 @@ __global__ void generate_lora_kernel(T* __restrict__ pool_a, T* __restrict__ poo
     if (m >= M) break;
     const int64_t p = m / L, l = m % L;
     const float v = is_b ? acc[j] * scales[p] : acc[j];
-    out[(l * S + slots[p]) * N + n] = from_float<T>(v);
+    out[(l * S + slots[p]) * N + n] = from_f<T>(v);
   }
 }
 

@@ -13,6 +13,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "convert.cuh"
+
 namespace hyperlora {
 namespace {
 
@@ -23,14 +25,6 @@ constexpr int kTileO = 64;      // outputs per expand block
 constexpr int kTileJ = 32;      // R*K per expand step
 constexpr int kThreads = 256;
 
-template <typename T> __device__ __forceinline__ float to_f(T v);
-template <> __device__ __forceinline__ float to_f<float>(float v) { return v; }
-template <> __device__ __forceinline__ float to_f<__half>(__half v) { return __half2float(v); }
-template <> __device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T> __device__ __forceinline__ T from_f(float v);
-template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 // Loads this block's slots; returns whether any of its tokens has an adapter (block-uniform).
 __device__ __forceinline__ bool load_slots(const int32_t* slots, int64_t T, int64_t t0, int* s_slot) {
