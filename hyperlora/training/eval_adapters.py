@@ -205,6 +205,11 @@ def _lower_split(model: nn.Module, targets: Sequence[str]) -> Any:
         return None
 
 
+# Weight of the language-model term next to the choice term: the answer words start tens of nats unlikely,
+# and at full weight that term dominates a 60-step budget while the choice itself barely moves.
+_LM_WEIGHT = 0.2
+
+
 def _choice_loss(first_logits: torch.Tensor, choice: Sequence[tuple[list[int], int] | None]) -> torch.Tensor:
     """Cross-entropy of the gold option among the options' first tokens at the answer position ([B, V] logits);
     0 for free-text rows. It trains the choice directly, not only the answer words' likelihood."""
@@ -216,13 +221,13 @@ def _choice_loss(first_logits: torch.Tensor, choice: Sequence[tuple[list[int], i
 def train_policy_lora(model: nn.Module, tokenizer: Any, examples: Sequence[Example], *, rank: int = 8,
                       alpha: float = 16.0, target_modules: Sequence[str] = ("q_proj", "v_proj"),
                       module_names: Sequence[str] | None = None, n_upper: int | None = 12, steps: int = 60,
-                      batch_size: int = 8, lr: float = 1e-3, seed: int = 0, bf16: bool = True,
+                      batch_size: int = 8, lr: float = 2e-3, seed: int = 0, bf16: bool = True,
                       cache_lower: bool = True) -> AdapterSet:
     """A LoRA trained on one policy's examples with no policy in the prompt (the ``oracle_lora`` baseline).
 
     Loss: cross-entropy on ``answer + end-of-turn`` (option tasks: the gold option; free text: the
-    reference reply; free-text examples without one are skipped), plus for option tasks the cross-entropy
-    of the gold option among the options' first tokens (the choice itself). Targets: ``module_names`` (full names,
+    reference reply; free-text examples without one are skipped), weighted 0.2, plus for option tasks the
+    cross-entropy of the gold option among the options' first tokens (the choice itself). Targets: ``module_names`` (full names,
     e.g. the hypernetwork's, so the oracle adapts the same modules), else the ``target_modules`` Linears
     of the last ``n_upper`` layers (None: all layers; 12 matches ``hyperlora train``'s default).
     When nothing below layer ``start`` is adapted (Llama family), the hidden states entering ``start`` are
@@ -301,7 +306,7 @@ def train_policy_lora(model: nn.Module, tokenizer: Any, examples: Sequence[Examp
             hs = split.norm(h[torch.tensor(rows_, device=dev), torch.tensor(cols, device=dev)])
             logits = split.lm_head(hs).float()
         firsts = [rows_.index(r) for r in range(len(pick))]  # row of each example's first target token
-        return nn.functional.cross_entropy(logits, torch.tensor(labels, device=dev)) + _choice_loss(
+        return _LM_WEIGHT * nn.functional.cross_entropy(logits, torch.tensor(labels, device=dev)) + _choice_loss(
             logits[torch.tensor(firsts, device=dev)], [choice[i] for i in pick])
 
     def loss_full(pick: list[int]) -> torch.Tensor:
@@ -322,8 +327,9 @@ def train_policy_lora(model: nn.Module, tokenizer: Any, examples: Sequence[Examp
             logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False,
                            logits_to_keep=keep).logits.float()
         first = logits[torch.arange(len(batch)), torch.tensor([keep - 1 - len(t) for _, t in batch])]
-        return nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                                           ignore_index=-100) + _choice_loss(first, [choice[i] for i in pick])
+        return _LM_WEIGHT * nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
+        ) + _choice_loss(first, [choice[i] for i in pick])
 
     was_training = model.training
     model.eval()

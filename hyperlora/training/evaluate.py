@@ -414,7 +414,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--examples-per-policy", type=int, default=10, help="examples scored per policy (default 10)")
     p.add_argument("--oracle-policies", type=int, default=1, help="policies per family that get an oracle LoRA")
     p.add_argument("--oracle-steps", type=int, default=60, help="training steps per oracle LoRA (batch 8)")
-    p.add_argument("--oracle-lr", type=float, default=1e-3, help="oracle LoRA learning rate")
+    p.add_argument("--oracle-lr", type=float, default=2e-3, help="oracle LoRA learning rate")
     p.add_argument("--oracle-n-upper", type=int, default=12,
                    help="without a hypernetwork: the oracle adapts q/v of the last N layers (with one: its modules)")
     p.add_argument("--full", action="store_true",
