@@ -66,7 +66,8 @@ class PolicyTextEncoder:
         if kind == "minilm":
             from hyperlora.encoder import PolicyEncoder
 
-            self._minilm = PolicyEncoder()
+            self._minilm = PolicyEncoder(cache_size=0)  # our own unbounded cache below: training reuses
+            self._vectors: dict[str, torch.Tensor] = {}  # thousands of texts, beyond an LRU's size
             self.dim = int(self._minilm.dim)
         else:
             d = int(model.config.hidden_size)
@@ -103,8 +104,16 @@ class PolicyTextEncoder:
         """[P, dim] float32; differentiable w.r.t. `module` for base_attn."""
         texts = list(texts)
         if self.kind == "minilm":
-            return self._minilm.encode(texts).float()
+            todo = [t for t in dict.fromkeys(texts) if t not in self._vectors]
+            if todo:
+                with torch.no_grad():
+                    emb = self._minilm.encode(todo).float()
+                self._vectors.update(zip(todo, emb))
+            return torch.stack([self._vectors[t] for t in texts])
         states = self.token_states(texts)
+        if self.module is not None:
+            dev = next(self.module.parameters()).device
+            states = [h.to(dev) for h in states]
         if self.kind == "base_mean":
             return torch.stack([h.mean(0) for h in states])
         return self.module(states)

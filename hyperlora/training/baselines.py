@@ -96,7 +96,7 @@ def train_oracles(session: Session, split_name: str, task_ids: Sequence[int], lo
     for t in task_ids:
         tr[t], te[t] = _split_items(data.items[t], cfg.oracle_train_fraction, rng)
     torch.manual_seed(cfg.seed)
-    loras = LoraSet(session.model, session.target_names, len(task_ids), cfg.rank, cfg.lora_alpha)
+    loras = LoraSet(session.model, session.target_names, len(task_ids), cfg.rank, cfg.lora_alpha).to(cfg.device)
     opt = torch.optim.AdamW(loras.parameters(), lr=cfg.oracle_lr)
     t0 = time.time()
     per = cfg.examples_per_policy * 2
@@ -144,7 +144,7 @@ def train_multitask(session: Session, log=print) -> tuple[LoraSet, list]:
     cfg = session.cfg
     data: TaskData = session.train  # type: ignore[assignment]
     torch.manual_seed(cfg.seed)
-    lora = LoraSet(session.model, session.target_names, 1, cfg.rank, cfg.lora_alpha)
+    lora = LoraSet(session.model, session.target_names, 1, cfg.rank, cfg.lora_alpha).to(cfg.device)
     opt = torch.optim.AdamW(lora.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     from tqdm import tqdm
 

@@ -180,7 +180,9 @@ def train_sft(session: Session, log=print, resume: bool = True) -> tuple[HyperNe
     else:
         enc.token_states(all_texts)
     torch.manual_seed(cfg.seed)
-    hn = build_hypernet(session, enc.dim)
+    hn = build_hypernet(session, enc.dim).to(cfg.device)
+    if enc.module is not None:
+        enc.module.to(cfg.device)
     params = {f"hn.{k}": p for k, p in hn.named_parameters()}
     if enc.module is not None:
         params.update({f"enc.{k}": p for k, p in enc.module.named_parameters()})
