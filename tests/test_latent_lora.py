@@ -364,7 +364,7 @@ def _runtime_logits(apply_mode: str, entries: list, peft_dir=None, monkeypatch=N
 
 
 def _count_latent_calls(monkeypatch):
-    import hyperlora.ops.latent_lora as mod
+    mod = importlib.import_module("hyperlora.ops.latent_lora")  # the module: hyperlora.ops.latent_lora names the function
 
     calls = []
     real = mod.latent_lora

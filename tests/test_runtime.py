@@ -1,6 +1,7 @@
 """hyperlora.attach / Runtime: drop-in layers, bitwise base behaviour, mixed batches, detach, errors."""
 from __future__ import annotations
 
+import importlib
 import copy
 import os
 import sys
@@ -146,7 +147,7 @@ def test_runtime_matches_merged_weights_float64_oracle(arch):
 
 
 def test_metadata_built_once_per_forward_and_shared():
-    import hyperlora.ops.metadata as md
+    md = importlib.import_module("hyperlora.ops.metadata")
 
     model, hn, rt = _attach("llama")
     calls = []
