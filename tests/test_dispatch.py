@@ -147,27 +147,29 @@ def test_op_calibration_finds_per_adapter_cost(monkeypatch, one_thread):
 
 
 def _fake_ops(monkeypatch, mat_s: float, lat_s: float) -> dict:
-    """Stand-in add_lora / latent_lora that take known times; returns their call counters."""
+    """Stand-in add_lora / latent_lora that take known times on a fake clock (sleeps are far too coarse on
+    a loaded CI machine); returns their call counters."""
     import sys
-    import time as _time
     import types
 
     lat_mod = importlib.import_module("hyperlora.ops.latent_lora")  # the module: hyperlora.ops.latent_lora names the function
 
     calls = {"mat": 0, "lat": 0}
+    clock = [0.0]
 
     def add_lora(*a, **k):
         calls["mat"] += 1
-        _time.sleep(mat_s)
+        clock[0] += mat_s
 
     def latent_lora(*a, **k):
         calls["lat"] += 1
-        _time.sleep(lat_s)
+        clock[0] += lat_s
 
     fake = types.ModuleType("hyperlora.ops.add_lora")
     fake.add_lora = add_lora
     monkeypatch.setitem(sys.modules, "hyperlora.ops.add_lora", fake)
     monkeypatch.setattr(lat_mod, "latent_lora", latent_lora)
+    monkeypatch.setattr(dispatch, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
     monkeypatch.setattr(dispatch, "_MEASURED", {})
     monkeypatch.setenv("HYPERLORA_DISPATCH_MEASURE", "1")
     return calls
