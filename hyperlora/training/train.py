@@ -70,7 +70,11 @@ def run(args: argparse.Namespace) -> int:
     log(f"hyperlora train --method {cfg.method} -> {out}")
     t0 = time.time()
     if cfg.method == "reconstruct":
-        raise NotImplementedError("method 'reconstruct' is not implemented in this version; use --method sft")
+        import sys
+
+        print("hyperlora train: method 'reconstruct' is not implemented in this version; use --method sft "
+              "(see docs/EXPERIMENTS.md)", file=sys.stderr)
+        return 2
     from hyperlora.training.session import build_session
 
     if cfg.method == "sft":
