@@ -106,3 +106,19 @@ def test_bad_config_is_a_clear_error(tmp_path):
     p.write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         TrainConfig.load(p)
+
+
+def test_regularizers_and_best_snapshot(tiny_model, tmp_path, monkeypatch):
+    """emb_dropout trains, save_best writes <out>/best/ at the first quick eval, bad values are refused."""
+    monkeypatch.setenv("HYPERLORA_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "reg"
+    args = [*_common(tiny_model, tmp_path, out), "--steps", "2", "--set", "emb_dropout=0.3",
+            "--set", "weight_decay=0.1", "--set", "save_best=true", "--set", "eval_every=1"]
+    assert _run(args) == 0
+    best = json.loads((out / "best" / "eval.json").read_text())
+    assert best["step"] in (1, 2) and best["eval"]
+    assert (out / "best" / "config.json").is_file() or any((out / "best").glob("*.safetensors"))
+    from hyperlora.training.config import TrainConfig
+
+    with pytest.raises(ValueError, match="emb_dropout"):
+        TrainConfig.from_dict({"emb_dropout": 1.0})

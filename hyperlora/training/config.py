@@ -41,6 +41,8 @@ class TrainConfig:
     steps: int = 400
     lr: float = 1e-3
     weight_decay: float = 0.0
+    emb_dropout: float = 0.0               # dropout on the policy embedding fed to the trunk (training only)
+    save_best: bool = False                # also save <out>/best/ at the best quick eval (early stopping)
     warmup: int = 20
     grad_clip: float = 1.0
     policies_per_step: int = 8
@@ -77,6 +79,8 @@ class TrainConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v <= 0:
                 raise ValueError(f"config.{name} must be a positive int, got {v!r}")
+        if not 0.0 <= self.emb_dropout < 1.0:
+            raise ValueError(f"config.emb_dropout must be in [0, 1), got {self.emb_dropout}")
         if not 0.0 <= self.contrastive <= 1.0:
             raise ValueError(f"config.contrastive must be in [0, 1], got {self.contrastive}")
         if not 0.0 < self.oracle_train_fraction < 1.0:

@@ -50,6 +50,9 @@ def hypernet_step_loss(session: Session, hn: HyperNetwork, enc: PolicyTextEncode
                        texts: Sequence[str], task_of_row: torch.Tensor) -> tuple[torch.Tensor, float]:
     """Mean option cross-entropy and accuracy of one batch. texts[p]: policy text of adapter p; task_of_row [N]."""
     emb = enc.encode(texts)
+    p_drop = float(getattr(session.cfg, "emb_dropout", 0.0))
+    if p_drop > 0.0:  # regularizer against memorizing the training policies' embeddings
+        emb = nn.functional.dropout(emb, p=p_drop, training=True)
     adapters = _generate(hn, emb)
     with apply_lora(session.model, adapters, scale=hn.config.scale, rows=task_of_row):
         logits, ans = session.forward_options(session.train_states, items)
@@ -197,6 +200,7 @@ def train_sft(session: Session, log=print, resume: bool = True) -> tuple[HyperNe
 
     bar = tqdm(total=cfg.steps, initial=step, desc="sft", unit="step", mininterval=5)
     ema_loss, ema_acc = None, None
+    best_gap = -math.inf
     t_start = time.time() - elapsed
     while step < cfg.steps:
         if cfg.time_budget_s and time.time() - t_start > cfg.time_budget_s:
@@ -229,6 +233,13 @@ def train_sft(session: Session, log=print, resume: bool = True) -> tuple[HyperNe
             history.append({"step": step, "t": round(time.time() - t_start, 1), "eval": ev})
             log(f"step {step} t={time.time() - t_start:.0f}s eval: " + json.dumps(
                 {k: (v["generated"], v["generated_shuffled"]) for k, v in ev.items()}))
+            gap = sum(v["generated"] - v["generated_shuffled"] for v in ev.values())
+            if cfg.save_best and gap > best_gap:  # early stopping: keep the best held-out snapshot
+                best_gap = gap
+                hn.save_pretrained(out / "best")
+                enc.save(out / "best")
+                (out / "best" / "eval.json").write_text(json.dumps({"step": step, "eval": ev}, indent=1))
+                log(f"step {step}: new best held-out gap {gap:+.1f} -> {out / 'best'}")
         if cfg.save_every and step % cfg.save_every == 0:
             save_training_state(out, hn, enc, opt, params, step, time.time() - t_start, cfg, history)
     bar.close()
