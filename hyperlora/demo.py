@@ -8,7 +8,9 @@ Loads the base model (``hyperlora.models``), the shipped hypernetwork (``hyperlo
 policy encoder it was trained with, attaches the runtime (``hyperlora.attach``), generates every policy's
 adapter in one call (timed), and decodes ONE batch in which each row has its own policy and one row none.
 No policy text is in any prompt: the record alone is the user turn. Each row's answer is printed beside
-the base model's answer to the same prompt, with adapter-generation latency and tokens/s.
+the base model's answer to the same prompt, with adapter-generation latency and tokens/s. For policies
+that name their answer words in quotes, the demo also prints which of them each model picks, scored the
+way ``hyperlora eval`` scores multiple-choice policies (log-likelihood of each option).
 
 Without a trained hypernetwork the demo stops with exit code 2 and says how to get one; ``--untrained``
 runs the plumbing with a freshly initialised hypernetwork instead (its adapters are exactly zero, so every
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import textwrap
 import time
@@ -26,7 +29,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from hyperlora.tasks.prompts import prompt_text
+from hyperlora.tasks.prompts import prompt_text, target_text
 
 # (policy or None, record): every row of the demo batch. One row has no policy (the base model's own answer).
 BUILTIN_ROWS: tuple[tuple[str | None, str], ...] = (
@@ -95,6 +98,57 @@ def _decode_rows(tokenizer: Any, new: torch.Tensor, eos: int | None) -> tuple[li
     return texts, n
 
 
+_QUOTED = re.compile(r"'([^'\n]{1,40})'")
+
+
+def policy_options(policy: str | None) -> list[str]:
+    """The answer words a policy names in single quotes, in order, deduplicated ([] if fewer than two)."""
+    words = list(dict.fromkeys(_QUOTED.findall(policy or "")))
+    return words if len(words) >= 2 else []
+
+
+@torch.no_grad()
+def choose_options(rt: Any, tokenizer: Any, rows: Sequence[tuple[str | None, str]],
+                   served: Sequence[str | None]) -> list[str | None]:
+    """Per row, the option (of its policy's quoted answer words) with the highest summed log-likelihood of
+    ``answer + end-of-turn`` after the record-only prompt, with row i served by ``served[i]`` (a policy, or
+    None for the base model). This is how ``hyperlora eval`` scores multiple-choice policies. One batch:
+    every (row, option) pair is a right-padded sequence under its row's adapter."""
+    seqs, owners, spans = [], [], []
+    for i, (pol, rec) in enumerate(rows):
+        prompt = tokenizer(prompt_text(tokenizer, rec), add_special_tokens=False)["input_ids"]
+        for opt in policy_options(pol):
+            tgt = tokenizer(target_text(tokenizer, opt), add_special_tokens=False)["input_ids"]
+            seqs.append(prompt + tgt)
+            owners.append(i)
+            spans.append((len(prompt), len(prompt) + len(tgt)))
+    choices: list[str | None] = [None] * len(rows)
+    if not seqs:
+        return choices
+    device = next(rt.model.parameters()).device
+    T = max(len(q) for q in seqs)
+    ids = torch.zeros((len(seqs), T), dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for j, q in enumerate(seqs):
+        ids[j, :len(q)] = torch.tensor(q)
+        mask[j, :len(q)] = 1
+    with rt.policies([served[i] for i in owners]):
+        logits = rt.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+    logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1)
+    best: dict[int, tuple[float, str]] = {}
+    k = 0
+    for i, (pol, _) in enumerate(rows):
+        for opt in policy_options(pol):
+            a, b = spans[k]
+            score = float(logp[k, a - 1:b - 1].sum())
+            if i not in best or score > best[i][0]:
+                best[i] = (score, opt)
+            k += 1
+    for i, (_, opt) in best.items():
+        choices[i] = opt
+    return choices
+
+
 def run_demo(model: Any, tokenizer: Any, hypernet: Any, encode: Callable[[list[str]], torch.Tensor],
              rows: Sequence[tuple[str | None, str]], *, max_new_tokens: int = 24,
              out: Callable[[str], None] = print) -> dict[str, Any]:
@@ -126,6 +180,8 @@ def run_demo(model: Any, tokenizer: Any, hypernet: Any, encode: Callable[[list[s
         base_seq = rt.generate(ids, mask, policies=[None] * len(rows), max_new_tokens=max_new_tokens,
                                eos_token_id=eos, pad_token_id=pad)
         base_s = time.perf_counter() - t0
+        picked = choose_options(rt, tokenizer, rows, policies)
+        base_picked = choose_options(rt, tokenizer, rows, [None] * len(rows))
         stats = rt.stats()
     finally:
         rt.detach()
@@ -138,14 +194,16 @@ def run_demo(model: Any, tokenizer: Any, hypernet: Any, encode: Callable[[list[s
         out(f"        record : {textwrap.shorten(rec, 110)}")
         out(f"        hyperlora -> {textwrap.shorten(a or '(empty)', w + 40)}")
         out(f"        base      -> {textwrap.shorten(b or '(empty)', w + 40)}")
+        if picked[i] is not None:
+            out(f"        choice among {policy_options(pol)}: hyperlora picks {picked[i]!r}, base picks {base_picked[i]!r}")
     out("")
     out(f"adapter generation: {len(distinct)} policies in {gen_s * 1000:.1f} ms "
         f"({gen_s * 1000 / max(1, len(distinct)):.1f} ms per policy, encoder included)")
     out(f"mixed batch ({len(rows)} rows, {len(distinct)} adapters + 1 base row): {n_mixed} new tokens in "
         f"{mixed_s:.2f} s = {n_mixed / max(mixed_s, 1e-9):.1f} tokens/s")
     out(f"base model, same batch: {n_base} new tokens in {base_s:.2f} s = {n_base / max(base_s, 1e-9):.1f} tokens/s")
-    return {"rows": [{"policy": p, "record": r, "answer": a, "base": b}
-                     for (p, r), a, b in zip(rows, answers, base_answers)],
+    return {"rows": [{"policy": p, "record": r, "answer": a, "base": b, "choice": c, "base_choice": bc}
+                     for (p, r), a, b, c, bc in zip(rows, answers, base_answers, picked, base_picked)],
             "adapter_generation_s": gen_s, "mixed_tokens": n_mixed, "mixed_s": mixed_s, "base_tokens": n_base,
             "base_s": base_s, "pool": stats}
 

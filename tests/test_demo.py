@@ -105,3 +105,42 @@ def test_cli_with_saved_model_and_hypernet(tm, tmp_path, capsys):
     assert rc == 0
     out = capsys.readouterr().out
     assert "tokens/s" in out and "[row 1] policy : (none: base model)" in out
+
+
+def test_policy_options_reads_quoted_answer_words():
+    from hyperlora.demo import policy_options
+
+    assert policy_options("Answer 'escalate' if x; otherwise answer 'close'.") == ["escalate", "close"]
+    assert policy_options("Route 'a' to 'billing', 'b' to 'billing'") == ["a", "billing", "b"]
+    assert policy_options("Start every reply with 'Noted:'.") == []  # one quoted string: not a choice
+    assert policy_options(None) == []
+
+
+def test_choices_through_the_runtime_match_independent_scoring(tm):
+    """The demo's option choice (one right-padded batch through hyperlora.attach, every row its own adapter)
+    equals the eval's scoring of each row with lora_fn adapters (prompt KV shared, another code path)."""
+    import hyperlora
+    from hyperlora.demo import choose_options, policy_options
+    from hyperlora.training.eval_adapters import HypernetSource
+    from hyperlora.training.scoring import ScoreRequest, option_logprobs, predict_options
+
+    model, tok = tm
+    hn = tiny_hypernet(model, b_std=2.0, seed=5)
+    rows = [r for r in BUILTIN_ROWS if policy_options(r[0])] + [(None, BUILTIN_ROWS[-1][1])]
+    policies = [p for p, _ in rows]
+    rt = hyperlora.attach(model, hn, encoder=hash_encoder, max_adapters=8)
+    try:
+        got = choose_options(rt, tok, rows, policies)
+        got_base = choose_options(rt, tok, rows, [None] * len(rows))
+    finally:
+        rt.detach()
+    distinct = [p for p in policies if p is not None]
+    adapters = HypernetSource(hn, hash_encoder)(distinct)
+    reqs = [ScoreRequest(prompt_text(tok, rec), policy_options(pol), distinct.index(pol))
+            for pol, rec in rows if pol is not None]
+    want = predict_options(reqs, option_logprobs(model, tok, reqs, adapters=adapters, bf16=False))
+    base_reqs = [ScoreRequest(r.prompt, r.options, -1) for r in reqs]
+    want_base = predict_options(base_reqs, option_logprobs(model, tok, base_reqs, bf16=False))
+    assert got[:-1] == want and got_base[:-1] == want_base
+    assert got[-1] is None  # the policy-free row names no options
+    assert got != got_base  # the adapters move at least one choice (else the comparison proves little)
