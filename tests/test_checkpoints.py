@@ -1,0 +1,33 @@
+"""The shipped hypernetwork loads against the embedded default model and writes real adapters."""
+import pytest
+import torch
+
+
+@pytest.mark.slow
+def test_shipped_hypernet_loads_and_generates_policy_dependent_adapters():
+    import hyperlora
+    from hyperlora.checkpoints import default_dir, load
+    from hyperlora.models import load_base_model
+
+    if default_dir() is None:
+        pytest.fail("no hypernetwork is shipped in hyperlora/checkpoints/ (the demo needs one)")
+    model, tok = load_base_model()
+    hypernet, encode = load(model, tok)
+    policies = ["Answer 'escalate' if the ticket reports a security vulnerability; otherwise answer 'close'.",
+                "Answer 'review' if the expense amount is over $500; otherwise answer 'approve'."]
+    with torch.no_grad():
+        gen = hypernet.generate(encode(policies).float())
+    for a, b in gen.values():
+        assert torch.isfinite(a).all() and torch.isfinite(b).all()
+        assert b.abs().sum() > 0, "a trained hypernetwork must not write zero adapters"
+        assert not torch.equal(b[0], b[1]), "different policies must give different adapters"
+    rt = hyperlora.attach(model, hypernet, encoder=encode, max_adapters=4, max_rank=hypernet.config.rank)
+    try:
+        ids = tok(["hello there"], return_tensors="pt").input_ids
+        with rt.policies([policies[0]]):
+            with_adapter = model(input_ids=ids).logits
+        with rt.policies([None]):
+            base = model(input_ids=ids).logits
+        assert not torch.equal(with_adapter, base)
+    finally:
+        rt.detach()
