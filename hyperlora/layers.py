@@ -229,8 +229,6 @@ def apply_adapters(layer: "LoraLayerMixin", x: torch.Tensor, y: torch.Tensor, ba
 
     Rows with slot -1 are left bitwise as the base layer produced them. Returns the updated output.
     """
-    from hyperlora.ops.add_lora import add_lora
-
     t = batch.tokens_per_row(x)
     d_in, d_out = x.shape[-1], y.shape[-1]
     x2 = x.reshape(-1, d_in)
@@ -239,6 +237,26 @@ def apply_adapters(layer: "LoraLayerMixin", x: torch.Tensor, y: torch.Tensor, ba
     inplace = not (torch.is_grad_enabled() and (x.requires_grad or y.requires_grad))
     out = y if inplace else y.clone()
     out2 = out.view(-1, d_out)
+    pool_dtype = pool.lora_a(name).dtype
+    if x2.dtype == out2.dtype == pool_dtype:
+        _add_deltas(layer, batch, path, out2, x2, t)
+        return out
+    # Mixed dtypes (autocast: fp32 input, bf16 output; or a pool kept in another dtype than the model):
+    # compute the deltas in the pool's dtype, then add them to the adapted rows only, so rows with slot -1
+    # stay bitwise what the base layer produced.
+    delta = torch.zeros(out2.shape, dtype=pool_dtype, device=out2.device)
+    _add_deltas(layer, batch, path, delta, x2.to(pool_dtype), t)
+    rows = batch.token_slots(t, "all")[0] >= 0
+    out2[rows] += delta[rows].to(out2.dtype)
+    return out
+
+
+def _add_deltas(layer: "LoraLayerMixin", batch: ActiveBatch, path: str, out2: torch.Tensor, x2: torch.Tensor,
+                t: int) -> None:
+    """out2 [T, d_out] += every row's adapter applied to x2 [T, d_in] (same dtype), on the chosen path."""
+    from hyperlora.ops.add_lora import add_lora
+
+    pool, name = batch.pool, layer.hl_name
     latent = batch.latents(name) if path == "latent" else None
     if latent is not None:
         latent_lora = _latent_op()
@@ -250,12 +268,11 @@ def apply_adapters(layer: "LoraLayerMixin", x: torch.Tensor, y: torch.Tensor, ba
         if batch.num_materialized_rows:
             slots, meta = batch.token_slots(t, "materialized")
             add_lora(out2, x2, pool.lora_a(name), pool.lora_b(name), slots, None, pool.ranks, meta=meta)
-        return out
+        return
     slots, meta = batch.token_slots(t, "all")
     views = layer.hl_views.pair if layer.hl_views is not None else None
     lora_a, lora_b = views if views is not None else (pool.lora_a(name), pool.lora_b(name))
     add_lora(out2, x2, lora_a, lora_b, slots, None, pool.ranks, meta=meta)
-    return out
 
 
 # --------------------------------------------------------------------------------------------------

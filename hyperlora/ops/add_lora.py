@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from hyperlora.backends import available_backends, resolve_backend
+from hyperlora.ops._autocast import no_autocast
 from hyperlora.ops.metadata import LoraBatchMeta, build_meta, check_slots
 
 TensorOrTuple = Union[torch.Tensor, Sequence[torch.Tensor]]
@@ -554,5 +555,6 @@ def add_lora(y: TensorOrTuple, x: torch.Tensor, lora_a: TensorOrTuple, lora_b: T
     if torch.compiler.is_compiling():  # traced: the registered op (opaque to the compiler, fake impl)
         _add_lora_op(list(ys), x, list(as_), list(bs), scales, ranks, *meta.tensors(), name, max_seg, n_seg)
     else:  # eager: same implementation without the custom-op dispatcher (~0.1 ms per call on a CPU)
-        _add_lora_impl(ys, x, as_, bs, scales, ranks, *meta.tensors(), name, max_seg, n_seg)
+        with no_autocast(x.device.type):
+            _add_lora_impl(ys, x, as_, bs, scales, ranks, *meta.tensors(), name, max_seg, n_seg)
     return y

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from hyperlora.backends import available_backends, resolve_backend
+from hyperlora.ops._autocast import no_autocast
 
 __all__ = ["latent_lora", "latent_lora_reference", "materialize_adapters", "SUPPORTED_BACKENDS"]
 
@@ -261,7 +262,8 @@ def latent_lora(y: Tensor, x: Tensor, w_a: Tensor, w_b: Tensor, z: Tensor, slots
         rows = None
         if meta is not None and getattr(meta, "num_active_tokens", None) is not None:
             rows = meta.token_ids[:meta.num_active_tokens].long()
-        return latent_lora_reference(y, x, w_a, w_b, z, slots, scales, rows=rows)
+        with no_autocast(x.device.type):
+            return latent_lora_reference(y, x, w_a, w_b, z, slots, scales, rows=rows)
     _IMPLS[name](y, x, w_a, w_b, z, slots, scales)
     return y
 
