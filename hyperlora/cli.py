@@ -1,4 +1,7 @@
-"""The `hyperlora` command. Each subcommand lives in its own module with add_arguments() and run()."""
+"""hyperlora: policy text -> LoRA adapters, many adapters served in one forward pass.
+
+Each subcommand lives in its own module with add_arguments() and run() (see COMMANDS).
+"""
 from __future__ import annotations
 
 import argparse
@@ -9,13 +12,14 @@ import sys
 COMMANDS = {
     "info": ("hyperlora.info", "versions, GPU and backend availability (add --json for scripts)"),
     "demo": ("hyperlora.demo", "policies -> adapters -> one mixed batch on SmolLM2, beside the base model"),
-    "train": ("hyperlora.training.train", "train the hypernetwork (SFT or reconstruction) or a baseline"),
+    "train": ("hyperlora.training.train", "train the hypernetwork (SFT) or a baseline LoRA (multitask_lora, oracle_lora)"),
     "eval": ("hyperlora.training.evaluate", "held-out policy evaluation against the baselines"),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hyperlora", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = argparse.ArgumentParser(prog="hyperlora", description=__doc__.splitlines()[0] if __doc__ else None,
+                                     epilog="`hyperlora COMMAND --help` describes each command.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
