@@ -27,8 +27,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -39,6 +37,7 @@ import torch
 
 from hyperlora.ops.add_lora import add_lora
 from hyperlora.ops.metadata import build_meta
+from _machine import machine_info  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -167,31 +166,6 @@ def bench_shape(T, P, r, d, dtype, device, backends, timer, reps, budget, roof) 
 
 
 # ------------------------------------------------------------------------------------------------ report
-def machine_info(device: torch.device) -> dict:
-    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "cpu": platform.processor() or "", "cpu_count": os.cpu_count()}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        info["loadavg_at_start"] = os.getloadavg()[0]
-    except OSError:
-        pass
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-        try:
-            import triton
-
-            info["triton"] = triton.__version__
-        except ImportError:
-            pass
-    return info
-
-
 def markdown(result: dict) -> str:
     m, roof = result["machine"], result["roofline"]
     names = list(result["rows"][0]["methods"]) if result["rows"] else []

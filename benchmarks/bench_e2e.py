@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 import torch
+from _machine import cpu_model  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RANK, ALPHA = 16, 32
@@ -231,16 +232,6 @@ def run_model(label: str, model, desc: str, counts: list[int], shapes: dict, rep
     return rows_out
 
 
-def _cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small shapes and few repetitions (smoke test)")
@@ -284,7 +275,7 @@ def main(argv=None) -> int:
                   f"{r['hyperlora_overhead'] * 100:.0f}% vs floor {r['floor_overhead'] * 100:.0f}%)")
     info = {
         "benchmark": "bench_e2e", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "host": socket.gethostname(), "machine": platform.machine(), "cpu_model": _cpu_model(),
+        "host": socket.gethostname(), "machine": platform.machine(), "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
         "python": platform.python_version(), "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
         "decode_note": "64 rows x 1 token, single-token forward without KV cache",

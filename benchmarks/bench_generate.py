@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -31,6 +29,7 @@ import torch
 
 from hyperlora.hypernet import HyperNetwork, HyperNetworkConfig
 from hyperlora.pool import AdapterPool
+from _machine import machine_info  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 MODELS = {
     # name: (hidden, layers, {type: (d_in, d_out)})
@@ -119,26 +118,6 @@ def t2l_style(hn: HyperNetwork, pool: AdapterPool, emb: torch.Tensor) -> None:
             lb[:, R:].zero_()
 
 
-def machine() -> dict:
-    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "cpus": os.cpu_count()}
-    if hasattr(os, "getloadavg"):
-        info["loadavg_1m"] = round(os.getloadavg()[0], 2)  # shared machines: other jobs skew CPU timings
-    try:
-        info["cpu"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line)
-    except (OSError, StopIteration):
-        info["cpu"] = platform.processor()
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    try:
-        import triton
-
-        info["triton"] = triton.__version__
-    except ImportError:
-        pass
-    return info
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", choices=sorted(MODELS), default=None, help="default: smollm2-135m on CPU, 7b on GPU")
@@ -173,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         encoders["encoder"] = PolicyEncoder(device=device)
         encoders["encoder[bf16]"] = PolicyEncoder(device=device, dtype=torch.bfloat16)
     rows = []
-    load_before = machine().get("loadavg_1m")
+    load_before = machine_info().get("loadavg_at_start")
     for P in Ps:
         texts_base = [f"Policy {i}: never discuss topic number {i} and always answer within {i + 3} sentences."
                       for i in range(P)]
@@ -203,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cols = sorted({k for r in rows for k in r if k.endswith("_s")}, key=lambda c: (not c.startswith("encoder"), c))
     print(f"\npolicy -> adapter in pool: {model} shapes, rank {args.rank}, latent {args.latent_dim}, pool "
-          f"max_rank {args.max_rank}, {dtype}, {device} ({machine().get('gpu') or machine()['cpu']})")
+          f"max_rank {args.max_rank}, {dtype}, {device} ({machine_info().get('gpu') or machine_info()['cpu']})")
     print(f"{'P':>4} " + " ".join(f"{c[:-2]:>20}" for c in cols) + "   (milliseconds, median)")
     for r in rows:
         print(f"{r['policies']:>4} " + " ".join(f"{r[c] * 1e3:>20.2f}" if c in r else f"{'-':>20}" for c in cols))
@@ -219,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  P={r['policies']} {k}: {v}")
     result = {"benchmark": "bench_generate", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-              "machine": machine(), "model_shapes": model,
+              "machine": machine_info(), "model_shapes": model,
               "targets": {t: list(s) for t, s in MODELS[model][2].items()}, "layers": MODELS[model][1],
               "rank": args.rank, "latent_dim": args.latent_dim, "pool_max_rank": args.max_rank, "dtype": str(dtype),
               "device": device, "repeats": args.repeats, "loadavg_1m_before": load_before, "rows": rows}

@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -32,6 +30,7 @@ import torch
 from hyperlora import dispatch
 from hyperlora.ops.latent_lora import latent_lora, materialize_adapters
 from hyperlora.ops.metadata import build_meta
+from _machine import machine_info  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -186,24 +185,6 @@ def code_version() -> dict:
     return {"head": git("rev-parse", "--short", "HEAD"), "uncommitted": git("status", "--short", "--", *ops).splitlines()}
 
 
-def machine(device: torch.device) -> dict:
-    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
-    try:
-        info["cpu"] = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        info["cpu"] = platform.processor()
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-        try:
-            import triton
-
-            info["triton"] = triton.__version__
-        except ImportError:
-            pass
-    return info
-
-
 def format_table(rows: list[dict]) -> str:
     head = (f"{'hidden':>6} {'R':>3} {'K':>3} {'P':>5} {'tpp':>4} {'T':>6} | {'base':>8} {'mat':>8} {'latent':>8} "
             f"{'auto':>8} | {'auto->':>12} {'better':>12} {'regret':>6} | {'est mat':>8} {'est lat':>8}")
@@ -330,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     _, mat_impl = _materialized_op()
     t0 = time.perf_counter()
     profile = dispatch.device_profile(device)
-    print(f"device {device} ({machine(device).get('gpu') or machine(device)['cpu']}), {dtype}, "
+    print(f"device {device} ({machine_info(device).get('gpu') or machine_info(device)['cpu']}), {dtype}, "
           f"materialized = {mat_impl}; cost-model profile: {profile}", flush=True)
     rows = []
     for h, r, k, pol, tpp in grid(args):
@@ -361,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps({
         "benchmark": "latent_vs_materialized_crossover", "date": now.isoformat(timespec="seconds"),
         "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])]),
-        "machine": machine(device), "code": code_version(), "dtype": str(dtype), "backend": args.backend or "auto",
+        "machine": machine_info(device), "code": code_version(), "dtype": str(dtype), "backend": args.backend or "auto",
         "materialized_impl": mat_impl, "cold_mb": cold_mb, "profile": dispatch.dataclasses.asdict(profile),
         "wall_seconds": round(time.perf_counter() - t0, 1), "summary": summ, "rows": rows, "e2e": e2e}, indent=1))
     print(f"wrote {out}")
