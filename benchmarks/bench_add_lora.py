@@ -24,6 +24,7 @@ Writes benchmarks/results/add_lora_<device>[_<tag>].json and .md.
 """
 from __future__ import annotations
 
+import os
 import argparse
 import datetime as _dt
 import json
@@ -37,7 +38,9 @@ import torch
 
 from hyperlora.ops.add_lora import add_lora
 from hyperlora.ops.metadata import build_meta
-from _machine import machine_info  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/_machine.py, however this file is loaded
+from _machine import machine_info  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

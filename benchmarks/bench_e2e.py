@@ -34,7 +34,9 @@ import time
 from pathlib import Path
 
 import torch
-from _machine import cpu_model  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/_machine.py, however this file is loaded
+from _machine import cpu_model  # noqa: E402
 
 SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RANK, ALPHA = 16, 32

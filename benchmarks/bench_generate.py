@@ -17,6 +17,7 @@ Writes benchmarks/results/bench_generate_<model>_<device>.json (machine, date, c
 """
 from __future__ import annotations
 
+import os
 import argparse
 import datetime as dt
 import json
@@ -29,7 +30,9 @@ import torch
 
 from hyperlora.hypernet import HyperNetwork, HyperNetworkConfig
 from hyperlora.pool import AdapterPool
-from _machine import machine_info  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/_machine.py, however this file is loaded
+from _machine import machine_info  # noqa: E402
 
 MODELS = {
     # name: (hidden, layers, {type: (d_in, d_out)})

@@ -17,6 +17,7 @@ Prints a table and writes JSON under benchmarks/results/ (machine, date, command
 """
 from __future__ import annotations
 
+import os
 import argparse
 import datetime as dt
 import json
@@ -30,7 +31,9 @@ import torch
 from hyperlora import dispatch
 from hyperlora.ops.latent_lora import latent_lora, materialize_adapters
 from hyperlora.ops.metadata import build_meta
-from _machine import machine_info  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/_machine.py, however this file is loaded
+from _machine import machine_info  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

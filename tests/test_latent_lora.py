@@ -15,7 +15,6 @@ from hyperlora.backends import available_backends
 from hyperlora.ops.latent_lora import latent_lora, latent_lora_reference, materialize_adapters
 
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
-HAS_ADD_LORA = importlib.util.find_spec("hyperlora.ops.add_lora") is not None
 
 
 def make_case(seed: int, T: int, d_in: int, d_out: int, R: int, K: int, S: int, dtype: torch.dtype,
@@ -119,8 +118,6 @@ def test_both_oracles_agree():
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
 def test_matches_materialized_add_lora(dtype):
     """Same generated adapters through the materialized op (add_lora, scale folded into B) and the latent op."""
-    if not HAS_ADD_LORA:
-        pytest.skip("hyperlora.ops.add_lora has not landed; the float64 materialized oracle covers this")
     from hyperlora.ops import add_lora
 
     c = make_case(11, 29, 40, 24, 4, 9, 5, dtype)
@@ -232,8 +229,6 @@ def test_bad_backend_and_float64_on_kernel_backend():
 
 
 def test_meta_of_wrong_type_rejected():
-    if importlib.util.find_spec("hyperlora.ops.metadata") is None:
-        pytest.skip("hyperlora.ops.metadata has not landed")
     with pytest.raises(TypeError, match="meta"):
         latent_lora(**_good(), meta=object())
 
@@ -335,8 +330,6 @@ def test_meta_from_build_meta_gives_same_result(backend):
 # ----------------------------------------------------------------------------------------------------
 # runtime: attach(apply_mode="latent" / "auto") against "materialized"
 # ----------------------------------------------------------------------------------------------------
-needs_runtime = pytest.mark.skipif(not HAS_ADD_LORA, reason="the runtime's materialized rows need "
-                                                          "hyperlora.ops.add_lora (issue 3), not landed")
 RT_POLICIES = ["Refuse to discuss pricing.", None, "Answer in French.", "Refuse to discuss pricing."]
 
 
@@ -377,7 +370,6 @@ def _count_latent_calls(monkeypatch):
     return calls
 
 
-@needs_runtime
 def test_attach_latent_gives_materialized_logits(monkeypatch):
     base, mat = _runtime_logits("materialized", RT_POLICIES)
     calls = _count_latent_calls(monkeypatch)
@@ -389,7 +381,6 @@ def test_attach_latent_gives_materialized_logits(monkeypatch):
     torch.testing.assert_close(lat, mat, rtol=1e-4, atol=1e-4)
 
 
-@needs_runtime
 def test_attach_latent_with_peft_rows_in_the_same_batch(monkeypatch, tmp_path):
     import os
     import sys
@@ -406,7 +397,6 @@ def test_attach_latent_with_peft_rows_in_the_same_batch(monkeypatch, tmp_path):
     torch.testing.assert_close(lat, mat, rtol=1e-4, atol=1e-4)
 
 
-@needs_runtime
 def test_attach_auto_logs_choice_and_matches(caplog):
     import logging
 

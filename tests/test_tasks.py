@@ -256,13 +256,14 @@ def test_prompt_format_fallback_chatml():
         build_messages("r", "p", where="assistant")
 
 
+@pytest.mark.slow
 def test_prompt_format_with_real_template():
     transformers = pytest.importorskip("transformers")
-    from hyperlora.models import _cached_default_dir, _is_complete
+    from hyperlora.models import _cached_default_dir, _is_complete, load_base_model
 
     d = _cached_default_dir()
     if not _is_complete(d):
-        pytest.skip("default SmolLM2 not cached")
+        load_base_model()  # dequantizes the embedded GGUF once and writes the cache (10-20 s)
     tok = transformers.AutoTokenizer.from_pretrained(str(d))
     p = prompt_text(tok, "hello")
     assert p.endswith("<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n")
