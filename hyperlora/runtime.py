@@ -503,8 +503,9 @@ def attach(model: nn.Module, hypernet: Any = None, *, target_modules: Sequence[s
     """Serve many adapters per batch on `model` (a transformers causal LM, Llama family or GPT-2).
 
     hypernet: a `HyperNetwork` built for this model (policy texts need one); target_modules: module types
-    (last name components) to serve: default the hypernetwork's, else every Linear of Llama-style attention and
-    MLP blocks (GPT-2: c_attn, c_fc); max_adapters / max_rank: the pool's slots; apply_mode: "auto",
+    (last name components) to serve in every layer: default exactly the modules the hypernetwork generates
+    (its types, in its layers), else every Linear of Llama-style attention and MLP blocks (GPT-2: c_attn,
+    c_fc). Pass target_modules to also serve PEFT adapters on modules the hypernetwork does not cover; max_adapters / max_rank: the pool's slots; apply_mode: "auto",
     "materialized" or "latent"; encoder: a `PolicyEncoder` or any callable list[str] -> Tensor [P, E] (default
     MiniLM, loaded on first use); dtype: the pool's dtype (default the model's).
     """
@@ -526,6 +527,10 @@ def attach(model: nn.Module, hypernet: Any = None, *, target_modules: Sequence[s
             raise ValueError(f"no default target module found in {type(model).__name__}; pass target_modules= "
                              f"from its Linear module types {sorted(present)}")
     targets = _find_targets(model, types)
+    if hypernet is not None and target_modules is None:
+        # Serve exactly the modules the hypernetwork writes (e.g. only its layers): wrapping the other layers
+        # of those types would cost a zero update per layer per step and pool memory for nothing.
+        targets = {n: shp for n, shp in targets.items() if n in hypernet.targets()}
     if hypernet is not None:
         hn_targets = hypernet.targets()
         left_out = sorted({t for t in hn_types for n in hypernet.module_names(t) if n not in targets})

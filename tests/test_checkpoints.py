@@ -23,6 +23,10 @@ def test_shipped_hypernet_loads_and_generates_policy_dependent_adapters():
         assert not torch.equal(b[0], b[1]), "different policies must give different adapters"
     rt = hyperlora.attach(model, hypernet, encoder=encode, max_adapters=4, max_rank=hypernet.config.rank)
     try:
+        # only the modules the hypernetwork writes are wrapped (it covers a subset of layers)
+        assert sorted(rt.target_names) == sorted(hypernet.targets())
+        wrapped = [n for n, m in model.named_modules() if type(m).__name__.startswith("Lora")]
+        assert sorted(wrapped) == sorted(hypernet.targets())
         ids = tok(["hello there"], return_tensors="pt").input_ids
         with rt.policies([policies[0]]):
             with_adapter = model(input_ids=ids).logits
