@@ -60,8 +60,9 @@ def make_case(shape, dtype, seed, device=DEV, with_scales=True):
     return [to(t) for t in (pool_a, pool_b, z, w_a, w_b, slots, scales)]
 
 
-TOL = {torch.float32: dict(rtol=2e-5, atol=2e-5), torch.float16: dict(rtol=2e-3, atol=2e-3),
-       torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2), torch.float64: dict(rtol=1e-12, atol=1e-12)}
+# float32 accumulation then one rounding to the pool's dtype: about two units in the last place
+TOL = {torch.float32: dict(rtol=2e-5, atol=2e-5), torch.float16: dict(rtol=1e-3, atol=1e-3),
+       torch.bfloat16: dict(rtol=8e-3, atol=8e-3), torch.float64: dict(rtol=1e-12, atol=1e-12)}
 
 
 def check(backend, shape, dtype, seed, with_scales=True):

@@ -267,7 +267,8 @@ def test_generate_into_pool_matches_generate(dtype):
     e = torch.randn(2, E)
     hn.generate_into_pool(e, pool, slots)
     gen = hn.generate(e)
-    tol = dict(rtol=1e-2, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-6)
+    # bf16 pool: one rounding of the float32 value (half a unit in the last place is 2^-9 relative)
+    tol = dict(rtol=4e-3, atol=1e-6) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-6)
     for t in hn.types:
         a_buf, b_buf = pool.buffers(t)
         for p, (s, sc) in enumerate(zip(slots, [0.5, 2.0])):

@@ -14,7 +14,9 @@ import torch
 from hyperlora.backends import available_backends
 from hyperlora.ops.latent_lora import latent_lora, latent_lora_reference, materialize_adapters
 
-TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+# Relative to the update's size plus |y| (see assert_close_rows): about two units of the dtype's last place.
+# Measured worst over SHAPES x 5 seeds (torch backend): fp32 2.9e-7, fp16 3.7e-4, bf16 3.3e-3.
+TOL = {torch.float64: 1e-10, torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 
 
 def make_case(seed: int, T: int, d_in: int, d_out: int, R: int, K: int, S: int, dtype: torch.dtype,
@@ -291,12 +293,14 @@ def test_gpu_backends_agree_with_torch_backend():
     c = make_case(42, 130, 256, 192, 8, 17, 40, torch.bfloat16, device="cuda")
     ref = c["y"].clone()
     latent_lora_reference(ref, c["x"], c["w_a"], c["w_b"], c["z"], c["slots"], c["scales"])
+    y_before = c["y"].clone()
     for backend in ("triton", "cuda"):
         if not available_backends()[backend]["available"]:
             continue
         y = c["y"].clone()
         latent_lora(**dict(c, y=y), backend=backend)
-        torch.testing.assert_close(y, ref, rtol=3e-2, atol=3e-2, equal_nan=True)
+        # the same bf16 bound as every CPU case (two last-place units), rows with slot -1 bitwise unchanged
+        assert_close_rows(y, ref.double().cpu(), c, torch.bfloat16, y_before)
 
 
 def test_cuda_extension_exports_latent_lora_or_explains():
