@@ -242,10 +242,7 @@ def _time_both(T: int, P: int, d_in: int, d_out: int, R: int, K: int, dtype: tor
                device_key: str) -> Optional[tuple[float, float]]:
     """Median times of add_lora and latent_lora on synthetic inputs of this bucket (P adapters, T tokens spread
     evenly), called alternately with the caches flushed in between, as a forward over many layers sees them."""
-    try:
-        from hyperlora.ops.add_lora import add_lora
-    except ImportError:
-        return None
+    from hyperlora.ops.add_lora import add_lora
     from hyperlora.ops.metadata import build_meta
 
     latent_mod = importlib.import_module("hyperlora.ops.latent_lora")
@@ -382,10 +379,8 @@ def _calibrate_ops(dev: torch.device, prof: DeviceProfile) -> DeviceProfile:
     lat_fixed = max(t_lat - e_lat.seconds, 0.0)
     lat_eff = min(1.0, max(0.05, e_lat_m.seconds / max(t_lat_m - lat_fixed, 1e-9)))
     prof = dataclasses.replace(prof, latent_fixed_s=lat_fixed, latent_efficiency=lat_eff)
-    try:
-        from hyperlora.ops.add_lora import add_lora
-    except ImportError:  # the materialized op is not there: keep its defaults
-        return prof
+    from hyperlora.ops.add_lora import add_lora
+
     a, b = rnd(T, R, d), rnd(T, d, R)
     # 256 adapters of a 1024-wide layer, one token each (decode), cycled through copies that overflow a CPU's
     # last-level cache, as the adapters of a model's successive layers do in a forward pass

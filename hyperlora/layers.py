@@ -16,7 +16,6 @@ token count and reused by every layer of the forward pass (and by every decode s
 """
 from __future__ import annotations
 
-import importlib
 import logging
 import threading
 from collections import OrderedDict
@@ -25,6 +24,10 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+
+from hyperlora.dispatch import choose_path
+from hyperlora.ops.add_lora import add_lora
+from hyperlora.ops.latent_lora import latent_lora
 
 log = logging.getLogger(__name__)
 
@@ -175,20 +178,6 @@ class LoraState:
 # The seam: which path applies the adapters for one layer call.
 # --------------------------------------------------------------------------------------------------
 
-def _dispatch_module():
-    try:
-        return importlib.import_module("hyperlora.dispatch")
-    except ImportError:
-        return None
-
-
-def _latent_op():
-    try:
-        return importlib.import_module("hyperlora.ops.latent_lora").latent_lora
-    except (ImportError, AttributeError):
-        return None
-
-
 def select_apply_path(layer: "LoraLayerMixin", batch: ActiveBatch, num_tokens: int,
                       dtype: torch.dtype = torch.float32) -> str:
     """"materialized" or "latent" for this layer call: the one place the choice is made.
@@ -197,26 +186,21 @@ def select_apply_path(layer: "LoraLayerMixin", batch: ActiveBatch, num_tokens: i
       path for PEFT-loaded adapters).
     - "latent": generated rows through `hyperlora.ops.latent_lora` on the hypernetwork's head (PEFT rows of
       the same batch still go through `add_lora`). Needs the op (issue 7), a hypernetwork and stored latents;
-      without them it falls back to "materialized".
+      without them (no generated rows in the batch) it falls back to "materialized".
     - "auto": asks `hyperlora.dispatch.choose_path(tokens, policies, d_in, d_out, rank, latent_k, dtype,
       device=...)` (issue 7's cost model) with the batch's generated rows, else "materialized".
     """
     mode = batch.apply_mode
     if mode == "materialized":
         return "materialized"
-    latent_ok = (batch.num_latent_rows > 0 and batch.latents is not None and batch.hypernet is not None
-                 and _latent_op() is not None)
+    latent_ok = batch.num_latent_rows > 0 and batch.latents is not None and batch.hypernet is not None
     if not latent_ok:
         return "materialized"
     if mode == "latent":
         return "latent"
-    dispatch = _dispatch_module()
-    choose = getattr(dispatch, "choose_path", None) if dispatch is not None else None
-    if choose is None:
-        return "materialized"
     cfg = batch.hypernet.config
     tokens = batch.num_latent_rows * (num_tokens // max(batch.num_rows, 1))
-    choice = choose(tokens, batch.num_latent_adapters, layer.hl_d_in, layer.hl_d_out, int(cfg.rank),
+    choice = choose_path(tokens, batch.num_latent_adapters, layer.hl_d_in, layer.hl_d_out, int(cfg.rank),
                     int(cfg.latent_dim) + 1, dtype, device=batch.row_slots.device)
     path = getattr(choice, "path", choice)
     log.debug("hyperlora: %s (%dx%d, %d tokens, %d generated adapters) -> %s path", layer.hl_name, layer.hl_d_in,
@@ -254,12 +238,9 @@ def apply_adapters(layer: "LoraLayerMixin", x: torch.Tensor, y: torch.Tensor, ba
 def _add_deltas(layer: "LoraLayerMixin", batch: ActiveBatch, path: str, out2: torch.Tensor, x2: torch.Tensor,
                 t: int) -> None:
     """out2 [T, d_out] += every row's adapter applied to x2 [T, d_in] (same dtype), on the chosen path."""
-    from hyperlora.ops.add_lora import add_lora
-
     pool, name = batch.pool, layer.hl_name
     latent = batch.latents(name) if path == "latent" else None
     if latent is not None:
-        latent_lora = _latent_op()
         slots, meta = batch.token_slots(t, "latent")
         w_a, w_b, z = latent
         if w_a.dtype != x2.dtype or w_a.device != x2.device:

@@ -191,11 +191,7 @@ class Runtime:
         return self.pool.content_key(hn.weights_id(), text, int(hn.config.rank), float(hn.config.scale))
 
     def _latent_enabled(self) -> bool:
-        if self.hypernet is None or self.apply_mode == "materialized":
-            return False
-        from hyperlora.layers import _latent_op
-
-        return _latent_op() is not None
+        return self.hypernet is not None and self.apply_mode != "materialized"
 
     def _store_latents(self, emb: torch.Tensor, slots: list[int], keys: list[str]) -> None:
         """Keep z [L, S, K] per module type for the latent path (the pool holds only materialized A/B)."""

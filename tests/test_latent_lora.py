@@ -361,7 +361,7 @@ def _runtime_logits(apply_mode: str, entries: list, peft_dir=None, monkeypatch=N
 
 
 def _count_latent_calls(monkeypatch):
-    mod = importlib.import_module("hyperlora.ops.latent_lora")  # the module: hyperlora.ops.latent_lora names the function
+    mod = importlib.import_module("hyperlora.layers")  # where the runtime's layers look the op up
 
     calls = []
     real = mod.latent_lora

@@ -284,10 +284,8 @@ def _pick_backend(requested: Optional[str], device: torch.device) -> str:
 
 def _check_meta(meta: object, slots: Tensor, num_slots: int) -> None:
     """TypeError unless `meta` is a LoraBatchMeta; ValueError unless it was built for these slots' sizes."""
-    try:
-        from hyperlora.ops.metadata import LoraBatchMeta
-    except ImportError:  # metadata module not there: nothing to check against
-        return
+    from hyperlora.ops.metadata import LoraBatchMeta
+
     if not isinstance(meta, LoraBatchMeta):
         raise TypeError(f"latent_lora: meta must be a hyperlora.ops.metadata.LoraBatchMeta "
                         f"(build_meta(slots, S)) or None, got {type(meta).__name__}")

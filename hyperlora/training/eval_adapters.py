@@ -3,7 +3,6 @@ per-policy LoRA (the oracle), all returned as ``scoring.AdapterSet`` (name -> st
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
@@ -66,19 +65,11 @@ class HypernetSource:
     def from_dir(cls, directory: str | Path, model: nn.Module, tokenizer: Any) -> "HypernetSource":
         """Load ``HyperNetwork.from_pretrained(dir, model)`` and the encoder it was trained with."""
         from hyperlora.hypernet import HyperNetwork
+        from hyperlora.policy_encoders import load_policy_encoder
 
         d = Path(directory)
         hn = HyperNetwork.from_pretrained(d, model=model).float()
-        try:
-            from hyperlora.policy_encoders import load_policy_encoder
-
-            enc = load_policy_encoder(d, model, tokenizer)
-            encode = enc.encode
-        except ImportError:  # older tree without policy_encoders: MiniLM
-            from hyperlora.encoder import PolicyEncoder
-
-            encode = PolicyEncoder().encode
-        return cls(hn, encode)
+        return cls(hn, load_policy_encoder(d, model, tokenizer).encode)
 
     @torch.no_grad()
     def __call__(self, texts: Sequence[str]) -> AdapterSet:
@@ -92,51 +83,17 @@ class HypernetSource:
         return AdapterSet({n: (a.float(), b.float()) for n, (a, b) in mods.items()}, float(self.hypernet.config.scale))
 
 
-def read_lora_dir(path: str | Path, model: nn.Module) -> AdapterSet:
-    """One LoRA from a PEFT-format directory (adapter_config.json + adapter_model.safetensors) as P=1.
+def read_lora_dir(path: str | Path) -> AdapterSet:
+    """One LoRA from a PEFT-format directory as P=1, read and validated by `hyperlora.peft_io.read_peft`
+    (per-module scales, rank_pattern / alpha_pattern included, are folded into B)."""
+    from hyperlora.peft_io import read_peft
 
-    Per-module scales (lora_alpha / r, rank_pattern / alpha_pattern) are folded into B.
-    """
     d = Path(path)
-    cfg_p, w_p = d / "adapter_config.json", d / "adapter_model.safetensors"
-    if not cfg_p.is_file() or not w_p.is_file():
+    if not (d / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{str(d)!r} is not a LoRA directory: it needs adapter_config.json and "
                                 f"adapter_model.safetensors (PEFT format)")
-    try:  # the project's validating reader, when present
-        from hyperlora.peft_io import read_peft
-
-        ad = read_peft(d)
-        mods = {n: (a.float().unsqueeze(0), b.float().unsqueeze(0)) for n, (a, b) in ad.modules.items()}
-        return AdapterSet(mods, 1.0)
-    except ImportError:
-        pass
-    from safetensors.torch import load_file
-
-    cfg = json.loads(cfg_p.read_text())
-    r, alpha = int(cfg.get("r", 8)), float(cfg.get("lora_alpha", cfg.get("r", 8)))
-    rank_pat, alpha_pat = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
-    state = load_file(str(w_p))
-    modules = dict(model.named_modules())
-    a_of: dict[str, torch.Tensor] = {}
-    b_of: dict[str, torch.Tensor] = {}
-    for k, v in state.items():
-        for tag, dst in ((".lora_A.weight", a_of), (".lora_B.weight", b_of)):
-            if k.endswith(tag):
-                name = k[: -len(tag)]
-                for pre in ("base_model.model.", ""):
-                    if name.startswith(pre) and name[len(pre):] in modules:
-                        dst[name[len(pre):]] = v.float()
-                        break
-                else:
-                    raise ValueError(f"{w_p}: tensor {k!r} targets no module of the base model")
-    if set(a_of) != set(b_of) or not a_of:
-        raise ValueError(f"{w_p}: lora_A/lora_B tensors do not pair up")
-    mods = {}
-    for n in a_of:
-        short = n.rsplit(".", 1)[-1]
-        rr = int(rank_pat.get(n, rank_pat.get(short, r)))
-        aa = float(alpha_pat.get(n, alpha_pat.get(short, alpha)))
-        mods[n] = (a_of[n].unsqueeze(0), (b_of[n] * (aa / rr)).unsqueeze(0))
+    ad = read_peft(d)
+    mods = {n: (a.float().unsqueeze(0), b.float().unsqueeze(0)) for n, (a, b) in ad.modules.items()}
     return AdapterSet(mods, 1.0)
 
 
@@ -177,7 +134,7 @@ def load_lora(path: str | Path, model: nn.Module) -> AdapterSet:
         return read_lora_file(p, model)
     if (p / "multitask_lora.safetensors").is_file():
         return read_lora_file(p / "multitask_lora.safetensors", model)
-    return read_lora_dir(p, model)
+    return read_lora_dir(p)
 
 
 def _linear_targets(model: nn.Module, types: Sequence[str]) -> dict[str, nn.Linear]:

@@ -139,15 +139,9 @@ class _Preds:
 
 
 def _tqdm(total: int, desc: str, enabled: bool):
-    try:
-        from tqdm.auto import tqdm
+    from tqdm.auto import tqdm
 
-        return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True, file=sys.stderr)
-    except ImportError:  # pragma: no cover
-        class _Null:
-            def update(self, n=1): pass
-            def close(self): pass
-        return _Null()
+    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True, file=sys.stderr)
 
 
 def _run_condition(model: Any, tokenizer: Any, etasks: Sequence[EvalTask], indices: Sequence[int], *,
