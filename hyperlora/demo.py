@@ -76,15 +76,10 @@ def build_rows(policies: Sequence[tuple[str, str | None]] | None) -> list[tuple[
 
 
 def _left_pad(tokenizer: Any, prompts: Sequence[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    enc = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    T = max(len(e) for e in enc)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    ids = torch.full((len(enc), T), int(pad), dtype=torch.long)
-    mask = torch.zeros((len(enc), T), dtype=torch.long)
-    for i, e in enumerate(enc):
-        ids[i, T - len(e):] = torch.tensor(e)
-        mask[i, T - len(e):] = 1
-    return ids.to(device), mask.to(device)
+    from hyperlora.training.scoring import left_pad, pad_id
+
+    return left_pad([tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts], pad_id(tokenizer),
+                        device)
 
 
 def _decode_rows(tokenizer: Any, new: torch.Tensor, eos: int | None) -> tuple[list[str], int]:

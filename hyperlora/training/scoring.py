@@ -68,9 +68,10 @@ def _device(model: Any) -> torch.device:
     return next(model.parameters()).device
 
 
-def _left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(seqs: Sequence[Sequence[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask) [N, T] with every sequence right-aligned after `pad` tokens."""
     T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    ids = torch.full((len(seqs), T), pad, dtype=torch.long)
     mask = torch.zeros((len(seqs), T), dtype=torch.long)
     for i, s in enumerate(seqs):
         if s:
@@ -90,7 +91,8 @@ def _forward_last_logits(model: Any, ids: torch.Tensor, mask: torch.Tensor, keep
     return logits[:, -keep:]
 
 
-def _pad_id(tokenizer: Any) -> int:
+def pad_id(tokenizer: Any) -> int:
+    """The tokenizer's pad token id, else its end-of-sequence id, else 0."""
     pid = getattr(tokenizer, "pad_token_id", None)
     if pid is None:
         pid = getattr(tokenizer, "eos_token_id", None)
@@ -132,10 +134,10 @@ def option_logprobs(model: Any, tokenizer: Any, requests: Sequence[ScoreRequest]
         enc.append((prompt_cache[r.prompt], opts, int(r.row)))
     if share_prompt:
         try:
-            return _scores_shared(model, enc, _pad_id(tokenizer), device, adapters, batch_size, bf16, progress)
+            return _scores_shared(model, enc, pad_id(tokenizer), device, adapters, batch_size, bf16, progress)
         except _NoCacheRepeat:
             pass
-    return _scores_full(model, enc, _pad_id(tokenizer), device, adapters, batch_size, bf16, progress)
+    return _scores_full(model, enc, pad_id(tokenizer), device, adapters, batch_size, bf16, progress)
 
 
 class _NoCacheRepeat(Exception):
@@ -160,7 +162,7 @@ def _scores_full(model, enc, pad, device, adapters, batch_size, bf16, progress) 
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][2]))
     for s in range(0, len(order), batch_size):
         chunk = [seqs[i] for i in order[s:s + batch_size]]
-        ids, mask = _left_pad([c[2] for c in chunk], pad, device)
+        ids, mask = left_pad([c[2] for c in chunk], pad, device)
         keep = max(c[3] for c in chunk) + 1
         with _adapter_ctx(model, adapters, [c[4] for c in chunk]), _autocast(bf16, device):
             logits = _forward_last_logits(model, ids, mask, keep)
@@ -182,7 +184,7 @@ def _scores_shared(model, enc, pad, device, adapters, batch_size, bf16, progress
         idx = order[s:s + batch_size]
         B = len(idx)
         K = max(len(enc[i][1]) for i in idx)
-        ids, mask = _left_pad([enc[i][0] for i in idx], pad, device)
+        ids, mask = left_pad([enc[i][0] for i in idx], pad, device)
         rows = [enc[i][2] for i in idx]
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         with _adapter_ctx(model, adapters, rows), _autocast(bf16, device):
@@ -238,14 +240,14 @@ def greedy_generate(model: Any, tokenizer: Any, prompts: Sequence[str], rows: Se
     if len(rows) != len(prompts):
         raise ValueError(f"rows has {len(rows)} entries for {len(prompts)} prompts")
     device = _device(model)
-    pad = _pad_id(tokenizer)
+    pad = pad_id(tokenizer)
     eos = getattr(tokenizer, "eos_token_id", None)
     enc = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(enc[i]))
     out = [""] * len(prompts)
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
-        ids, mask = _left_pad([enc[i] for i in idx], pad, device)
+        ids, mask = left_pad([enc[i] for i in idx], pad, device)
         with _adapter_ctx(model, adapters, [rows[i] for i in idx]), _autocast(bf16, device):
             gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=pad, eos_token_id=eos)
