@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-METHODS = ("sft", "reconstruct", "multitask_lora", "oracle_lora")
+METHODS = ("sft", "reader", "reconstruct", "multitask_lora", "oracle_lora")
 
 
 @dataclass
@@ -37,6 +37,11 @@ class TrainConfig:
     encoder: str = "minilm"                # minilm | base_mean | base_attn (hyperlora.policy_encoders)
     encoder_layer: int = 15
     encoder_queries: int = 4
+    # policy reader (--method reader, hyperlora/reader.py)
+    reader_gate_layer: int = 20            # base-model layer whose states feed the reader's gate/attention
+    reader_aux: float = 3.0                # weight of the gate loss where a training rule is known
+    reader_lr_u: float = 3e-4              # lr of the identity-initialised key maps
+    reader_u_reg: float = 1e-3             # pull of the key maps towards the identity
     # optimisation
     steps: int = 400
     lr: float = 1e-3

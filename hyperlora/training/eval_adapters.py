@@ -63,11 +63,15 @@ class HypernetSource:
 
     @classmethod
     def from_dir(cls, directory: str | Path, model: nn.Module, tokenizer: Any) -> "HypernetSource":
-        """Load ``HyperNetwork.from_pretrained(dir, model)`` and the encoder it was trained with."""
+        """Load ``HyperNetwork.from_pretrained(dir, model)`` and the encoder it was trained with; a policy reader
+        directory (``hyperlora/reader.py``, config kind "reader") gives a ``ReaderSource`` instead."""
         from hyperlora.hypernet import HyperNetwork
         from hyperlora.policy_encoders import load_policy_encoder
+        from hyperlora.reader import ReaderSource, is_reader_dir
 
         d = Path(directory)
+        if is_reader_dir(d):
+            return ReaderSource.from_dir(d, model, tokenizer)  # type: ignore[return-value]
         hn = HyperNetwork.from_pretrained(d, model=model).float()
         return cls(hn, load_policy_encoder(d, model, tokenizer).encode)
 

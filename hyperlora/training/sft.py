@@ -13,7 +13,7 @@ import math
 import random
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -64,8 +64,18 @@ def hypernet_step_loss(session: Session, hn: HyperNetwork, enc: PolicyTextEncode
 @torch.no_grad()
 def quick_eval(session: Session, hn: HyperNetwork, enc: PolicyTextEncoder, max_tasks: int = 16,
                seed: int = 0, batch_rows: int = 64) -> dict[str, Any]:
+    """quick_eval_with for a HyperNetwork and its policy encoder."""
+    return quick_eval_with(session, lambda texts: (_generate(hn, enc.encode(texts)), hn.config.scale),
+                           max_tasks, seed, batch_rows)
+
+
+@torch.no_grad()
+def quick_eval_with(session: Session, generate: Callable[[Sequence[str]], tuple[Any, Any]], max_tasks: int = 16,
+                    seed: int = 0, batch_rows: int = 64) -> dict[str, Any]:
     """Accuracy (first-token option choice, %) per held-out split: generated vs generated_shuffled (the adapter
-    of another task in the same split), and per family. No policy text in the prompt."""
+    of another task in the same split), and per family. No policy text in the prompt.
+
+    generate: policy texts -> (adapters {module name: (A [P, R, d_in], B [P, d_out, R])}, scale)."""
     out: dict[str, Any] = {}
     rng = random.Random(seed)
     for name, data in session.evals.items():
@@ -73,19 +83,17 @@ def quick_eval(session: Session, hn: HyperNetwork, enc: PolicyTextEncoder, max_t
         if len(tasks) < 2:
             continue
         texts = [data.tasks[t].policy for t in tasks]
-        emb = enc.encode(texts)
         perm = list(range(len(tasks)))
         while any(i == p for i, p in enumerate(perm)):
             rng.shuffle(perm)
         res: dict[str, Any] = {}
         for cond, order in (("generated", list(range(len(tasks)))), ("generated_shuffled", perm)):
-            adapters = _generate(hn, emb[order])
+            adapters, scale = generate([texts[i] for i in order])
             correct: dict[str, list[int]] = {}
             rows = [(k, it) for k, t in enumerate(tasks) for it in data.items[t]]
             for s in range(0, len(rows), batch_rows):
                 chunk = rows[s:s + batch_rows]
-                with apply_lora(session.model, adapters, scale=hn.config.scale,
-                                rows=torch.tensor([k for k, _ in chunk])):
+                with apply_lora(session.model, adapters, scale=scale, rows=torch.tensor([k for k, _ in chunk])):
                     logits, ans = session.forward_options(session.eval_states[name], [it for _, it in chunk])
                 ok = (logits.argmax(-1) == ans).tolist()
                 for (k, it), o in zip(chunk, ok):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="JSON training config (fields of TrainConfig); flags below override it")
-    parser.add_argument("--method", choices=["sft", "reconstruct", "multitask_lora", "oracle_lora"])
+    parser.add_argument("--method", choices=["sft", "reader", "reconstruct", "multitask_lora", "oracle_lora"])
     parser.add_argument("--tasks", help="training tasks JSONL (default: the generated suite's train split)")
     parser.add_argument("--eval-tasks", help="held-out tasks JSONL (default: the generated held-out splits)")
     parser.add_argument("--out", help="output directory (checkpoints, logs, results)")
@@ -87,6 +87,15 @@ def run(args: argparse.Namespace) -> int:
         hn.save_pretrained(final)
         enc.save(final)
         res = {"method": "sft", "eval": ev, "train_seconds": round(time.time() - t0, 1)}
+    elif cfg.method == "reader":
+        from hyperlora.training.reader_train import train_reader
+        from hyperlora.training.sft import quick_eval_with
+
+        s = build_session(cfg, log=log)
+        reader, features, hist = train_reader(s, log=log, resume=not args.no_resume)
+        ev = quick_eval_with(s, lambda txts: (reader(features(list(txts)))[0], 1.0), cfg.eval_tasks_per_split)
+        reader.save_pretrained(out / "final")
+        res = {"method": "reader", "eval": ev, "train_seconds": round(time.time() - t0, 1)}
     elif cfg.method == "multitask_lora":
         from hyperlora.training.baselines import accuracy_with, train_multitask
         from hyperlora.training.data import spread_over_families

@@ -1,0 +1,256 @@
+"""The policy reader: a hypernetwork whose adapters are built from the base model's own reading of the policy.
+
+The T2L-style map (pooled sentence embedding -> MLP -> LoRA factors) memorizes its training policies and does
+not transfer (docs/EXPERIMENTS.md, runs E1-X2). The reader replaces the learned lookup with a structure:
+
+* The base model reads the policy as if it were a user message (same chat template as a record). Its inputs
+  to the adapted layer's ``o_proj`` and ``down_proj`` at the policy's positions live in the same space as a
+  record's inputs at the answer position, where (measured) the record's topic is linearly decodable: a record
+  about refunds and a policy about refunds look alike there, also for topics never trained on.
+* One rank-1 slot per policy token j. Its A row is a key: a mix (learned attention over the policy's tokens,
+  the token itself, the last position) of those features, standardized with the records' statistics and
+  mapped by a learned matrix initialised to the identity; ``A_j . x`` is then how much the record x looks like
+  what the policy says around token j, centred so that an average record gives 0.
+* Its B column copies the token's own output embedding (tied embeddings: writing ``E[tok]`` into the last
+  residual raises that token's logit), times a signed gate ``g_j`` in (-1, 1): +1 for an answer word the policy
+  gives when its condition holds, -1 for the default answer, 0 for every other token. Answer words never seen
+  in training are handled by the copy, not memorized.
+
+So ``delta logit(word) ~ sum_j g_j [tok_j == word] * similarity(record, condition_j)``. The gate is trained with
+an auxiliary target where the training rule is known (topic and routing policies), and everything end to end
+through the frozen base model with the option loss. Adapters have rank = number of policy tokens (<= max_tokens).
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "reader.safetensors"
+KIND = "reader"
+
+
+@dataclass
+class ReaderConfig:
+    """Shape of a policy reader. Saved as ``config.json`` (with ``"kind": "reader"``) beside its weights."""
+
+    layer: int                      # adapted decoder layer (its o_proj and down_proj)
+    hidden_size: int
+    features: dict[str, int] = field(default_factory=dict)  # module type -> its in_features
+    gate_layer: int = 20            # hidden states read by the gate and the attention
+    d_attn: int = 64
+    max_tokens: int = 96            # policy tokens read (= the adapters' maximum rank)
+    init_scale: float = 50.0
+    kind: str = KIND
+
+    @property
+    def rank(self) -> int:
+        return self.max_tokens
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "rank": self.rank}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "ReaderConfig":
+        if d.get("kind") != KIND:
+            raise ValueError(f"not a policy reader config (kind={d.get('kind')!r}, expected {KIND!r})")
+        keys = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in d.items() if k in keys})
+
+
+def module_name(model: nn.Module, layer: int, mtype: str) -> str:
+    """Full name of module type `mtype` (e.g. 'o_proj') in decoder layer `layer` of a Llama-style model."""
+    prefix = f"model.layers.{layer}."
+    for name, _ in model.named_modules():
+        if name.startswith(prefix) and name.rsplit(".", 1)[-1] == mtype:
+            return name
+    raise ValueError(f"decoder layer {layer} of this model has no module {mtype!r} (the reader needs a "
+                     f"Llama-style decoder with self_attn.o_proj and mlp.down_proj)")
+
+
+class PolicyFeatures:
+    """The base model's reading of policy texts: per text, its token ids and, at each of its positions, the
+    hidden state after `gate_layer` layers and the inputs of the adapted modules. Cached by text."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any, cfg: ReaderConfig):
+        from hyperlora.tasks.prompts import prompt_text
+
+        self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
+        self._cache: dict[str, dict[str, torch.Tensor]] = {}
+        a = tokenizer(prompt_text(tokenizer, "alpha beta"), add_special_tokens=False)["input_ids"]
+        b = tokenizer(prompt_text(tokenizer, "zzz qqq"), add_special_tokens=False)["input_ids"]
+        self.prefix = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)  # the shared template head
+        self.names = {t: module_name(model, cfg.layer, t) for t in cfg.features}
+
+    def prompt_ids(self, text: str) -> list[int]:
+        from hyperlora.tasks.prompts import prompt_text
+
+        if not text or not text.strip():
+            raise ValueError("policy text is empty")
+        ids = self.tokenizer(prompt_text(self.tokenizer, text), add_special_tokens=False)["input_ids"]
+        return ids[: self.prefix + self.cfg.max_tokens]
+
+    @torch.no_grad()
+    def __call__(self, texts: Sequence[str], batch_size: int = 32) -> list[dict[str, torch.Tensor]]:
+        todo = [t for t in dict.fromkeys(texts) if t not in self._cache]
+        if todo:
+            store: dict[str, torch.Tensor] = {}
+            mods = dict(self.model.named_modules())
+            hooks = [mods[n].register_forward_hook(lambda m, i, o, t=t: store.__setitem__(t, i[0].detach()))
+                     for t, n in self.names.items()]
+            dev = next(self.model.parameters()).device
+            try:
+                for s in range(0, len(todo), batch_size):
+                    chunk = todo[s:s + batch_size]
+                    seqs = [self.prompt_ids(t) for t in chunk]
+                    ids = torch.full((len(chunk), max(map(len, seqs))), self.tokenizer.pad_token_id or 0)
+                    for j, q in enumerate(seqs):  # right padding: causal attention keeps real positions exact
+                        ids[j, : len(q)] = torch.tensor(q)
+                    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cpu"):
+                        out = self.model.model(ids.to(dev), output_hidden_states=True)
+                    for j, (t, q) in enumerate(zip(chunk, seqs)):
+                        n = len(q)
+                        f = {"ids": torch.tensor(q[self.prefix:n]),
+                             "h": out.hidden_states[self.cfg.gate_layer][j, self.prefix:n].float().cpu()}
+                        for mt in self.names:
+                            f[mt] = store[mt][j, self.prefix:n].float().cpu()
+                        self._cache[t] = f
+            finally:
+                for h in hooks:
+                    h.remove()
+        return [self._cache[t] for t in texts]
+
+
+class PolicyReader(nn.Module):
+    """Policy features -> per-module LoRA factors {name: (A [P, T, d_in], B [P, d_out, T])} (scale 1).
+
+    Buffers ``mu_<t>``, ``sd_<t>``, ``c_<t>`` hold the records' statistics at the adapted modules' inputs: mean,
+    std, and a direction with ``c . x ~ 1`` for every record (LoRA has no bias; this gives it a constant)."""
+
+    def __init__(self, cfg: ReaderConfig, embedding: torch.Tensor, names: dict[str, str]):
+        super().__init__()
+        self.cfg, self.names = cfg, dict(names)
+        d = cfg.hidden_size
+        self.norm = nn.LayerNorm(d)
+        self.q = nn.Linear(d, cfg.d_attn)
+        self.k = nn.Linear(d, cfg.d_attn)
+        self.v = nn.Linear(d, d)
+        self.gate = nn.Linear(2 * d, 1)
+        nn.init.zeros_(self.gate.weight)  # g = 0 at start: the adapter starts as an exact no-op
+        nn.init.zeros_(self.gate.bias)
+        self.register_buffer("emb", embedding.detach().float().clone(), persistent=False)
+        self.self_w = nn.Parameter(torch.tensor(0.0))
+        self.last_w = nn.Parameter(torch.tensor(1.0))
+        self.U = nn.ParameterDict({t: nn.Parameter(torch.eye(n)) for t, n in cfg.features.items()})
+        self.bias = nn.ParameterDict({t: nn.Parameter(torch.zeros(1)) for t in cfg.features})
+        self.log_scale = nn.ParameterDict({t: nn.Parameter(torch.tensor(math.log(cfg.init_scale)))
+                                           for t in cfg.features})
+        self.out_dir = nn.ParameterDict({t: nn.Parameter(torch.ones(d)) for t in cfg.features})
+        for t, n in cfg.features.items():
+            self.register_buffer(f"mu_{t}", torch.zeros(n))
+            self.register_buffer(f"sd_{t}", torch.ones(n))
+            self.register_buffer(f"c_{t}", torch.zeros(n))
+
+    def set_record_stats(self, feats: dict[str, torch.Tensor]) -> None:
+        """feats: module type -> [N, d_in] inputs at the answer position of N records (no adapter)."""
+        for t, x in feats.items():
+            x = x.float()
+            sd = x.std(0)
+            getattr(self, f"mu_{t}").copy_(x.mean(0))
+            getattr(self, f"sd_{t}").copy_(sd + 1e-2 * sd.mean())
+            ridge = 1e-3 * x.pow(2).sum() / len(x)
+            c = torch.linalg.solve(x.T @ x + ridge * torch.eye(x.shape[1]), x.T @ torch.ones(len(x)))
+            getattr(self, f"c_{t}").copy_(c)
+
+    def forward(self, feats: Sequence[dict[str, torch.Tensor]]) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+        """Returns (adapters, gates [P, T]); row/column j >= len(policy p) is zero."""
+        P, T = len(feats), max(int(f["ids"].numel()) for f in feats)
+        dev = self.emb.device
+        mask = torch.zeros(P, T, dtype=torch.bool, device=dev)
+        H = torch.zeros(P, T, self.cfg.hidden_size, device=dev)
+        ids = torch.zeros(P, T, dtype=torch.long, device=dev)
+        X = {t: torch.zeros(P, T, n, device=dev) for t, n in self.cfg.features.items()}
+        last = torch.zeros(P, dtype=torch.long, device=dev)
+        for p, f in enumerate(feats):
+            n = int(f["ids"].numel())
+            mask[p, :n] = True
+            last[p] = n - 1
+            H[p, :n] = f["h"].to(dev)
+            ids[p, :n] = f["ids"].to(dev)
+            for t in X:
+                X[t][p, :n] = (f[t].to(dev) - getattr(self, f"mu_{t}")) / getattr(self, f"sd_{t}")
+        h = self.norm(H)
+        att = (self.q(h) @ self.k(h).transpose(1, 2)) / math.sqrt(self.cfg.d_attn)
+        att = att.masked_fill(~mask[:, None, :], float("-inf")).softmax(-1)
+        g = torch.tanh(self.gate(torch.cat([h, att @ self.v(h)], -1))).squeeze(-1) * mask  # [P, T]
+        E = self.emb[ids]  # [P, T, d]
+        out = {}
+        rows = torch.arange(P, device=dev)
+        for t, name in self.names.items():
+            mu, sd, c = (getattr(self, f"{k}_{t}") for k in ("mu", "sd", "c"))
+            ctx = att @ X[t] + self.self_w * X[t] + self.last_w * X[t][rows, last][:, None, :]
+            key = nn.functional.normalize(ctx, dim=-1) @ self.U[t].T / math.sqrt(ctx.shape[-1])
+            w = key / sd  # A_j . x = key_j . (x - mu) / sd + bias, with c . x ~ 1 standing in for 1
+            a = (w - (w @ mu)[..., None] * c + self.bias[t] * c) * mask[..., None]
+            b = (g[..., None] * torch.exp(self.log_scale[t]) * self.out_dir[t] * E).transpose(1, 2)
+            out[name] = (a, b)
+        return out, g
+
+    def save_pretrained(self, directory: str | Path, extra: dict[str, Any] | None = None) -> None:
+        from safetensors.torch import save_file
+
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        cfg = {**self.cfg.to_json(), "names": self.names, **(extra or {})}
+        (d / CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, str(d / WEIGHTS_FILE))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, model: nn.Module) -> "PolicyReader":
+        from safetensors.torch import load_file
+
+        d = Path(directory)
+        raw = json.loads((d / CONFIG_FILE).read_text())
+        cfg = ReaderConfig.from_json(raw)
+        names = {t: module_name(model, cfg.layer, t) for t in cfg.features}
+        if raw.get("names") and raw["names"] != names:
+            raise ValueError(f"this reader was trained for modules {raw['names']}, the model has {names}")
+        r = cls(cfg, model.get_input_embeddings().weight, names)
+        r.load_state_dict(load_file(str(d / WEIGHTS_FILE)))
+        return r
+
+
+def is_reader_dir(directory: str | Path) -> bool:
+    p = Path(directory) / CONFIG_FILE
+    if not p.is_file():
+        return False
+    try:
+        return json.loads(p.read_text()).get("kind") == KIND
+    except (ValueError, OSError):
+        return False
+
+
+class ReaderSource:
+    """Policy texts -> ``scoring.AdapterSet`` through a trained PolicyReader (the eval/demo adapter source)."""
+
+    def __init__(self, reader: PolicyReader, features: PolicyFeatures):
+        self.reader = reader.eval()
+        self.features = features
+
+    @classmethod
+    def from_dir(cls, directory: str | Path, model: nn.Module, tokenizer: Any) -> "ReaderSource":
+        r = PolicyReader.from_pretrained(directory, model)
+        return cls(r, PolicyFeatures(model, tokenizer, r.cfg))
+
+    @torch.no_grad()
+    def __call__(self, texts: Sequence[str]):
+        from hyperlora.training.scoring import AdapterSet
+
+        adapters, _ = self.reader(self.features(list(texts)))
+        return AdapterSet({n: (a.float(), b.float()) for n, (a, b) in adapters.items()}, 1.0)

@@ -1,0 +1,210 @@
+"""`hyperlora train --method reader`: train the policy reader (hyperlora/reader.py) through the frozen base model.
+
+Same data, batches, option loss and fast path as the SFT of the T2L-style hypernetwork (`sft.py`), plus an
+auxiliary loss on the reader's signed gates where a training policy's rule is known (topic and routing
+policies: +1 on the first token of each conditional answer word in the policy text, -1 on the default answer's,
+0 elsewhere). Resumable: `<out>/checkpoint/` holds the reader, the optimizer moments and the step.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from hyperlora.reader import PolicyFeatures, PolicyReader, ReaderConfig, module_name
+from hyperlora.training.data import TaskData, sample_batch
+from hyperlora.training.fastpath import stack_cached
+from hyperlora.training.lora_fn import apply_lora
+from hyperlora.training.session import Session
+
+READ_MODULES = ("o_proj", "down_proj")
+
+
+@torch.no_grad()
+def record_features(session: Session, names: dict[str, str], every: int = 3) -> dict[str, torch.Tensor]:
+    """Inputs of the named modules at the answer position for every `every`-th cached training record."""
+    store: dict[str, torch.Tensor] = {}
+    mods = dict(session.model.named_modules())
+    hooks = [mods[n].register_forward_hook(lambda m, i, o, t=t: store.__setitem__(t, i[0].detach()))
+             for t, n in names.items()]
+    out: dict[str, list[torch.Tensor]] = {t: [] for t in names}
+    idx = list(range(0, len(session.train.records), every))  # type: ignore[union-attr]
+    try:
+        for s in range(0, len(idx), 64):
+            chunk = idx[s:s + 64]
+            h, last = stack_cached(session.train_states, chunk, torch.float32, session.cfg.device)
+            with torch.autocast(h.device.type, dtype=torch.bfloat16, enabled=session.cfg.bf16):
+                session.split.upper(h, last)
+            for t in names:
+                x = store[t]
+                out[t].append(x.reshape(len(chunk), -1, x.shape[-1])[:, -1].float().cpu())
+    finally:
+        for hk in hooks:
+            hk.remove()
+    return {t: torch.cat(v) for t, v in out.items()}
+
+
+def gate_targets(data: TaskData, features: PolicyFeatures, tokenizer: Any) -> dict[str, torch.Tensor]:
+    """policy text -> [T] target gates, for topic/routing training policies whose rule is inferable."""
+    from hyperlora.training.relabel import _sentence_topics, infer_rule
+
+    table = _sentence_topics()
+    out: dict[str, torch.Tensor] = {}
+    for ti in data.usable_tasks:
+        task = data.tasks[ti]
+        if task.family not in ("topic", "routing"):
+            continue
+        rule = infer_rule(task.family, [(ex.input, str(ex.answer)) for ex in task.examples], table)
+        if rule is None:
+            continue
+        default = rule("__none__")
+        sign = {o: (-1.0 if o == default else 1.0) for o in task.examples[0].options}
+        for text in task.texts():
+            ids = features([text])[0]["ids"]
+            tgt = torch.zeros(ids.numel())
+            for word, sg in sign.items():
+                tgt[ids == tokenizer(word, add_special_tokens=False)["input_ids"][0]] = sg
+            out[text] = tgt
+    return out
+
+
+def _lr_factor(step: int, steps: int, warmup: int) -> float:
+    return min(1.0, (step + 1) / max(1, warmup)) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, step / steps))))
+
+
+def _save(out: Path, reader: PolicyReader, opt: torch.optim.Optimizer, step: int, elapsed: float, cfg, history) -> None:
+    from safetensors.torch import save_file
+
+    tmp, ck = out / "checkpoint.tmp", out / "checkpoint"
+    reader.save_pretrained(tmp)
+    params = dict(reader.named_parameters())
+    moments = {f"{n}::{k}": opt.state[p][k].detach().cpu().contiguous()
+               for n, p in params.items() if p in opt.state for k in ("exp_avg", "exp_avg_sq")}
+    save_file(moments, str(tmp / "optimizer.safetensors"))
+    (tmp / "training_state.json").write_text(json.dumps(
+        {"step": step, "elapsed_s": round(elapsed, 1), "config": cfg.to_dict(), "history": history}, indent=1))
+    if ck.exists():
+        import shutil
+
+        shutil.rmtree(ck)
+    tmp.rename(ck)
+
+
+def _resume(out: Path, reader: PolicyReader, opt: torch.optim.Optimizer) -> tuple[int, float, list]:
+    from safetensors.torch import load_file
+
+    ck = out / "checkpoint"
+    if not (ck / "training_state.json").is_file():
+        return 0, 0.0, []
+    reader.load_state_dict(load_file(str(ck / "reader.safetensors")))
+    state = json.loads((ck / "training_state.json").read_text())
+    step = int(state["step"])
+    moments = load_file(str(ck / "optimizer.safetensors"))
+    for n, p in reader.named_parameters():
+        if f"{n}::exp_avg" in moments:
+            opt.state[p] = {"step": torch.tensor(float(step)), "exp_avg": moments[f"{n}::exp_avg"],
+                            "exp_avg_sq": moments[f"{n}::exp_avg_sq"]}
+    return step, float(state.get("elapsed_s", 0.0)), list(state.get("history", []))
+
+
+def train_reader(session: Session, log: Callable[[str], None] = print, resume: bool = True
+                 ) -> tuple[PolicyReader, PolicyFeatures, list]:
+    """Train a PolicyReader on the session's training policies; returns it, its feature reader and the history."""
+    from tqdm import tqdm
+
+    from hyperlora.training.sft import quick_eval_with
+
+    cfg = session.cfg
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data: TaskData = session.train  # type: ignore[assignment]
+    if cfg.relabel_per_task > 0 and not getattr(data, "_relabelled", False):
+        from hyperlora.training.relabel import augment_with_relabels
+
+        augment_with_relabels(data, cfg.relabel_per_task, cfg.seed, log=log, tokenizer=session.tokenizer)
+        data._relabelled = True  # type: ignore[attr-defined]
+    model, tok = session.model, session.tokenizer
+    layer = session.split.start if cfg.n_upper == 1 else len(session.split.layers) - 1
+    mods = dict(model.named_modules())
+    names = {t: module_name(model, layer, t) for t in READ_MODULES}
+    rcfg = ReaderConfig(layer=layer, hidden_size=int(model.config.hidden_size),
+                        features={t: int(mods[n].in_features) for t, n in names.items()},
+                        gate_layer=cfg.reader_gate_layer)
+    features = PolicyFeatures(model, tok, rcfg)
+    texts = [x for t in data.usable_tasks for x in data.tasks[t].texts()]
+    texts += [d.tasks[t].policy for d in session.evals.values() for t in d.usable_tasks]
+    t0 = time.time()
+    features(texts)
+    log(f"read {len(set(texts))} policy texts with the base model in {time.time() - t0:.0f} s")
+    torch.manual_seed(cfg.seed)
+    reader = PolicyReader(rcfg, model.get_input_embeddings().weight, names).to(cfg.device)
+    reader.set_record_stats(record_features(session, names))
+    targets = gate_targets(data, features, tok)
+    log(f"gate targets for {len(targets)} policy texts; reader {sum(p.numel() for p in reader.parameters()) / 1e6:.2f}M "
+        f"parameters on {list(names.values())}")
+    u_params = list(reader.U.parameters())
+    other = [p for n, p in reader.named_parameters() if not n.startswith("U.")]
+    opt = torch.optim.AdamW([{"params": other, "lr": cfg.lr, "base": cfg.lr},
+                             {"params": u_params, "lr": cfg.reader_lr_u, "base": cfg.reader_lr_u}], weight_decay=0.0)
+    step, elapsed, history = _resume(out, reader, opt) if resume else (0, 0.0, [])
+    if step:
+        log(f"resumed from {out / 'checkpoint'} at step {step} ({elapsed:.0f} s trained)")
+    eye = {t: torch.eye(u.shape[0], device=u.device) for t, u in reader.U.items()}
+
+    def generate(txts: Sequence[str]):
+        adapters, _ = reader(features(list(txts)))
+        return adapters, 1.0
+
+    bar = tqdm(total=cfg.steps, initial=step, desc="reader", unit="step", mininterval=5)
+    ema: tuple[float, float] | None = None
+    t_start = time.time() - elapsed
+    while step < cfg.steps:
+        if cfg.time_budget_s and time.time() - t_start > cfg.time_budget_s:
+            log(f"time budget {cfg.time_budget_s:.0f} s reached at step {step}")
+            break
+        rng = random.Random(cfg.seed * 1_000_003 + step)
+        items = sample_batch(data, rng, cfg.policies_per_step, cfg.examples_per_policy, cfg.contrastive)
+        tasks = list(dict.fromkeys(it.task for it in items))
+        txts = [rng.choice(data.tasks[t].texts()) for t in tasks]
+        rows = torch.tensor([tasks.index(it.task) for it in items])
+        f = _lr_factor(step, cfg.steps, cfg.warmup)
+        for g in opt.param_groups:
+            g["lr"] = g["base"] * f
+        adapters, gates = reader(features(txts))
+        with apply_lora(model, adapters, scale=1.0, rows=rows):
+            logits, ans = session.forward_options(session.train_states, items)
+        loss = nn.functional.cross_entropy(logits, ans)
+        known = [(p, targets[t]) for p, t in enumerate(txts) if t in targets]
+        aux = (sum(((gates[p, : tg.numel()] - tg.to(gates.device)) ** 2).mean() for p, tg in known) / len(known)
+               if known else torch.zeros((), device=loss.device))
+        reg = sum((u - eye[t]).pow(2).sum() for t, u in reader.U.items())
+        total = loss + cfg.reader_aux * aux + cfg.reader_u_reg * reg
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(reader.parameters(), cfg.grad_clip)
+        opt.step()
+        step += 1
+        acc = (logits.argmax(-1) == ans).float().mean().item()
+        ema = (loss.item(), acc) if ema is None else (0.95 * ema[0] + 0.05 * loss.item(), 0.95 * ema[1] + 0.05 * acc)
+        bar.update(1)
+        bar.set_postfix(loss=f"{ema[0]:.3f}", acc=f"{ema[1]:.2f}", aux=f"{float(aux.detach()):.3f}")
+        if step % 10 == 0:
+            history.append({"step": step, "t": round(time.time() - t_start, 1), "loss": round(ema[0], 4),
+                            "acc": round(ema[1], 3)})
+        if cfg.eval_every and step % cfg.eval_every == 0 and session.evals:
+            ev = quick_eval_with(session, generate, cfg.eval_tasks_per_split)
+            history.append({"step": step, "t": round(time.time() - t_start, 1), "eval": ev})
+            log(f"step {step} t={time.time() - t_start:.0f}s eval: " + json.dumps(
+                {k: (v["generated"], v["generated_shuffled"]) for k, v in ev.items()}))
+        if cfg.save_every and step % cfg.save_every == 0:
+            _save(out, reader, opt, step, time.time() - t_start, cfg, history)
+    bar.close()
+    _save(out, reader, opt, step, time.time() - t_start, cfg, history)
+    return reader, features, history
