@@ -139,7 +139,7 @@ setup(
     packages=["hyperlora", "hyperlora.ops", "hyperlora.kernels", "hyperlora.tasks", "hyperlora.training",
               "hyperlora.checkpoints"],
     package_dir={"hyperlora": "hyperlora", "hyperlora.kernels": "kernels"},
-    package_data={"hyperlora.checkpoints": ["**/*.json", "**/*.safetensors", "**/*.md"],
+    package_data={"hyperlora.checkpoints": ["*.json", "**/*.json", "**/*.safetensors", "**/*.md"],
                   "hyperlora.tasks": ["data/*.jsonl"]},
     ext_modules=extensions(),
     cmdclass={"build_ext": CudaBuildExt},

@@ -202,14 +202,25 @@ class PolicyReader(nn.Module):
             out[name] = (a, b)
         return out, g
 
-    def save_pretrained(self, directory: str | Path, extra: dict[str, Any] | None = None) -> None:
+    def save_pretrained(self, directory: str | Path, extra: dict[str, Any] | None = None,
+                        dtype: torch.dtype = torch.float32) -> None:
+        """config.json + reader.safetensors. dtype=torch.bfloat16 halves the file: the key maps are stored as
+        their difference from the identity (bf16 cannot hold 1 + a small change), the records' statistics
+        stay float32 (the constant direction c needs the precision)."""
         from safetensors.torch import save_file
 
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         cfg = {**self.cfg.to_json(), "names": self.names, **(extra or {})}
         (d / CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, str(d / WEIGHTS_FILE))
+        state = {}
+        for k, v in self.state_dict().items():
+            v = v.detach().cpu()
+            if k.startswith("U."):
+                k, v = "U_minus_eye." + k[2:], v - torch.eye(v.shape[0])
+            keep32 = k.split("_", 1)[0] in ("mu", "sd", "c")
+            state[k] = (v if keep32 else v.to(dtype)).contiguous()
+        save_file(state, str(d / WEIGHTS_FILE))
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, model: nn.Module) -> "PolicyReader":
@@ -222,7 +233,12 @@ class PolicyReader(nn.Module):
         if raw.get("names") and raw["names"] != names:
             raise ValueError(f"this reader was trained for modules {raw['names']}, the model has {names}")
         r = cls(cfg, model.get_input_embeddings().weight, names)
-        r.load_state_dict(load_file(str(d / WEIGHTS_FILE)))
+        state = {}
+        for k, v in load_file(str(d / WEIGHTS_FILE)).items():
+            if k.startswith("U_minus_eye."):
+                k, v = "U." + k[len("U_minus_eye."):], v.float() + torch.eye(v.shape[0])
+            state[k] = v.float()
+        r.load_state_dict(state)
         return r
 
 
@@ -242,6 +258,8 @@ class ReaderSource:
     def __init__(self, reader: PolicyReader, features: PolicyFeatures):
         self.reader = reader.eval()
         self.features = features
+        self.hypernet = ReaderHypernet(reader, features)  # what hyperlora.attach serves (demo, checkpoints.load)
+        self.encode = None  # the reader reads policy texts itself: no separate encoder
 
     @classmethod
     def from_dir(cls, directory: str | Path, model: nn.Module, tokenizer: Any) -> "ReaderSource":
@@ -250,7 +268,81 @@ class ReaderSource:
 
     @torch.no_grad()
     def __call__(self, texts: Sequence[str]):
+        """The adapters exactly as served (pruned to the ReaderHypernet's max_rank), zero-padded to one rank."""
         from hyperlora.training.scoring import AdapterSet
 
-        adapters, _ = self.reader(self.features(list(texts)))
-        return AdapterSet({n: (a.float(), b.float()) for n, (a, b) in adapters.items()}, 1.0)
+        per = self.hypernet.adapters_for_texts(list(texts))
+        R = max(int(a.shape[0]) for mods in per for a, _ in mods.values())
+        out = {}
+        for n in per[0]:
+            A = torch.zeros(len(per), R, per[0][n][0].shape[1])
+            B = torch.zeros(len(per), per[0][n][1].shape[0], R)
+            for p, mods in enumerate(per):
+                a, b = mods[n]
+                A[p, : a.shape[0]] = a
+                B[p, :, : b.shape[1]] = b
+            out[n] = (A, B)
+        return AdapterSet(out, 1.0)
+
+
+class ReaderHypernet:
+    """A trained PolicyReader in the shape ``hyperlora.attach`` serves: policy texts in, one adapter per policy
+    written into the pool (``reads_text``: no separate policy encoder, no latent path).
+
+    Each policy's adapter keeps only its ``max_rank`` tokens with the largest |gate| (and none below
+    ``min_gate``): a token with a zero gate has a zero B column, so dropping it changes nothing, and the
+    trained gates are near zero except on answer words, which makes served adapters rank ~2-8 instead of the
+    policy's token count."""
+
+    reads_text = True
+
+    def __init__(self, reader: PolicyReader, features: PolicyFeatures, max_rank: int = 16, min_gate: float = 0.02):
+        from types import SimpleNamespace
+
+        if max_rank < 1:
+            raise ValueError(f"max_rank must be >= 1, got {max_rank}")
+        self.reader, self.features = reader.eval(), features
+        self.min_gate = float(min_gate)
+        self.config = SimpleNamespace(rank=int(max_rank), scale=1.0)
+        self.types = list(reader.names)
+        self._targets = {n: (int(reader.cfg.features[t]), int(reader.cfg.hidden_size)) for t, n in reader.names.items()}
+        self._id: str | None = None
+
+    @classmethod
+    def from_dir(cls, directory: str | Path, model: nn.Module, tokenizer: Any, **kw: Any) -> "ReaderHypernet":
+        r = PolicyReader.from_pretrained(directory, model)
+        return cls(r, PolicyFeatures(model, tokenizer, r.cfg), **kw)
+
+    def module_names(self, mtype: str) -> list[str]:
+        return [self.reader.names[mtype]]
+
+    def targets(self) -> dict[str, tuple[int, int]]:
+        return dict(self._targets)
+
+    def weights_id(self) -> str:
+        """Hash of the reader's weights and pruning settings (its identity in pool content keys)."""
+        if self._id is None:
+            import hashlib
+
+            h = hashlib.sha256(f"reader|{self.config.rank}|{self.min_gate}".encode())
+            for k, v in sorted(self.reader.state_dict().items()):
+                h.update(k.encode())
+                h.update(v.detach().cpu().float().numpy().tobytes())
+            self._id = h.hexdigest()[:16]
+        return self._id
+
+    @torch.no_grad()
+    def adapters_for_texts(self, texts: Sequence[str]) -> list[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+        """Per policy: {module name: (A [r, d_in], B [d_out, r])}, r <= config.rank, scale 1 (folded in)."""
+        adapters, gates = self.reader(self.features(list(texts)))
+        out = []
+        for p in range(len(texts)):
+            g = gates[p].abs()
+            keep = torch.argsort(g, descending=True)[: self.config.rank]
+            keep = keep[g[keep] >= self.min_gate]
+            if keep.numel() == 0:
+                keep = torch.argsort(g, descending=True)[:1]
+            keep = keep.sort().values
+            out.append({n: (a[p, keep].float().contiguous(), b[p][:, keep].float().contiguous())
+                        for n, (a, b) in adapters.items()})
+        return out

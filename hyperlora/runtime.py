@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -191,7 +192,8 @@ class Runtime:
         return self.pool.content_key(hn.weights_id(), text, int(hn.config.rank), float(hn.config.scale))
 
     def _latent_enabled(self) -> bool:
-        return self.hypernet is not None and self.apply_mode != "materialized"
+        return (self.hypernet is not None and self.apply_mode != "materialized"
+                and not getattr(self.hypernet, "reads_text", False))  # a policy reader has no latent head
 
     def _store_latents(self, emb: torch.Tensor, slots: list[int], keys: list[str]) -> None:
         """Keep z [L, S, K] per module type for the latent path (the pool holds only materialized A/B)."""
@@ -369,6 +371,8 @@ class Runtime:
 
     def _generate(self, texts: list[str], keys: dict[Any, int], hold: Callable[[int, str], bool]) -> None:
         hn = self.hypernet
+        if getattr(hn, "reads_text", False):
+            return self._generate_read(texts, keys, hold)
         cfg = hn.config
         new_keys = [self._policy_key(t) for t in texts]
         slots: list[int] = []
@@ -390,6 +394,29 @@ class Runtime:
             self._store_latents(emb, slots, new_keys)
         for t, s, k in zip(texts, slots, new_keys):
             if not hold(s, k):  # only if someone outside this runtime evicted it within microseconds
+                raise RuntimeError(f"the adapter generated for {t[:40]!r} was evicted before its batch started")
+            keys[t] = s
+
+    def _generate_read(self, texts: list[str], keys: dict[Any, int], hold: Callable[[int, str], bool]) -> None:
+        """Policy reader (``reads_text``): its adapters (each with its own rank) are built first, then written
+        into freshly allocated slots, so a failure in the reader leaves the pool untouched."""
+        t0 = time.perf_counter()
+        per_policy = self.hypernet.adapters_for_texts(texts)
+        new_keys = [self._policy_key(t) for t in texts]
+        slots: list[int] = []
+        try:
+            for k, mods in zip(new_keys, per_policy):
+                rank = max(int(a.shape[0]) for a, _ in mods.values())
+                slots.append(self.pool.allocate(k, rank, 1.0))
+            for s, mods in zip(slots, per_policy):
+                self.pool.write(s, mods)
+        except BaseException:
+            for k in new_keys:
+                self._free_unwritten(k)
+            raise
+        log.debug("hyperlora: read %d policies into the pool in %.1f ms", len(texts), 1e3 * (time.perf_counter() - t0))
+        for t, s, k in zip(texts, slots, new_keys):
+            if not hold(s, k):
                 raise RuntimeError(f"the adapter generated for {t[:40]!r} was evicted before its batch started")
             keys[t] = s
 
@@ -478,6 +505,12 @@ class Runtime:
                                       base_model=self.model)
         if self.hypernet is None:
             raise ValueError("export_peft of a policy text needs a hypernetwork (attach(model, hypernet=...))")
+        if getattr(self.hypernet, "reads_text", False):
+            mods = self.hypernet.adapters_for_texts([policy])[0]
+            rank = max(int(a.shape[0]) for a, _ in mods.values())
+            pad = {n: (torch.cat([a, a.new_zeros(rank - a.shape[0], a.shape[1])]),
+                       torch.cat([b, b.new_zeros(b.shape[0], rank - b.shape[1])], 1)) for n, (a, b) in mods.items()}
+            return peft_io.write_peft(d, pad, rank=rank, lora_alpha=float(rank), base_model=self.model)
         return peft_io.export_policy(self.hypernet, self._encode([policy]), d, base_model=self.model)
 
     # ---- introspection ----------------------------------------------------------------------

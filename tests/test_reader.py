@@ -101,3 +101,148 @@ def test_reader_trains_checkpoints_resumes_and_loads_for_eval(tiny_model, tmp_pa
     ad = src(["Answer 'flag' if the message asks for a refund; otherwise answer 'pass'."])
     assert ad.count == 1 and all(torch.isfinite(a).all() and torch.isfinite(b).all() for a, b in ad.modules.values())
     assert any(torch.count_nonzero(b) > 0 for _, b in ad.modules.values())  # gates moved off zero in 4 steps
+
+
+def test_bf16_checkpoint_round_trip(tiny_model, tmp_path):
+    from hyperlora.reader import PolicyReader
+
+    torch.manual_seed(1)
+    model, tok, feats, reader = _reader(tiny_model)
+    with torch.no_grad():
+        for p in reader.parameters():
+            p.add_(1e-3 * torch.randn_like(p))
+        reader.gate.weight.normal_()
+    reader.set_record_stats({"o_proj": torch.randn(64, reader.cfg.features["o_proj"]) + 3,
+                             "down_proj": torch.randn(64, reader.cfg.features["down_proj"]) + 3})
+    reader.save_pretrained(tmp_path / "r16", dtype=torch.bfloat16)
+    back = PolicyReader.from_pretrained(tmp_path / "r16", model)
+    for (k, v), (k2, v2) in zip(reader.state_dict().items(), back.state_dict().items()):
+        assert k == k2
+        if k.split("_", 1)[0] in ("mu", "sd", "c"):
+            assert torch.equal(v, v2), k  # statistics stay float32
+        elif k.startswith("U."):
+            torch.testing.assert_close(v2 - torch.eye(v.shape[0]), v - torch.eye(v.shape[0]), rtol=8e-3, atol=1e-6)
+        else:
+            torch.testing.assert_close(v2, v, rtol=8e-3, atol=1e-6)
+
+
+def _trained_like(tiny_model, seed=2):
+    """A reader with random (non-zero) gates and keys, as after training."""
+    torch.manual_seed(seed)
+    model, tok, feats, reader = _reader(tiny_model)
+    with torch.no_grad():
+        reader.gate.weight.normal_(std=0.3)
+        for u in reader.U.values():
+            u.add_(0.1 * torch.randn_like(u))
+    reader.set_record_stats({t: torch.randn(64, n) + 2 for t, n in reader.cfg.features.items()})
+    return model, tok, feats, reader
+
+
+def test_served_reader_matches_its_adapters_and_leaves_base_rows_alone(tiny_model):
+    import hyperlora
+    from hyperlora.reader import ReaderHypernet
+    from hyperlora.tasks.prompts import prompt_text
+
+    model, tok, feats, reader = _trained_like(tiny_model)
+    hn = ReaderHypernet(reader, feats, max_rank=6, min_gate=0.0)
+    pols = ["Answer 'flag' if the message asks for a refund; otherwise answer 'pass'.",
+            "Route refunds to 'billing' and everything else to 'support'."]
+    per = hn.adapters_for_texts(pols)
+    for mods in per:
+        assert all(a.shape[0] == 6 and b.shape[1] == 6 for a, b in mods.values())
+    # pruning keeps the largest |gate| tokens: the dropped ones change the delta by their own (small) share
+    full, gates = reader(feats(pols))
+    top = torch.argsort(gates[0].abs(), descending=True)[:6].sort().values
+    for n, (a, b) in per[0].items():
+        torch.testing.assert_close(a, full[n][0][0, top])
+        torch.testing.assert_close(b, full[n][1][0][:, top])
+    recs = ["Email from a VIP customer: Please refund the blender I returned.", "Ticket #12: the app crashes."]
+    enc = [tok(prompt_text(tok, r), add_special_tokens=False)["input_ids"] for r in recs]
+    T = max(map(len, enc))
+    ids = torch.zeros(3, T, dtype=torch.long)
+    mask = torch.zeros(3, T, dtype=torch.long)
+    for i, q in enumerate([enc[0], enc[1], enc[0]]):
+        ids[i, T - len(q):] = torch.tensor(q)
+        mask[i, T - len(q):] = 1
+    with torch.no_grad():
+        base = model(input_ids=ids, attention_mask=mask).logits
+    rt = hyperlora.attach(model, hn, max_adapters=4, max_rank=8)
+    try:
+        assert set(rt.target_names) == set(hn.targets())
+        with torch.no_grad(), rt.policies([pols[0], pols[1], None]):
+            got = rt.model(input_ids=ids, attention_mask=mask).logits
+        assert torch.equal(got[2], base[2])  # no policy: bitwise the base model
+        assert not torch.allclose(got[0], base[0])
+        # reference: the same adapters through the training-time hooks, one row at a time
+        from hyperlora.training.lora_fn import apply_lora
+
+        for i in (0, 1):
+            ad = {n: (a[None], b[None]) for n, (a, b) in per[i].items()}
+            with torch.no_grad(), rt.policies([None]), apply_lora(model, ad, rows=torch.tensor([0])):
+                ref = model(input_ids=ids[i:i + 1], attention_mask=mask[i:i + 1]).logits
+            torch.testing.assert_close(got[i], ref[0], rtol=1e-4, atol=1e-4)
+    finally:
+        rt.detach()
+
+
+def test_served_reader_refuses_empty_policy_and_exports_peft(tiny_model, tmp_path):
+    import hyperlora
+    from hyperlora.peft_io import read_peft
+    from hyperlora.reader import ReaderHypernet
+
+    model, tok, feats, reader = _trained_like(tiny_model, seed=3)
+    hn = ReaderHypernet(reader, feats, max_rank=4)
+    rt = hyperlora.attach(model, hn, max_adapters=2, max_rank=4)
+    try:
+        before = rt.stats()
+        with pytest.raises(ValueError, match="empty"):
+            with rt.policies(["  "]):
+                pass
+        assert rt.stats() == before  # the refusal touched nothing
+        pol = "Answer 'flag' if the message asks for a refund; otherwise answer 'pass'."
+        d = rt.export_peft(pol, tmp_path / "peft")
+        ad = read_peft(d)
+        mine = hn.adapters_for_texts([pol])[0]
+        for n, (a, b) in mine.items():
+            pa, pb = ad.modules[n]
+            torch.testing.assert_close(pb.float() @ pa.float(), b @ a, rtol=1e-5, atol=1e-6)
+    finally:
+        rt.detach()
+
+
+def test_demo_cli_serves_a_reader_checkpoint(tiny_model, tmp_path, capsys):
+    import argparse
+
+    from hyperlora.demo import add_arguments, run
+
+    model, tok, feats, reader = _trained_like(tiny_model, seed=4)
+    reader.save_pretrained(tmp_path / "reader", dtype=torch.bfloat16)
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    pol = "Answer 'flag' if the message asks for a refund; otherwise answer 'pass'."
+    rc = run(p.parse_args(["--model", str(tiny_model), "--hypernet", str(tmp_path / "reader"), "--policy", pol,
+                           "--max-new-tokens", "3", "--json"]))
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "tokens/s" in out and "[row 1] policy : (none: base model)" in out and "choice among ['flag', 'pass']" in out
+
+
+def test_eval_cli_scores_a_reader_checkpoint(tiny_model, tmp_path):
+    import argparse
+
+    from hyperlora.training.evaluate import add_arguments, run
+
+    model, tok, feats, reader = _trained_like(tiny_model, seed=5)
+    reader.save_pretrained(tmp_path / "reader")
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    out = tmp_path / "res"
+    args = p.parse_args(["--tasks", str(TINY_TASKS), "--model", str(tiny_model), "--hypernet", str(tmp_path / "reader"),
+                         "--conditions", "generated", "generated_shuffled", "oracle_lora", "--oracle-steps", "2",
+                         "--max-policies", "1", "--examples-per-policy", "4", "--max-new-tokens", "2",
+                         "--out", str(out), "--no-progress", "--fp32"])
+    assert run(args) == 0
+    rep = json.loads((out / "quality.json").read_text())
+    assert {"generated", "generated_shuffled", "oracle_lora"} <= set(rep["held_out"])
+    # the oracle adapts every projection of the reader's layer at rank 8
+    assert rep["config"]["oracle"]["rank"] == 8 and rep["config"]["oracle"]["n_modules"] == 7

@@ -29,11 +29,17 @@ _HN_CONFIG = "config.json"
 def find_hypernet_dir(path: str | Path | None = None) -> Path | None:
     """A hypernetwork directory: ``path`` itself, or (default) the shipped ``hyperlora/checkpoints/``.
 
-    A directory qualifies if it holds ``config.json`` + safetensors weights; otherwise its subdirectories
+    Without ``path``, ``hyperlora/checkpoints/default.json`` (``{"default": "<subdirectory>"}``) names the
+    shipped default. A directory qualifies if it holds ``config.json`` + safetensors weights; otherwise its subdirectories
     are searched (a directory named ``final`` first, then newest first) so ``checkpoints/<name>/`` and
     ``runs/<name>/final`` layouts work. None if nothing is found.
     """
     root = Path(path) if path is not None else SHIPPED_DIR
+    default_file = SHIPPED_DIR / "default.json"
+    if path is None and default_file.is_file():  # the shipped default, named explicitly
+        import json
+
+        root = SHIPPED_DIR / str(json.loads(default_file.read_text())["default"])
     if not root.is_dir():
         if path is not None:
             raise FileNotFoundError(f"hypernetwork directory {str(root)!r} does not exist")

@@ -484,7 +484,14 @@ def run(args: argparse.Namespace) -> int:
     bf16 = not args.fp32
     # The oracle adapts the same modules at the same rank as the hypernetwork (q/v rank 8 without one).
     oracle_kw: dict[str, Any] = {}
-    if hn is not None:
+    if hn is not None and getattr(hn.hypernet, "reads_text", False):
+        # A policy reader adapts o_proj/down_proj of one layer; its oracle gets every projection of that layer
+        # at rank 8 (what the T2L-style checkpoint's oracle had), so oracle numbers stay comparable.
+        layer = int(hn.reader.cfg.layer)
+        oracle_kw = {"rank": 8, "alpha": 16.0,
+                     "module_names": [n for n, m in model.named_modules() if n.startswith(f"model.layers.{layer}.")
+                                      and isinstance(m, torch.nn.Linear)]}
+    elif hn is not None:
         cfg = hn.hypernet.config
         oracle_kw = {"rank": int(cfg.rank), "alpha": float(cfg.lora_alpha),
                      "module_names": [n for t in hn.hypernet.types for n in hn.hypernet.module_names(t)]}

@@ -96,13 +96,13 @@ def _save(out: Path, reader: PolicyReader, opt: torch.optim.Optimizer, step: int
     tmp.rename(ck)
 
 
-def _resume(out: Path, reader: PolicyReader, opt: torch.optim.Optimizer) -> tuple[int, float, list]:
+def _resume(out: Path, reader: PolicyReader, opt: torch.optim.Optimizer, model: nn.Module) -> tuple[int, float, list]:
     from safetensors.torch import load_file
 
     ck = out / "checkpoint"
     if not (ck / "training_state.json").is_file():
         return 0, 0.0, []
-    reader.load_state_dict(load_file(str(ck / "reader.safetensors")))
+    reader.load_state_dict(PolicyReader.from_pretrained(ck, model).state_dict())
     state = json.loads((ck / "training_state.json").read_text())
     step = int(state["step"])
     moments = load_file(str(ck / "optimizer.safetensors"))
@@ -152,7 +152,7 @@ def train_reader(session: Session, log: Callable[[str], None] = print, resume: b
     other = [p for n, p in reader.named_parameters() if not n.startswith("U.")]
     opt = torch.optim.AdamW([{"params": other, "lr": cfg.lr, "base": cfg.lr},
                              {"params": u_params, "lr": cfg.reader_lr_u, "base": cfg.reader_lr_u}], weight_decay=0.0)
-    step, elapsed, history = _resume(out, reader, opt) if resume else (0, 0.0, [])
+    step, elapsed, history = _resume(out, reader, opt, model) if resume else (0, 0.0, [])
     if step:
         log(f"resumed from {out / 'checkpoint'} at step {step} ({elapsed:.0f} s trained)")
     eye = {t: torch.eye(u.shape[0], device=u.device) for t, u in reader.U.items()}
@@ -194,7 +194,7 @@ def train_reader(session: Session, log: Callable[[str], None] = print, resume: b
         acc = (logits.argmax(-1) == ans).float().mean().item()
         ema = (loss.item(), acc) if ema is None else (0.95 * ema[0] + 0.05 * loss.item(), 0.95 * ema[1] + 0.05 * acc)
         bar.update(1)
-        bar.set_postfix(loss=f"{ema[0]:.3f}", acc=f"{ema[1]:.2f}", aux=f"{float(aux.detach()):.3f}")
+        bar.set_postfix(loss=f"{ema[0]:.3f}", acc=f"{ema[1]:.2f}", aux=f"{float(aux.detach()):.3f}", refresh=False)
         if step % 10 == 0:
             history.append({"step": step, "t": round(time.time() - t_start, 1), "loss": round(ema[0], 4),
                             "acc": round(ema[1], 3)})
