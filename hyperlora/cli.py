@@ -12,7 +12,7 @@ import sys
 COMMANDS = {
     "info": ("hyperlora.info", "versions, GPU and backend availability (add --json for scripts)"),
     "demo": ("hyperlora.demo", "policies -> adapters -> one mixed batch on SmolLM2, beside the base model"),
-    "train": ("hyperlora.training.train", "train the hypernetwork (SFT) or a baseline LoRA (multitask_lora, oracle_lora)"),
+    "train": ("hyperlora.training.train", "train a hypernetwork (--method reader: the policy reader; sft: T2L-style) or a baseline LoRA (multitask_lora, oracle_lora)"),
     "eval": ("hyperlora.training.evaluate", "held-out policy evaluation against the baselines"),
 }
 

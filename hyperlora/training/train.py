@@ -2,7 +2,7 @@
 
     hyperlora train --config hyperlora/training/configs/cpu.json [--method sft] [--out runs/x] [--set key=value]
 
-Methods: sft (the hypernetwork), multitask_lora (one LoRA, policy in the prompt), oracle_lora (one LoRA per
+Methods: sft (the T2L-style hypernetwork), reader (the policy reader, hyperlora/reader.py), multitask_lora (one LoRA, policy in the prompt), oracle_lora (one LoRA per
 held-out policy), reconstruct (not implemented in this version: a clear error). Every method uses the
 same tasks, target modules, rank, loss and step budget. Checkpoints (safetensors + JSON) go to --out;
 re-running the same command resumes from the last checkpoint. Progress bars via tqdm.
@@ -16,7 +16,9 @@ from pathlib import Path
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="JSON training config (fields of TrainConfig); flags below override it")
-    parser.add_argument("--method", choices=["sft", "reader", "reconstruct", "multitask_lora", "oracle_lora"])
+    parser.add_argument("--method", choices=["sft", "reader", "reconstruct", "multitask_lora", "oracle_lora"],
+                        help="reader: the policy reader (docs/READER.md); sft: the T2L-style hypernetwork; "
+                             "multitask_lora / oracle_lora: baselines")
     parser.add_argument("--tasks", help="training tasks JSONL (default: the generated suite's train split)")
     parser.add_argument("--eval-tasks", help="held-out tasks JSONL (default: the generated held-out splits)")
     parser.add_argument("--out", help="output directory (checkpoints, logs, results)")
