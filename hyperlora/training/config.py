@@ -65,6 +65,14 @@ class TrainConfig:
     oracle_lr: float = 1e-3
     oracle_train_fraction: float = 0.5
     oracle_tasks_per_split: int = 8
+    # reconstruction (--method reconstruct, hyperlora/training/reconstruct.py)
+    lora_library: str | None = None        # DIR/<name>/{adapter_config.json, adapter_model.safetensors, policy.txt}
+    build_library: bool = False            # first train one oracle LoRA per training task into lora_library
+                                           # (default <out>/library; oracle_steps / oracle_lr), then reconstruct
+    library_size: int | None = None        # build at most this many (round-robin over families); None = all
+    library_holdout: int = 0               # library LoRAs kept out of training, reported as held_out
+    init_hypernet: str | None = None       # sft / reconstruct: start from this saved hypernetwork (e.g. a
+                                           # reconstruct run's <out>/final) instead of the T2L init
     # bookkeeping
     eval_every: int = 100
     eval_tasks_per_split: int = 16
@@ -88,6 +96,10 @@ class TrainConfig:
             raise ValueError(f"config.emb_dropout must be in [0, 1), got {self.emb_dropout}")
         if not 0.0 <= self.contrastive <= 1.0:
             raise ValueError(f"config.contrastive must be in [0, 1], got {self.contrastive}")
+        if self.library_size is not None and (not isinstance(self.library_size, int) or self.library_size <= 0):
+            raise ValueError(f"config.library_size must be a positive int or null, got {self.library_size!r}")
+        if not isinstance(self.library_holdout, int) or self.library_holdout < 0:
+            raise ValueError(f"config.library_holdout must be an int >= 0, got {self.library_holdout!r}")
         if not 0.0 < self.oracle_train_fraction < 1.0:
             raise ValueError(f"config.oracle_train_fraction must be in (0, 1), got {self.oracle_train_fraction}")
 

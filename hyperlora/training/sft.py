@@ -201,6 +201,10 @@ def train_sft(session: Session, log=print, resume: bool = True) -> tuple[HyperNe
     step, elapsed, history = load_training_state(out, hn, enc, opt, params) if resume else (0, 0.0, [])
     if step:
         log(f"resumed from {out / 'checkpoint'} at step {step} ({elapsed:.0f} s trained)")
+    elif getattr(cfg, "init_hypernet", None):  # e.g. a reconstruction run's <out>/final
+        from hyperlora.training.reconstruct import init_from
+
+        init_from(hn, enc, cfg.init_hypernet, log=log)
     n_params = sum(p.numel() for p in params.values())
     log(f"hypernetwork: {n_params / 1e6:.2f}M trainable parameters, {len(session.target_names)} target modules "
         f"(layers {session.split.start}..{len(session.split.layers) - 1}), encoder {cfg.encoder} ({enc.dim}-d)")

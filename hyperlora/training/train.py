@@ -3,8 +3,10 @@
     hyperlora train --config hyperlora/training/configs/cpu.json [--method sft] [--out runs/x] [--set key=value]
 
 Methods: sft (the T2L-style hypernetwork), reader (the policy reader, hyperlora/reader.py), multitask_lora (one LoRA, policy in the prompt), oracle_lora (one LoRA per
-held-out policy), reconstruct (not implemented in this version: a clear error). Every method uses the
-same tasks, target modules, rank, loss and step budget. Checkpoints (safetensors + JSON) go to --out;
+held-out policy), reconstruct (regress a library of PEFT LoRAs, each with its policy.txt, onto the T2L-style
+hypernetwork: --set lora_library='"DIR"', or --set build_library=true to train one oracle LoRA per training task
+first; hyperlora/training/reconstruct.py). Every method uses the same tasks, target modules, rank and step
+budget; sft, reader and the baselines the same loss. Checkpoints (safetensors + JSON) go to --out;
 re-running the same command resumes from the last checkpoint. Progress bars via tqdm.
 """
 from __future__ import annotations
@@ -72,11 +74,13 @@ def run(args: argparse.Namespace) -> int:
     log(f"hyperlora train --method {cfg.method} -> {out}")
     t0 = time.time()
     if cfg.method == "reconstruct":
-        import sys
+        from hyperlora.training.reconstruct import run_reconstruct
 
-        print("hyperlora train: method 'reconstruct' is not implemented in this version; use --method sft "
-              "(see docs/EXPERIMENTS.md)", file=sys.stderr)
-        return 2
+        res = run_reconstruct(cfg, log=log, resume=not args.no_resume)
+        res["train_seconds"] = round(time.time() - t0, 1)
+        (out / "results.json").write_text(json.dumps(res, indent=2) + "\n")
+        log(json.dumps(res["eval"]))
+        return 0
     from hyperlora.training.session import build_session
 
     if cfg.method == "sft":
