@@ -118,17 +118,12 @@ def train_reader(session: Session, log: Callable[[str], None] = print, resume: b
     """Train a PolicyReader on the session's training policies; returns it, its feature reader and the history."""
     from tqdm import tqdm
 
-    from hyperlora.training.sft import quick_eval_with
+    from hyperlora.training.sft import quick_eval_with, relabel_training_data
 
     cfg = session.cfg
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    data: TaskData = session.train  # type: ignore[assignment]
-    if cfg.relabel_per_task > 0 and not getattr(data, "_relabelled", False):
-        from hyperlora.training.relabel import augment_with_relabels
-
-        augment_with_relabels(data, cfg.relabel_per_task, cfg.seed, log=log, tokenizer=session.tokenizer)
-        data._relabelled = True  # type: ignore[attr-defined]
+    data = relabel_training_data(session, log)
     model, tok = session.model, session.tokenizer
     layer = session.split.start if cfg.n_upper == 1 else len(session.split.layers) - 1
     mods = dict(model.named_modules())

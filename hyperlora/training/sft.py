@@ -160,12 +160,10 @@ def load_training_state(out: Path, hn: HyperNetwork, enc: PolicyTextEncoder, opt
     return step, float(state.get("elapsed_s", 0.0)), list(state.get("history", []))
 
 
-def train_sft(session: Session, log=print, resume: bool = True) -> tuple[HyperNetwork, PolicyTextEncoder, list]:
+def relabel_training_data(session: Session, log=print) -> TaskData:
+    """The session's training data with `relabel_per_task` relabelled records per topic/routing policy (and
+    `extra_policies_per_family` more such policies trained only on relabelled records), added once."""
     cfg = session.cfg
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    enc = PolicyTextEncoder(cfg.encoder, session.model, session.tokenizer, layer=cfg.encoder_layer,
-                            n_queries=cfg.encoder_queries)
     data: TaskData = session.train  # type: ignore[assignment]
     if cfg.relabel_per_task > 0 and not getattr(data, "_relabelled", False):
         from hyperlora.training.relabel import augment_with_relabels
@@ -183,6 +181,16 @@ def train_sft(session: Session, log=print, resume: bool = True) -> tuple[HyperNe
         augment_with_relabels(data, cfg.relabel_per_task, cfg.seed, log=log, extra_tasks=extra,
                               tokenizer=session.tokenizer)
         data._relabelled = True  # type: ignore[attr-defined]
+    return data
+
+
+def train_sft(session: Session, log=print, resume: bool = True) -> tuple[HyperNetwork, PolicyTextEncoder, list]:
+    cfg = session.cfg
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    enc = PolicyTextEncoder(cfg.encoder, session.model, session.tokenizer, layer=cfg.encoder_layer,
+                            n_queries=cfg.encoder_queries)
+    data = relabel_training_data(session, log)
     # Precompute frozen text features of every policy text once.
     all_texts = [txt for t in data.usable_tasks for txt in data.tasks[t].texts()]
     all_texts += [d.tasks[t].policy for d in session.evals.values() for t in d.usable_tasks]
