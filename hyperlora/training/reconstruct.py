@@ -229,12 +229,13 @@ def build_library(model: nn.Module, tokenizer: Any, tasks: Sequence[Any], out_di
     bar = tqdm(total=len(tasks), desc="building LoRA library", unit="lora", mininterval=5)
     for i, task in enumerate(tasks):
         d = root / f"{i:04d}-{_slug(task.id or task.policy)}"
-        bar.update(1)
         if (d / POLICY_FILE).is_file() and (d / POLICY_FILE).read_text(encoding="utf-8").strip() == task.policy.strip():
             made.append(d)
+            bar.update(1)
             continue
         if not any(e.answer for e in task.examples):
             log(f"build_library: task {i} ({task.id or task.policy[:40]!r}) has no labelled example; skipped")
+            bar.update(1)
             continue
         ad = train_policy_lora(model, tokenizer, task.examples, rank=rank, alpha=alpha, module_names=list(module_names),
                                steps=steps, lr=lr, seed=seed + i, bf16=bf16)
@@ -255,6 +256,7 @@ def build_library(model: nn.Module, tokenizer: Any, tasks: Sequence[Any], out_di
         made.append(d)
         trained += 1
         bar.set_postfix(trained=trained, refresh=False)
+        bar.update(1)
     bar.close()
     log(f"build_library: {len(made)} LoRAs in {root} ({trained} trained now, {time.time() - t0:.0f} s)")
     return made
