@@ -246,3 +246,10 @@ def test_eval_cli_scores_a_reader_checkpoint(tiny_model, tmp_path):
     assert {"generated", "generated_shuffled", "oracle_lora"} <= set(rep["held_out"])
     # the oracle adapts every projection of the reader's layer at rank 8
     assert rep["config"]["oracle"]["rank"] == 8 and rep["config"]["oracle"]["n_modules"] == 7
+
+
+def test_reader_trains_with_the_off_answer_penalty(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("HYPERLORA_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "reader_harm"
+    assert _run([*_reader_args(tiny_model, out), "--steps", "2", "--set", "reader_harm=1.0"]) == 0
+    assert (out / "final" / "reader.safetensors").is_file()

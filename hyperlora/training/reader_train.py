@@ -74,6 +74,25 @@ def gate_targets(data: TaskData, features: PolicyFeatures, tokenizer: Any) -> di
     return out
 
 
+def off_answer_change(session: Session, items: Sequence[Any], adapters: dict, rows: torch.Tensor,
+                      rng: random.Random) -> torch.Tensor:
+    """Mean relative change of the final normed hidden state at one random prompt position per row that is not
+    the answer position, adapters on vs off: the adapter should act where the answer is chosen, and leave
+    the rest (the record's tokens, and by extension the tokens of a free-text reply) alone."""
+    split = session.split
+    h, last = stack_cached(session.train_states, [it.record for it in items], torch.float32, session.cfg.device)
+    if split.start != len(split.layers) - 1:
+        raise ValueError("reader_harm needs n_upper=1 (the reader adapts the last layer only)")
+    pos = torch.tensor([rng.randrange(1, max(2, int(t))) for t in last.tolist()], device=h.device)
+    _, pe = split._pos(h)
+    with torch.autocast(h.device.type, dtype=torch.bfloat16, enabled=session.cfg.bf16):
+        with torch.no_grad():
+            base = split.norm(split._last_layer_at(h, pos, pe)).float()
+        with apply_lora(session.model, adapters, scale=1.0, rows=rows):
+            got = split.norm(split._last_layer_at(h, pos, pe)).float()
+    return ((got - base).pow(2).sum(-1) / base.pow(2).sum(-1).clamp_min(1e-6)).mean()
+
+
 def _lr_factor(step: int, steps: int, warmup: int) -> float:
     return min(1.0, (step + 1) / max(1, warmup)) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, step / steps))))
 
@@ -175,11 +194,13 @@ def train_reader(session: Session, log: Callable[[str], None] = print, resume: b
         with apply_lora(model, adapters, scale=1.0, rows=rows):
             logits, ans = session.forward_options(session.train_states, items)
         loss = nn.functional.cross_entropy(logits, ans)
+        harm = (off_answer_change(session, items, adapters, rows, rng) if cfg.reader_harm > 0
+                else torch.zeros((), device=loss.device))
         known = [(p, targets[t]) for p, t in enumerate(txts) if t in targets]
         aux = (sum(((gates[p, : tg.numel()] - tg.to(gates.device)) ** 2).mean() for p, tg in known) / len(known)
                if known else torch.zeros((), device=loss.device))
         reg = sum((u - eye[t]).pow(2).sum() for t, u in reader.U.items())
-        total = loss + cfg.reader_aux * aux + cfg.reader_u_reg * reg
+        total = loss + cfg.reader_aux * aux + cfg.reader_u_reg * reg + cfg.reader_harm * harm
         opt.zero_grad(set_to_none=True)
         total.backward()
         if cfg.grad_clip:
@@ -189,7 +210,8 @@ def train_reader(session: Session, log: Callable[[str], None] = print, resume: b
         acc = (logits.argmax(-1) == ans).float().mean().item()
         ema = (loss.item(), acc) if ema is None else (0.95 * ema[0] + 0.05 * loss.item(), 0.95 * ema[1] + 0.05 * acc)
         bar.update(1)
-        bar.set_postfix(loss=f"{ema[0]:.3f}", acc=f"{ema[1]:.2f}", aux=f"{float(aux.detach()):.3f}", refresh=False)
+        bar.set_postfix(loss=f"{ema[0]:.3f}", acc=f"{ema[1]:.2f}", aux=f"{float(aux.detach()):.3f}",
+                        harm=f"{float(harm.detach()):.4f}", refresh=False)
         if step % 10 == 0:
             history.append({"step": step, "t": round(time.time() - t_start, 1), "loss": round(ema[0], 4),
                             "acc": round(ema[1], 3)})

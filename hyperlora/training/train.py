@@ -20,6 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="JSON training config (fields of TrainConfig); flags below override it")
     parser.add_argument("--method", choices=["sft", "reader", "reconstruct", "multitask_lora", "oracle_lora"],
                         help="reader: the policy reader (docs/READER.md); sft: the T2L-style hypernetwork; "
+                             "reconstruct: fit the T2L-style hypernetwork to a library of PEFT LoRAs; "
                              "multitask_lora / oracle_lora: baselines")
     parser.add_argument("--tasks", help="training tasks JSONL (default: the generated suite's train split)")
     parser.add_argument("--eval-tasks", help="held-out tasks JSONL (default: the generated held-out splits)")
