@@ -168,6 +168,49 @@ def test_decode_over_most_of_the_pool_with_common_rank(backend, dtype, pattern):
     assert_bits_equal(y[slots < 0], y0[slots < 0])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("with_scales", [True, False], ids=["scales", "no_scales"])
+def test_decode_runs_of_consecutive_slots(dtype, with_scales, monkeypatch):
+    """One token per adapter, the used slots in a few runs of consecutive pool slots (the torch backend's
+    run path: bmm over pool slices, chunked float32 copies for half dtypes): mixed ranks incl. a rank-0
+    run, NaN past each rank, slot -1 tokens, strided x, y and adapters, the sliced form with two d_out.
+    Rank-0 and slot -1 rows stay bitwise untouched."""
+    import importlib
+
+    mod = importlib.import_module("hyperlora.ops.add_lora")
+    taken = []
+    orig = mod._torch_decode_runs
+    monkeypatch.setattr(mod, "_torch_decode_runs", lambda *a, **k: taken.append(orig(*a, **k)) or taken[-1])
+    monkeypatch.setattr(mod, "_RUNS_UPCAST_BYTES", 4 * 4 * 40 * 3)  # half dtypes: chunks of 3 slots
+    torch.manual_seed(31)
+    S, R, d_in, d_outs = 40, 6, 37, (29, 40)
+    used = list(range(0, 12)) + list(range(20, 31)) + [38]
+    slots = torch.tensor(used + [-1, -1, -1])[torch.randperm(len(used) + 3)]
+    ranks = torch.zeros(S, dtype=torch.int64)
+    ranks[0:5], ranks[5:9], ranks[9:12], ranks[20:31], ranks[38] = 4, 0, R, 3, 1
+    x = torch.randn(d_in, slots.numel()).t().to(dtype)                     # column-major x
+    as_, bs = [], []
+    for d_out in d_outs:
+        a = (torch.randn(S, d_in, R) / d_in ** 0.5).to(dtype).transpose(1, 2)  # [S, R, d_in], unit stride on R
+        b = torch.randn(S, d_out, R).to(dtype)
+        for sl in range(S):
+            a[sl, int(ranks[sl]):] = float("nan")
+            b[sl, :, int(ranks[sl]):] = float("nan")
+        as_.append(a)
+        bs.append(b)
+    scales = torch.rand(S) + 0.5 if with_scales else None
+    ys = tuple(poison_untouched(torch.randn(slots.numel(), 2 * d).to(dtype)[:, ::2], slots) for d in d_outs)
+    untouched = (slots < 0) | (ranks[slots.clamp(min=0)] == 0)
+    for y in ys:
+        y[untouched.nonzero()[0], 1] = -0.0
+    y0s = tuple(y.clone() for y in ys)
+    add_lora(ys, x, tuple(as_), tuple(bs), slots, scales, ranks, backend="torch")
+    assert taken == [True]
+    for y, y0, a, b in zip(ys, y0s, as_, bs):
+        assert_matches(y, reference(y0, x, a, b, slots, scales, ranks), slots, dtype)
+        assert_bits_equal(y[untouched], y0[untouched])
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_no_scales_and_int32_slots(backend):
     slots = torch.tensor([1, -1, 0, 1, 2], dtype=torch.int32)
