@@ -93,6 +93,35 @@ def off_answer_change(session: Session, items: Sequence[Any], adapters: dict, ro
     return ((got - base).pow(2).sum(-1) / base.pow(2).sum(-1).clamp_min(1e-6)).mean()
 
 
+def _read_cached(features: PolicyFeatures, texts: Sequence[str], model_id: str) -> None:
+    """features(texts), with the result kept on disk under $HYPERLORA_CACHE/reader/ (reading ~2k policy texts
+    costs minutes on a CPU; every run on the same data reuses it)."""
+    import hashlib
+
+    from safetensors.torch import load_file, save_file
+
+    from hyperlora.models import cache_dir
+
+    uniq = sorted(set(texts))
+    h = hashlib.sha256(f"{model_id}|{features.cfg.layer}|{features.cfg.gate_layer}|{features.cfg.max_tokens}|"
+                       f"{sorted(features.names.items())}".encode())
+    for t in uniq:
+        h.update(t.encode() + b"\x00")
+    path = cache_dir() / "reader" / f"{h.hexdigest()[:24]}.safetensors"
+    if path.is_file():
+        per: dict[int, dict[str, torch.Tensor]] = {}
+        for k, v in load_file(str(path)).items():
+            i, name = k.split("/", 1)
+            per.setdefault(int(i), {})[name] = v
+        for i, t in enumerate(uniq):
+            features._cache[t] = per[i]
+        return
+    features(uniq)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({f"{i}/{k}": v.contiguous() for i, t in enumerate(uniq) for k, v in features._cache[t].items()},
+              str(path))
+
+
 def _lr_factor(step: int, steps: int, warmup: int) -> float:
     return min(1.0, (step + 1) / max(1, warmup)) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, step / steps))))
 
@@ -154,7 +183,7 @@ def train_reader(session: Session, log: Callable[[str], None] = print, resume: b
     texts = [x for t in data.usable_tasks for x in data.tasks[t].texts()]
     texts += [d.tasks[t].policy for d in session.evals.values() for t in d.usable_tasks]
     t0 = time.time()
-    features(texts)
+    _read_cached(features, texts, str(cfg.base_model or "default"))
     log(f"read {len(set(texts))} policy texts with the base model in {time.time() - t0:.0f} s")
     torch.manual_seed(cfg.seed)
     reader = PolicyReader(rcfg, model.get_input_embeddings().weight, names).to(cfg.device)
