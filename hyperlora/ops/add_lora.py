@@ -277,11 +277,11 @@ def _torch_decode_dense(ys, x, as_, bs, scales, rank_l, token_ids, segs, n_tok) 
 # Decode with one token per adapter whose slots form a few runs of consecutive pool slots (the whole
 # pool, or blocks of it): per run, two bmm straight over the pool's [n, R, d] slice: no gather, no padding,
 # no unused adapter read. Measured on the 2-core CPU machine (one thread, CPU time, T=64, 64 adapters,
-# r=16, adapters read from DRAM): float32 d=4096 2.0-2.2 ms (per-adapter loop 4.1-4.3 ms, the padded
+# r=16, adapters read from DRAM): float32 d=4096 2.0-2.4 ms (per-adapter loop 4.1-4.5 ms, the padded
 # dense path 2.1-2.6 ms). The two bmm are ~75% of it: MKL's one-row GEMMs stream the 33.6 MB of
-# adapters at ~21 GB/s where summing them runs at ~30 GB/s. Half dtypes upcast each run in float32
-# chunks of <= 1 MB (larger fresh buffers page-fault): bfloat16 d=4096 3.5 ms vs 4.5 ms for the
-# segment loop (7.3 ms for the loop), d=1024 1.1 ms vs 2.1 ms.
+# adapters at ~19-22 GB/s where summing them runs at ~27-31 GB/s (benchmarks/add_lora_decode_bound.py).
+# Half dtypes upcast each run in float32 chunks of <= 1 MB (larger fresh buffers page-fault):
+# bfloat16 d=4096 3.4 ms vs 4.3 ms for the segment loop (6.9 ms for the loop), d=1024 1.0 vs 1.8 ms.
 _RUNS_MIN_SEGMENTS = 8
 _RUNS_MAX_FRACTION = 0.5  # at most one run per two segments, else per-run dispatch (~10 us) dominates
 _RUNS_UPCAST_BYTES = 1 << 20
@@ -359,13 +359,13 @@ def _torch_add_lora_segments(ys, x, as_, bs, scales, ranks, token_ids, segs, n_t
 
     Per-segment views come from one C++ call each (split/unbind) rather than Python indexing: in decode
     (one token per adapter) the dispatcher, not the arithmetic, is most of the cost."""
-    ids_l = token_ids[:n_tok].tolist()
-    scale_l = scales.tolist() if scales is not None else None
     rank_l = ranks.tolist() if ranks is not None else None
     m = len(segs)
     one_token = n_tok == m  # every segment is a single token
     if one_token and _torch_decode_runs(ys, x, as_, bs, scales, rank_l, token_ids, segs, n_tok):
         return
+    ids_l = token_ids[:n_tok].tolist()
+    scale_l = scales.tolist() if scales is not None else None
     if x.dtype == _acc_dtype(x.dtype) and _dense_ok(as_, segs, rank_l, n_tok):
         _torch_decode_dense(ys, x, as_, bs, scales, rank_l, token_ids, segs, n_tok)
         return
