@@ -253,3 +253,44 @@ def test_reader_trains_with_the_off_answer_penalty(tiny_model, tmp_path, monkeyp
     out = tmp_path / "reader_harm"
     assert _run([*_reader_args(tiny_model, out), "--steps", "2", "--set", "reader_harm=1.0"]) == 0
     assert (out / "final" / "reader.safetensors").is_file()
+
+
+def test_reader_trains_with_the_tail_loss(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("HYPERLORA_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "reader_tail"
+    assert _run([*_reader_args(tiny_model, out), "--steps", "2", "--set", "reader_tail=1.0"]) == 0
+    assert "continuations:" in (out / "log.txt").read_text()
+
+
+def test_tail_loss_equals_a_full_forward(tiny_model, tmp_path, monkeypatch):
+    """Continuations.loss (last layer only, from cached states) == CE of the answer's later tokens and the end of
+    turn in a plain full forward with the same per-row adapters."""
+    monkeypatch.setenv("HYPERLORA_CACHE", str(tmp_path / "cache"))
+    from hyperlora.training.config import TrainConfig
+    from hyperlora.training.lora_fn import apply_lora
+    from hyperlora.training.reader_train import Continuations
+    from hyperlora.training.session import build_session
+
+    cfg = TrainConfig(tasks=str(TINY_TASKS), eval_tasks=str(TINY_TASKS), base_model=str(tiny_model), n_upper=1,
+                      bf16=False, target_modules=["o_proj"])
+    s = build_session(cfg, with_eval=False, log=lambda m: None)
+    conts = Continuations(s, s.train, log=lambda m: None)
+    items = [it for t in s.train.usable_tasks[:2] for it in s.train.items[t][:3]]
+    torch.manual_seed(0)
+    mods = dict(s.model.named_modules())
+    adapters = {}
+    for n in ("model.layers.2.self_attn.o_proj", "model.layers.2.mlp.down_proj"):
+        m = mods[n]
+        adapters[n] = (torch.randn(2, 3, m.in_features), torch.randn(2, m.out_features, 3))
+    rows = torch.tensor([0, 0, 0, 1, 1, 1])
+    got = conts.loss(s, items, adapters, rows)
+    ces = []
+    for j, it in enumerate(items):
+        c = conts.index[(it.task, it.record)]
+        ids = torch.tensor([conts.ids[c]])
+        with torch.no_grad(), apply_lora(s.model, adapters, rows=rows[j:j + 1]):
+            logp = torch.log_softmax(s.model(ids).logits[0].float(), -1)
+        p = conts.prompt_len[c]
+        for q in range(p, ids.shape[1] - 1):
+            ces.append(-logp[q, ids[0, q + 1]])
+    torch.testing.assert_close(got, torch.stack(ces).mean(), rtol=1e-4, atol=1e-4)

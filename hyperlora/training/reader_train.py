@@ -74,6 +74,69 @@ def gate_targets(data: TaskData, features: PolicyFeatures, tokenizer: Any) -> di
     return out
 
 
+class Continuations:
+    """Cached states entering the last layer for (record prompt + gold answer + end of turn) of the training
+    tasks' own examples, so a step can score the answer's remaining tokens as `hyperlora eval` does.
+
+    The reader adapts only the last layer, so these states do not depend on the adapter: computed once."""
+
+    def __init__(self, session: Session, data: TaskData, per_task: int = 8, log: Callable[[str], None] = print):
+        from types import SimpleNamespace
+
+        from hyperlora.models import cache_dir
+        from hyperlora.tasks.prompts import target_text
+        from hyperlora.training.session import cached_states
+
+        tok = session.tokenizer
+        self.index: dict[tuple[int, int], int] = {}
+        self.prompt_len: list[int] = []
+        texts, ids = [], []
+        for t in data.usable_tasks:
+            task = data.tasks[t]
+            for it in data.items[t][:per_task]:  # a task's own examples come before its relabelled ones
+                options = task.examples[0].options or []
+                answer = [o for o in options if tok(o, add_special_tokens=False)["input_ids"][0]
+                          == it.option_ids[it.answer]]
+                if len(answer) != 1 or (t, it.record) in self.index:
+                    continue
+                tail = tok(target_text(tok, answer[0]), add_special_tokens=False)["input_ids"]
+                self.index[(t, it.record)] = len(texts)
+                self.prompt_len.append(len(data.record_ids[it.record]))
+                texts.append(data.records[it.record] + target_text(tok, answer[0]))
+                ids.append(list(data.record_ids[it.record]) + tail)
+        self.ids = ids
+        fake = SimpleNamespace(records=texts, record_ids=ids)
+        self.states = cached_states(session.split, fake, tok, cache_dir(), str(session.cfg.base_model or "default"),
+                                    log)  # type: ignore[arg-type]
+        log(f"continuations: {len(texts)} (prompt + answer + end of turn) sequences for the tail loss")
+
+    def loss(self, session: Session, items: Sequence[Any], adapters: dict, rows: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of every answer token after the first, and of the end of turn, with the adapters on."""
+        split = session.split
+        sel = [(j, self.index[(it.task, it.record)]) for j, it in enumerate(items) if (it.task, it.record) in self.index]
+        if not sel:
+            return torch.zeros((), device=session.cfg.device)
+        h, last = stack_cached(self.states, [c for _, c in sel], torch.float32, session.cfg.device)
+        plen = torch.tensor([self.prompt_len[c] for _, c in sel], device=h.device)
+        _, pe = split._pos(h)
+        sub_rows = rows[torch.tensor([j for j, _ in sel])]
+        w = split.lm_head.weight
+        total, count = h.new_zeros(()), 0
+        with apply_lora(session.model, adapters, scale=1.0, rows=sub_rows):
+            for k in range(int((last - plen).max())):
+                pos = torch.minimum(plen + k, last - 1)
+                valid = (plen + k) <= (last - 1)
+                tgt = torch.tensor([self.ids[c][min(int(plen[i]) + k, len(self.ids[c]) - 1) + 1]
+                                    if bool(valid[i]) else 0 for i, (_, c) in enumerate(sel)], device=h.device)
+                with torch.autocast(h.device.type, dtype=torch.bfloat16, enabled=session.cfg.bf16):
+                    r = split.norm(split._last_layer_at(h, pos, pe))
+                    logits = (r @ w.T.to(r.dtype)).float()
+                ce = nn.functional.cross_entropy(logits, tgt, reduction="none")
+                total = total + (ce * valid).sum()
+                count += int(valid.sum())
+        return total / max(count, 1)
+
+
 def off_answer_change(session: Session, items: Sequence[Any], adapters: dict, rows: torch.Tensor,
                       rng: random.Random) -> torch.Tensor:
     """Mean relative change of the final normed hidden state at one random prompt position per row that is not
@@ -189,6 +252,7 @@ def train_reader(session: Session, log: Callable[[str], None] = print, resume: b
     reader = PolicyReader(rcfg, model.get_input_embeddings().weight, names).to(cfg.device)
     reader.set_record_stats(record_features(session, names))
     targets = gate_targets(data, features, tok)
+    conts = Continuations(session, data, log=log) if cfg.reader_tail > 0 else None
     log(f"gate targets for {len(targets)} policy texts; reader {sum(p.numel() for p in reader.parameters()) / 1e6:.2f}M "
         f"parameters on {list(names.values())}")
     u_params = list(reader.U.parameters())
@@ -225,11 +289,12 @@ def train_reader(session: Session, log: Callable[[str], None] = print, resume: b
         loss = nn.functional.cross_entropy(logits, ans)
         harm = (off_answer_change(session, items, adapters, rows, rng) if cfg.reader_harm > 0
                 else torch.zeros((), device=loss.device))
+        tail = conts.loss(session, items, adapters, rows) if conts is not None else torch.zeros((), device=loss.device)
         known = [(p, targets[t]) for p, t in enumerate(txts) if t in targets]
         aux = (sum(((gates[p, : tg.numel()] - tg.to(gates.device)) ** 2).mean() for p, tg in known) / len(known)
                if known else torch.zeros((), device=loss.device))
         reg = sum((u - eye[t]).pow(2).sum() for t, u in reader.U.items())
-        total = loss + cfg.reader_aux * aux + cfg.reader_u_reg * reg + cfg.reader_harm * harm
+        total = loss + cfg.reader_aux * aux + cfg.reader_u_reg * reg + cfg.reader_harm * harm + cfg.reader_tail * tail
         opt.zero_grad(set_to_none=True)
         total.backward()
         if cfg.grad_clip:
@@ -240,7 +305,7 @@ def train_reader(session: Session, log: Callable[[str], None] = print, resume: b
         ema = (loss.item(), acc) if ema is None else (0.95 * ema[0] + 0.05 * loss.item(), 0.95 * ema[1] + 0.05 * acc)
         bar.update(1)
         bar.set_postfix(loss=f"{ema[0]:.3f}", acc=f"{ema[1]:.2f}", aux=f"{float(aux.detach()):.3f}",
-                        harm=f"{float(harm.detach()):.4f}", refresh=False)
+                        harm=f"{float(harm.detach()):.4f}", tail=f"{float(tail.detach()):.3f}", refresh=False)
         if step % 10 == 0:
             history.append({"step": step, "t": round(time.time() - t_start, 1), "loss": round(ema[0], 4),
                             "acc": round(ema[1], 3)})
