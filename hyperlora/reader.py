@@ -47,6 +47,7 @@ class ReaderConfig:
     d_attn: int = 64
     max_tokens: int = 96            # policy tokens read (= the adapters' maximum rank)
     init_scale: float = 50.0
+    serve_scale: float = 1.0        # B is multiplied by this when served (calibrated after training; see READER.md)
     kind: str = KIND
 
     @property
@@ -343,6 +344,7 @@ class ReaderHypernet:
             if keep.numel() == 0:
                 keep = torch.argsort(g, descending=True)[:1]
             keep = keep.sort().values
-            out.append({n: (a[p, keep].float().contiguous(), b[p][:, keep].float().contiguous())
+            k = float(self.reader.cfg.serve_scale)
+            out.append({n: (a[p, keep].float().contiguous(), (k * b[p][:, keep]).float().contiguous())
                         for n, (a, b) in adapters.items()})
         return out

@@ -294,3 +294,13 @@ def test_tail_loss_equals_a_full_forward(tiny_model, tmp_path, monkeypatch):
         for q in range(p, ids.shape[1] - 1):
             ces.append(-logp[q, ids[0, q + 1]])
     torch.testing.assert_close(got, torch.stack(ces).mean(), rtol=1e-4, atol=1e-4)
+
+
+def test_reader_fine_tunes_from_a_trained_reader(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("HYPERLORA_CACHE", str(tmp_path / "cache"))
+    first = tmp_path / "first"
+    assert _run([*_reader_args(tiny_model, first), "--steps", "2"]) == 0
+    out = tmp_path / "ft"
+    assert _run([*_reader_args(tiny_model, out), "--steps", "2", "--set", f"reader_init=\"{first / 'final'}\"",
+                 "--set", "reader_tail=0.5"]) == 0
+    assert "initialised from the reader" in (out / "log.txt").read_text()

@@ -43,6 +43,7 @@ class TrainConfig:
     reader_lr_u: float = 3e-4              # lr of the identity-initialised key maps
     reader_u_reg: float = 1e-3             # pull of the key maps towards the identity
     reader_harm: float = 0.0               # weight of the change the adapter makes away from the answer position
+    reader_init: str | None = None         # start from this trained reader directory (fine-tuning)
     reader_tail: float = 0.0               # weight of the CE of the answer's later tokens + end of turn (as eval scores)
     # optimisation
     steps: int = 400

@@ -251,6 +251,13 @@ def train_reader(session: Session, log: Callable[[str], None] = print, resume: b
     torch.manual_seed(cfg.seed)
     reader = PolicyReader(rcfg, model.get_input_embeddings().weight, names).to(cfg.device)
     reader.set_record_stats(record_features(session, names))
+    if cfg.reader_init:  # fine-tune a trained reader (its statistics are recomputed on this data above)
+        init = PolicyReader.from_pretrained(cfg.reader_init, model)
+        if init.cfg.features != rcfg.features or init.names != names:
+            raise ValueError(f"reader_init {cfg.reader_init!r} adapts {init.names}, this run {names}")
+        reader.load_state_dict({k: v for k, v in init.state_dict().items() if not k.split("_", 1)[0] in ("mu", "sd", "c")},
+                               strict=False)
+        log(f"initialised from the reader in {cfg.reader_init}")
     targets = gate_targets(data, features, tok)
     conts = Continuations(session, data, log=log) if cfg.reader_tail > 0 else None
     log(f"gate targets for {len(targets)} policy texts; reader {sum(p.numel() for p in reader.parameters()) / 1e6:.2f}M "
