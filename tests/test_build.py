@@ -34,3 +34,10 @@ def test_pure_python_wheel_when_cuda_build_skipped(tmp_path):
     assert "hyperlora/kernels/__init__.py" in names, "Triton kernels must ship inside the hyperlora namespace"
     assert not any(n.startswith("kernels/") for n in names), "no top-level `kernels` package (PyPI collision)"
     assert not any(n.endswith(".so") for n in names), "HYPERLORA_SKIP_CUDA_BUILD=1 must skip the extension"
+    # the shipped checkpoints (the demo's default) travel with the package
+    import json
+
+    default = json.loads((ROOT / "hyperlora" / "checkpoints" / "default.json").read_text())["default"]
+    for f in ("hyperlora/checkpoints/default.json", f"hyperlora/checkpoints/{default}/config.json"):
+        assert f in names, f"{f} missing from the wheel"
+    assert any(n.startswith(f"hyperlora/checkpoints/{default}/") and n.endswith(".safetensors") for n in names)
