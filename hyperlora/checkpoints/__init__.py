@@ -1,7 +1,8 @@
 """Hypernetwork checkpoints shipped with the package (safetensors + JSON config + eval report).
 
-`load(model, tokenizer)` returns the shipped hypernetwork for the embedded default model together with the
-policy encoder it was trained with, ready for `hyperlora.attach(model, hypernet, encoder=encode)`.
+`load(model, tokenizer)` returns the shipped hypernetwork for the embedded default model (the policy reader,
+see ``default.json``) and its policy encoder (None for the reader), ready for
+`hyperlora.attach(model, hypernet, encoder=encode)`.
 """
 from __future__ import annotations
 
@@ -19,8 +20,10 @@ def default_dir() -> Path | None:
 
 
 def load(model: Any, tokenizer: Any, path: str | Path | None = None) -> tuple[Any, Callable[[list[str]], Any]]:
-    """(hypernet, encode): a `HyperNetwork` checkpoint (default: the shipped one) loaded for `model`, and
-    the policy encoder it was trained with (texts -> [P, E]). Raises FileNotFoundError if there is none."""
+    """(hypernet, encode) for `hyperlora.attach(model, hypernet, encoder=encode)` (default: the shipped checkpoint
+    named in ``default.json``, the policy reader). A policy reader comes as a ``ReaderHypernet`` with
+    ``encode=None`` (it reads the texts itself); a T2L-style ``HyperNetwork`` with the policy encoder it was
+    trained with (texts -> [P, E]). Raises FileNotFoundError if there is none."""
     from hyperlora.training.eval_adapters import HypernetSource, find_hypernet_dir
 
     directory = find_hypernet_dir(path)
