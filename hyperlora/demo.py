@@ -4,8 +4,9 @@
     hyperlora demo --policy "Answer 'flag' if the message asks for a refund; otherwise answer 'pass'."
     hyperlora demo --policies-file my_tasks.jsonl   # a task file (policy + first record) or one policy a line
 
-Loads the base model (``hyperlora.models``), the shipped hypernetwork (``hyperlora/checkpoints/``) and the
-policy encoder it was trained with, attaches the runtime (``hyperlora.attach``), generates every policy's
+Loads the base model (``hyperlora.models``), the shipped hypernetwork (``hyperlora/checkpoints/``: by
+default the policy reader, which reads each policy with the base model itself; a T2L-style checkpoint comes
+with the policy encoder it was trained with), attaches the runtime (``hyperlora.attach``), generates every policy's
 adapter in one call (timed), and decodes ONE batch in which each row has its own policy and one row none.
 No policy text is in any prompt: the record alone is the user turn. Each row's answer is printed beside
 the base model's answer to the same prompt, with adapter-generation latency and tokens/s. For policies
@@ -235,8 +236,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if hn_dir is None and not args.untrained:
         print("hyperlora demo: no trained hypernetwork found in hyperlora/checkpoints/.\n"
-              "  Train one:   hyperlora train --config hyperlora/training/configs/cpu.json --out runs/sft\n"
-              "  then run:    hyperlora demo --hypernet runs/sft/<checkpoint dir>\n"
+              "  Train one:   hyperlora train --config hyperlora/training/configs/reader_cpu.json\n"
+              "               hyperlora train --config hyperlora/training/configs/reader_cpu_tail.json\n"
+              "  then run:    hyperlora demo --hypernet runs/reader_tail/final\n"
               "  or see the plumbing with zero adapters:  hyperlora demo --untrained", file=sys.stderr)
         return 2
     model, tok = load_base_model(args.model)
