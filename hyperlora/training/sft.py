@@ -244,7 +244,7 @@ def train_sft(session: Session, log=print, resume: bool = True) -> tuple[HyperNe
         ema_loss = lv if ema_loss is None else 0.95 * ema_loss + 0.05 * lv
         ema_acc = acc if ema_acc is None else 0.95 * ema_acc + 0.05 * acc
         bar.update(1)
-        bar.set_postfix(loss=f"{ema_loss:.3f}", acc=f"{ema_acc:.2f}")
+        bar.set_postfix(loss=f"{ema_loss:.3f}", acc=f"{ema_acc:.2f}", refresh=False)  # mininterval applies
         if step % 10 == 0:
             history.append({"step": step, "t": round(time.time() - t_start, 1), "loss": round(ema_loss, 4),
                             "acc": round(ema_acc, 3)})
