@@ -37,7 +37,9 @@ def test_features_of_a_text_do_not_depend_on_its_batch(tiny_model):
 
     alone = PolicyFeatures(model, tok, feats.cfg)([texts[1]])[0]
     for k in ("ids", "h", "o_proj", "down_proj"):
-        torch.testing.assert_close(both[1][k], alone[k], rtol=2e-2, atol=2e-2)  # bf16 autocast reading
+        # bf16 autocast: another batch may change matmul blocking, so allow one bf16 rounding (2^-8 relative) and
+        # 1e-3 absolute near zero (states are O(1-100)); measured: exactly equal on this CPU
+        torch.testing.assert_close(both[1][k], alone[k], rtol=4e-3, atol=1e-3)
     assert both[0]["ids"].numel() > both[1]["ids"].numel()
     own = tok(texts[1], add_special_tokens=False)["input_ids"]  # the policy's tokens, then the template's tail
     assert both[1]["ids"][: len(own)].tolist() == own
@@ -74,7 +76,8 @@ def test_record_stats_give_a_constant_direction():
     x = torch.randn(300, 16) + 5.0 * torch.randn(16)  # a large shared component, as real activations have
     r.set_record_stats({"o_proj": x})
     cx = x @ r.c_o_proj
-    assert abs(cx.mean().item() - 1) < 0.05 and cx.std().item() < 0.2
+    # a ridge least-squares fit with 16 free directions over 300 records: measured mean 0.997, std 0.057
+    assert abs(cx.mean().item() - 1) < 0.01 and cx.std().item() < 0.1
     torch.testing.assert_close(r.mu_o_proj, x.mean(0))
 
 
@@ -121,9 +124,10 @@ def test_bf16_checkpoint_round_trip(tiny_model, tmp_path):
         if k.split("_", 1)[0] in ("mu", "sd", "c"):
             assert torch.equal(v, v2), k  # statistics stay float32
         elif k.startswith("U."):
+            # stored as U - I in bf16: one rounding, <= half of bf16's 2^-7 spacing (measured 3.8e-3); rtol = one spacing
             torch.testing.assert_close(v2 - torch.eye(v.shape[0]), v - torch.eye(v.shape[0]), rtol=8e-3, atol=1e-6)
         else:
-            torch.testing.assert_close(v2, v, rtol=8e-3, atol=1e-6)
+            torch.testing.assert_close(v2, v, rtol=8e-3, atol=1e-6)  # one bf16 rounding, as above
 
 
 def _trained_like(tiny_model, seed=2):
@@ -180,7 +184,8 @@ def test_served_reader_matches_its_adapters_and_leaves_base_rows_alone(tiny_mode
             ad = {n: (a[None], b[None]) for n, (a, b) in per[i].items()}
             with torch.no_grad(), rt.policies([None]), apply_lora(model, ad, rows=torch.tensor([0])):
                 ref = model(input_ids=ids[i:i + 1], attention_mask=mask[i:i + 1]).logits
-            torch.testing.assert_close(got[i], ref[0], rtol=1e-4, atol=1e-4)
+            # float32, add_lora's torch backend vs the training hooks' bmm (another summation order); measured equal
+            torch.testing.assert_close(got[i], ref[0], rtol=1e-5, atol=1e-5)
     finally:
         rt.detach()
 
@@ -205,6 +210,7 @@ def test_served_reader_refuses_empty_policy_and_exports_peft(tiny_model, tmp_pat
         mine = hn.adapters_for_texts([pol])[0]
         for n, (a, b) in mine.items():
             pa, pb = ad.modules[n]
+            # float32 through a PEFT round trip (zero-padded ranks); measured equal
             torch.testing.assert_close(pb.float() @ pa.float(), b @ a, rtol=1e-5, atol=1e-6)
     finally:
         rt.detach()
@@ -293,6 +299,8 @@ def test_tail_loss_equals_a_full_forward(tiny_model, tmp_path, monkeypatch):
         p = conts.prompt_len[c]
         for q in range(p, ids.shape[1] - 1):
             ces.append(-logp[q, ids[0, q + 1]])
+    # float32: last layer from cached states vs a full forward, log-softmax over the 49k vocabulary (another
+    # summation order); measured 9.5e-4 absolute on a loss of ~11 (8.7e-5 relative)
     torch.testing.assert_close(got, torch.stack(ces).mean(), rtol=1e-4, atol=1e-4)
 
 
