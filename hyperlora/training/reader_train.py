@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from hyperlora.reader import PolicyFeatures, PolicyReader, ReaderConfig, module_name
-from hyperlora.training.data import TaskData, sample_batch
+from hyperlora.training.data import TaskData
 from hyperlora.training.fastpath import stack_cached
 from hyperlora.training.lora_fn import apply_lora
 from hyperlora.training.session import Session
@@ -229,7 +229,7 @@ def train_reader(session: Session, log: Callable[[str], None] = print, resume: b
     """Train a PolicyReader on the session's training policies; returns it, its feature reader and the history."""
     from tqdm import tqdm
 
-    from hyperlora.training.sft import quick_eval_with, relabel_training_data
+    from hyperlora.training.sft import policy_batch, quick_eval_with, relabel_training_data
 
     cfg = session.cfg
     out = Path(cfg.out)
@@ -282,11 +282,8 @@ def train_reader(session: Session, log: Callable[[str], None] = print, resume: b
         if cfg.time_budget_s and time.time() - t_start > cfg.time_budget_s:
             log(f"time budget {cfg.time_budget_s:.0f} s reached at step {step}")
             break
-        rng = random.Random(cfg.seed * 1_000_003 + step)
-        items = sample_batch(data, rng, cfg.policies_per_step, cfg.examples_per_policy, cfg.contrastive)
-        tasks = list(dict.fromkeys(it.task for it in items))
-        txts = [rng.choice(data.tasks[t].texts()) for t in tasks]
-        rows = torch.tensor([tasks.index(it.task) for it in items])
+        items, txts, rows = policy_batch(data, cfg, step)
+        rng = random.Random(cfg.seed * 2_000_003 + step)  # only the off-answer penalty's positions
         f = _lr_factor(step, cfg.steps, cfg.warmup)
         for g in opt.param_groups:
             g["lr"] = g["base"] * f

@@ -312,7 +312,7 @@ def train_reconstruct(session: Any, library_dir: str | Path, log: Callable[[str]
     from tqdm import tqdm
 
     from hyperlora.policy_encoders import PolicyTextEncoder
-    from hyperlora.training.sft import _lr_at, build_hypernet, load_training_state, save_training_state
+    from hyperlora.training.sft import _lr_at, build_hypernet, optimizer_and_state, save_training_state
 
     cfg = session.cfg
     out = Path(cfg.out)
@@ -338,15 +338,7 @@ def train_reconstruct(session: Any, library_dir: str | Path, log: Callable[[str]
     def embed(ix: Sequence[int]) -> torch.Tensor:
         return enc.encode([texts[i] for i in ix]).to(cfg.device)
 
-    params = {f"hn.{k}": p for k, p in hn.named_parameters()}
-    if enc.module is not None:
-        params.update({f"enc.{k}": p for k, p in enc.module.named_parameters()})
-    opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    step, elapsed, history = load_training_state(out, hn, enc, opt, params) if resume else (0, 0.0, [])
-    if step:
-        log(f"resumed from {out / 'checkpoint'} at step {step} ({elapsed:.0f} s trained)")
-    elif getattr(cfg, "init_hypernet", None):
-        init_from(hn, enc, cfg.init_hypernet, log=log)
+    opt, params, step, elapsed, history = optimizer_and_state(out, hn, enc, cfg, resume, log)
 
     def evaluate(ix: list[int]) -> dict[str, float]:
         if not ix:

@@ -160,6 +160,34 @@ def load_training_state(out: Path, hn: HyperNetwork, enc: PolicyTextEncoder, opt
     return step, float(state.get("elapsed_s", 0.0)), list(state.get("history", []))
 
 
+def optimizer_and_state(out: Path, hn: HyperNetwork, enc: PolicyTextEncoder, cfg, resume: bool, log=print
+                        ) -> tuple[torch.optim.Optimizer, dict[str, nn.Parameter], int, float, list]:
+    """AdamW over the hypernetwork (+ a trainable encoder), resumed from `<out>/checkpoint` if asked and present,
+    else initialised from `cfg.init_hypernet` when set. Returns (opt, params, step, elapsed_s, history)."""
+    params = {f"hn.{k}": p for k, p in hn.named_parameters()}
+    if enc.module is not None:
+        params.update({f"enc.{k}": p for k, p in enc.module.named_parameters()})
+    opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    step, elapsed, history = load_training_state(out, hn, enc, opt, params) if resume else (0, 0.0, [])
+    if step:
+        log(f"resumed from {out / 'checkpoint'} at step {step} ({elapsed:.0f} s trained)")
+    elif getattr(cfg, "init_hypernet", None):  # e.g. a reconstruction run's <out>/final
+        from hyperlora.training.reconstruct import init_from
+
+        init_from(hn, enc, cfg.init_hypernet, log=log)
+    return opt, params, step, elapsed, history
+
+
+def policy_batch(data: TaskData, cfg, step: int) -> tuple[list[Item], list[str], torch.Tensor]:
+    """The batch of training step `step` (seeded by it, so a resumed run sees the same batches): items, one
+    random paraphrase per distinct task, and each item's row -> adapter index."""
+    rng = random.Random(cfg.seed * 1_000_003 + step)
+    items = sample_batch(data, rng, cfg.policies_per_step, cfg.examples_per_policy, cfg.contrastive)
+    tasks = list(dict.fromkeys(it.task for it in items))
+    texts = [rng.choice(data.tasks[t].texts()) for t in tasks]
+    return items, texts, torch.tensor([tasks.index(it.task) for it in items])
+
+
 def relabel_training_data(session: Session, log=print) -> TaskData:
     """The session's training data with `relabel_per_task` relabelled records per topic/routing policy (and
     `extra_policies_per_family` more such policies trained only on relabelled records), added once."""
@@ -202,17 +230,7 @@ def train_sft(session: Session, log=print, resume: bool = True) -> tuple[HyperNe
     hn = build_hypernet(session, enc.dim).to(cfg.device)
     if enc.module is not None:
         enc.module.to(cfg.device)
-    params = {f"hn.{k}": p for k, p in hn.named_parameters()}
-    if enc.module is not None:
-        params.update({f"enc.{k}": p for k, p in enc.module.named_parameters()})
-    opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    step, elapsed, history = load_training_state(out, hn, enc, opt, params) if resume else (0, 0.0, [])
-    if step:
-        log(f"resumed from {out / 'checkpoint'} at step {step} ({elapsed:.0f} s trained)")
-    elif getattr(cfg, "init_hypernet", None):  # e.g. a reconstruction run's <out>/final
-        from hyperlora.training.reconstruct import init_from
-
-        init_from(hn, enc, cfg.init_hypernet, log=log)
+    opt, params, step, elapsed, history = optimizer_and_state(out, hn, enc, cfg, resume, log)
     n_params = sum(p.numel() for p in params.values())
     log(f"hypernetwork: {n_params / 1e6:.2f}M trainable parameters, {len(session.target_names)} target modules "
         f"(layers {session.split.start}..{len(session.split.layers) - 1}), encoder {cfg.encoder} ({enc.dim}-d)")
@@ -226,11 +244,7 @@ def train_sft(session: Session, log=print, resume: bool = True) -> tuple[HyperNe
         if cfg.time_budget_s and time.time() - t_start > cfg.time_budget_s:
             log(f"time budget {cfg.time_budget_s:.0f} s reached at step {step}")
             break
-        rng = random.Random(cfg.seed * 1_000_003 + step)
-        items = sample_batch(data, rng, cfg.policies_per_step, cfg.examples_per_policy, cfg.contrastive)
-        tasks = list(dict.fromkeys(it.task for it in items))
-        texts = [rng.choice(data.tasks[t].texts()) for t in tasks]
-        row = torch.tensor([tasks.index(it.task) for it in items])
+        items, texts, row = policy_batch(data, cfg, step)
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, cfg)
         loss, acc = hypernet_step_loss(session, hn, enc, items, texts, row)
