@@ -1,10 +1,15 @@
-"""Build script: pure Python + Triton sources always; the CUDA extension `hyperlora._C` when nvcc exists.
+"""Build script: pure Python + Triton sources always; the CPU kernel extension `hyperlora._cpu` wherever a
+C++ compiler works; the CUDA extension `hyperlora._C` when nvcc exists.
 
-The build never imports torch (isolated builds would fail on that). The extension takes raw device
-pointers and a stream handle, so it links only against static cudart and pybind11, not torch's C++ ABI.
+The build never imports torch (isolated builds would fail on that). The extensions take raw pointers
+(and, for CUDA, a stream handle), so they link only against pybind11 (and static cudart), not torch's
+C++ ABI. The CPU extension is optional: if it fails to compile, the build goes on without it and
+add_lora's torch paths run instead. It uses portable flags only (-O3 -std=c++17): its AVX2 code is
+chosen at run time inside the library (csrc/cpu/add_lora_cpu.cpp), never with -march=native.
 
 Environment variables:
-  HYPERLORA_SKIP_CUDA_BUILD=1   build a pure-Python wheel even where nvcc exists
+  HYPERLORA_SKIP_CUDA_BUILD=1   build without the CUDA extension even where nvcc exists
+  HYPERLORA_SKIP_CPU_BUILD=1    build without the CPU kernel extension (with both skips: a pure-Python wheel)
   HYPERLORA_CUDA_ARCHS          semicolon list of SM targets (default "80;90a")
   MAX_JOBS                      parallel nvcc jobs (default: number of CPUs)
   CUDA_HOME / CUDA_PATH         CUDA toolkit root (default /usr/local/cuda; `which nvcc` may be a wrapper)
@@ -24,6 +29,8 @@ from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
 CSRC = ROOT / "csrc"
+CPU_SRC = CSRC / "cpu"
+CPU_EXT = "hyperlora._cpu"
 DEFAULT_ARCHS = "80;90a"
 
 
@@ -58,9 +65,13 @@ def parse_archs(spec: str) -> list[str]:
 
 
 class CudaBuildExt(build_ext):
-    """Compiles csrc/*.cu with nvcc (ninja when available) and links a pybind11 module."""
+    """Compiles csrc/*.cu with nvcc (ninja when available) and links a pybind11 module; the CPU extension
+    (csrc/cpu/*.cpp) goes through setuptools' own C++ compiler, as an optional extension."""
 
     def build_extension(self, ext: Extension) -> None:
+        if ext.name == CPU_EXT:
+            self._build_cpu(ext)
+            return
         import pybind11  # build requirement, never torch
 
         cuda_home = Path(ext.cuda_home)  # type: ignore[attr-defined]
@@ -95,6 +106,20 @@ class CudaBuildExt(build_ext):
                 f"-L{cuda_home / 'lib64'}", "-lcudart_static", "-ldl", "-lrt", "-lpthread"]
         self._run(link)
 
+    def _build_cpu(self, ext: Extension) -> None:
+        """Host C++ compiler, portable flags; any failure (no compiler, no pybind11) skips the extension."""
+        try:
+            import pybind11  # build requirement, never torch
+
+            ext.include_dirs = [pybind11.get_include(), str(CPU_SRC)]
+            super().build_extension(ext)
+        except Exception as exc:  # optional: the package works without it (torch paths)
+            print(f"hyperlora: WARNING: the CPU kernel extension {CPU_EXT} was not built ({exc}); "
+                  "add_lora will use torch ops on the CPU", flush=True)
+            out = Path(self.get_ext_fullpath(ext.name))
+            if out.exists():
+                out.unlink()
+
     @staticmethod
     def _run(cmd: list[str]) -> None:
         print(" ".join(cmd), flush=True)
@@ -121,7 +146,17 @@ class CudaBuildExt(build_ext):
         subprocess.run(["ninja", "-C", str(build_dir), "-j", str(jobs)], check=True)
 
 
-def extensions() -> list[Extension]:
+def cpu_extension() -> list[Extension]:
+    """hyperlora._cpu from csrc/cpu/*.cpp (optional: a failed compile leaves it out)."""
+    if _truthy("HYPERLORA_SKIP_CPU_BUILD"):
+        print("hyperlora: HYPERLORA_SKIP_CPU_BUILD set, building without the CPU kernel extension", flush=True)
+        return []
+    sources = sorted(str(p.relative_to(ROOT)) for p in CPU_SRC.glob("*.cpp"))
+    return [Extension(CPU_EXT, sources=sources, language="c++", optional=True,
+                      extra_compile_args=["-O3", "-std=c++17", "-fvisibility=hidden", "-g0"])]
+
+
+def cuda_extension() -> list[Extension]:
     if _truthy("HYPERLORA_SKIP_CUDA_BUILD"):
         print("hyperlora: HYPERLORA_SKIP_CUDA_BUILD set, building without the CUDA extension", flush=True)
         return []
@@ -133,6 +168,10 @@ def extensions() -> list[Extension]:
     ext = Extension("hyperlora._C", sources=[])
     ext.cuda_home = str(cuda_home)  # type: ignore[attr-defined]
     return [ext]
+
+
+def extensions() -> list[Extension]:
+    return cpu_extension() + cuda_extension()
 
 
 setup(

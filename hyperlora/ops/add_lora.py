@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from hyperlora.backends import available_backends, resolve_backend
+from hyperlora.ops import _cpu_kernel
 from hyperlora.ops._autocast import no_autocast
 from hyperlora.ops.metadata import LoraBatchMeta, build_meta, check_slots
 
@@ -195,9 +196,18 @@ def _apply_rows(y: torch.Tensor, ids: torch.Tensor, delta: torch.Tensor) -> None
         y.index_copy_(0, ids, rows.to(y.dtype))
 
 
+# The CPU kernel (hyperlora._cpu, a batched GEMV that streams each used adapter once) beats torch's ops
+# wherever few tokens share an adapter; with many tokens per adapter MKL's GEMMs win (see docs/KERNELS.md).
+_CPU_KERNEL_MAX_TOKENS_PER_SLOT = 8
+
+
 def _torch_add_lora(ys, x, as_, bs, scales, ranks, token_ids, seg_slots, seg_starts, seg_counts, num_active) -> None:
     segs, n_tok = _host_segments(token_ids, seg_slots, seg_starts, seg_counts, num_active)
     if n_tok == 0:
+        return
+    if max(c for _, _, c in segs) <= _CPU_KERNEL_MAX_TOKENS_PER_SLOT and _cpu_kernel.supports(x, ys, as_, bs):
+        _cpu_kernel.add_lora_cpu(ys, x, as_, bs, scales, ranks, token_ids, seg_slots, seg_starts, seg_counts,
+                                 len(segs))
         return
     _torch_add_lora_segments(ys, x, as_, bs, scales, ranks, token_ids, segs, n_tok)
 
