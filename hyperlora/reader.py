@@ -36,6 +36,8 @@ from torch import nn
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "reader.safetensors"
 KIND = "reader"
+# added after the first shipped reader; absent means their initial value (0: the same adapters as before)
+OPTIONAL_WEIGHTS = ("prev_w", "bias_v.")  # names, or prefixes ending in "."
 
 
 @dataclass
@@ -150,8 +152,12 @@ class PolicyReader(nn.Module):
         self.register_buffer("emb", embedding.detach().float().clone(), persistent=False)
         self.self_w = nn.Parameter(torch.tensor(0.0))
         self.last_w = nn.Parameter(torch.tensor(1.0))
+        self.prev_w = nn.Parameter(torch.tensor(0.0))  # the previous token's features: "emit j after what preceded j"
         self.U = nn.ParameterDict({t: nn.Parameter(torch.eye(n)) for t, n in cfg.features.items()})
         self.bias = nn.ParameterDict({t: nn.Parameter(torch.zeros(1)) for t in cfg.features})
+        # a slot's own constant, read from what the policy says around it: a format rule ("start every reply
+        # with 'Noted:'") must fire for every record, and key . z averages 0 over records by construction
+        self.bias_v = nn.ParameterDict({t: nn.Parameter(torch.zeros(n)) for t, n in cfg.features.items()})
         self.log_scale = nn.ParameterDict({t: nn.Parameter(torch.tensor(math.log(cfg.init_scale)))
                                            for t in cfg.features})
         self.out_dir = nn.ParameterDict({t: nn.Parameter(torch.ones(d)) for t in cfg.features})
@@ -197,10 +203,14 @@ class PolicyReader(nn.Module):
         rows = torch.arange(P, device=dev)
         for t, name in self.names.items():
             mu, sd, c = (getattr(self, f"{k}_{t}") for k in ("mu", "sd", "c"))
-            ctx = att @ X[t] + self.self_w * X[t] + self.last_w * X[t][rows, last][:, None, :]
-            key = nn.functional.normalize(ctx, dim=-1) @ self.U[t].T / math.sqrt(ctx.shape[-1])
-            w = key / sd  # A_j . x = key_j . (x - mu) / sd + bias, with c . x ~ 1 standing in for 1
-            a = (w - (w @ mu)[..., None] * c + self.bias[t] * c) * mask[..., None]
+            prev = nn.functional.pad(X[t][:, :-1], (0, 0, 1, 0))  # X[t][:, j - 1], zero for j = 0
+            ctx = (att @ X[t] + self.self_w * X[t] + self.last_w * X[t][rows, last][:, None, :]
+                   + self.prev_w * prev)
+            unit = nn.functional.normalize(ctx, dim=-1)
+            key = unit @ self.U[t].T / math.sqrt(ctx.shape[-1])
+            const = self.bias[t] + unit @ self.bias_v[t]  # [P, T]
+            w = key / sd  # A_j . x = key_j . (x - mu) / sd + const_j, with c . x ~ 1 standing in for 1
+            a = (w - (w @ mu)[..., None] * c + const[..., None] * c) * mask[..., None]
             b = (g[..., None] * torch.exp(self.log_scale[t]) * self.out_dir[t] * E).transpose(1, 2)
             out[name] = (a, b)
         return out, g
@@ -241,7 +251,10 @@ class PolicyReader(nn.Module):
             if k.startswith("U_minus_eye."):
                 k, v = "U." + k[len("U_minus_eye."):], v.float() + torch.eye(v.shape[0])
             state[k] = v.float()
-        r.load_state_dict(state)
+        missing, unexpected = r.load_state_dict(state, strict=False)
+        if unexpected or [k for k in missing if not any(k == o or (o.endswith(".") and k.startswith(o))
+                                                        for o in OPTIONAL_WEIGHTS)]:
+            raise ValueError(f"{d / WEIGHTS_FILE} does not match this reader: missing {missing}, unexpected {unexpected}")
         return r
 
 

@@ -268,40 +268,130 @@ def test_reader_trains_with_the_tail_loss(tiny_model, tmp_path, monkeypatch):
     assert "continuations:" in (out / "log.txt").read_text()
 
 
-def test_tail_loss_equals_a_full_forward(tiny_model, tmp_path, monkeypatch):
-    """Continuations.loss (last layer only, from cached states) == CE of the answer's later tokens and the end of
-    turn in a plain full forward with the same per-row adapters."""
-    monkeypatch.setenv("HYPERLORA_CACHE", str(tmp_path / "cache"))
+def _session_and_random_adapters(tiny_model, n_policies: int):
     from hyperlora.training.config import TrainConfig
-    from hyperlora.training.lora_fn import apply_lora
-    from hyperlora.training.reader_train import Continuations
     from hyperlora.training.session import build_session
 
     cfg = TrainConfig(tasks=str(TINY_TASKS), eval_tasks=str(TINY_TASKS), base_model=str(tiny_model), n_upper=1,
                       bf16=False, target_modules=["o_proj"])
     s = build_session(cfg, with_eval=False, log=lambda m: None)
-    conts = Continuations(s, s.train, log=lambda m: None)
-    items = [it for t in s.train.usable_tasks[:2] for it in s.train.items[t][:3]]
     torch.manual_seed(0)
     mods = dict(s.model.named_modules())
     adapters = {}
     for n in ("model.layers.2.self_attn.o_proj", "model.layers.2.mlp.down_proj"):
         m = mods[n]
-        adapters[n] = (torch.randn(2, 3, m.in_features), torch.randn(2, m.out_features, 3))
-    rows = torch.tensor([0, 0, 0, 1, 1, 1])
-    got = conts.loss(s, items, adapters, rows)
+        adapters[n] = (torch.randn(n_policies, 3, m.in_features), torch.randn(n_policies, m.out_features, 3))
+    return s, adapters
+
+
+def _full_forward_ce(model, adapters, rows, seqs, first_scored):
+    """CE of token q+1 at every position q >= first_scored[i] of each sequence, in a plain full forward."""
+    from hyperlora.training.lora_fn import apply_lora
+
     ces = []
-    for j, it in enumerate(items):
-        c = conts.index[(it.task, it.record)]
-        ids = torch.tensor([conts.ids[c]])
-        with torch.no_grad(), apply_lora(s.model, adapters, rows=rows[j:j + 1]):
-            logp = torch.log_softmax(s.model(ids).logits[0].float(), -1)
-        p = conts.prompt_len[c]
+    for j, (seq, p) in enumerate(zip(seqs, first_scored)):
+        ids = torch.tensor([seq])
+        with torch.no_grad(), apply_lora(model, adapters, rows=rows[j:j + 1]):
+            logp = torch.log_softmax(model(ids).logits[0].float(), -1)
         for q in range(p, ids.shape[1] - 1):
             ces.append(-logp[q, ids[0, q + 1]])
+    return torch.stack(ces).mean()
+
+
+def test_tail_loss_equals_a_full_forward(tiny_model, tmp_path, monkeypatch):
+    """Continuations.loss (last layer only, from cached states) == CE of the answer's later tokens and the end of
+    turn in a plain full forward with the same per-row adapters."""
+    monkeypatch.setenv("HYPERLORA_CACHE", str(tmp_path / "cache"))
+    from hyperlora.training.reader_train import Continuations
+
+    s, adapters = _session_and_random_adapters(tiny_model, 2)
+    conts = Continuations(s, s.train, log=lambda m: None)
+    items = [it for t in s.train.usable_tasks[:2] for it in s.train.items[t][:3]]
+    rows = torch.tensor([0, 0, 0, 1, 1, 1])
+    got = conts.loss(s, items, adapters, rows)
+    cs = [conts.index[(it.task, it.record)] for it in items]
+    want = _full_forward_ce(s.model, adapters, rows, [conts.ids[c] for c in cs], [conts.prompt_len[c] for c in cs])
     # float32: last layer from cached states vs a full forward, log-softmax over the 49k vocabulary (another
     # summation order); measured 9.5e-4 absolute on a loss of ~11 (8.7e-5 relative)
-    torch.testing.assert_close(got, torch.stack(ces).mean(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_free_text_loss_equals_a_full_forward(tiny_model, tmp_path, monkeypatch):
+    """FreeTextReplies.ce(first=True) == CE of every reply token (the first included) and the end of turn of the
+    format tasks' reference replies, in a plain full forward; its batches name format tasks only."""
+    monkeypatch.setenv("HYPERLORA_CACHE", str(tmp_path / "cache"))
+    import random
+
+    from hyperlora.training.reader_train import FreeTextReplies
+
+    s, adapters = _session_and_random_adapters(tiny_model, 3)
+    replies = FreeTextReplies(s, s.train, per_task=2, log=lambda m: None)
+    assert replies.by_task and all(s.train.tasks[t].is_free_text for t in replies.by_task)
+    texts, seqs, rows = replies.batch(s.train, random.Random(0), policies=3, per_policy=2)
+    assert len(texts) == 3 and len(seqs) == len(rows) == 6 and set(rows.tolist()) == {0, 1, 2}
+    got = replies.ce(s, seqs, adapters, rows, first=True)
+    want = _full_forward_ce(s.model, adapters, rows, [replies.ids[c] for c in seqs],
+                            [replies.prompt_len[c] - 1 for c in seqs])
+    # as the tail loss above: same computation, another summation order
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(replies.ce(s, seqs, adapters, rows, first=True, edge=1000), got, rtol=0, atol=0)
+    ends = [replies.ids[c][replies.prompt_len[c] - 1:] for c in seqs]  # edge=1: the first and the last token only
+    from hyperlora.training.lora_fn import apply_lora
+
+    logp_rows = []
+    for j, c in enumerate(seqs):
+        ids = torch.tensor([replies.ids[c]])
+        with torch.no_grad(), apply_lora(s.model, adapters, rows=rows[j:j + 1]):
+            logp = torch.log_softmax(s.model(ids).logits[0].float(), -1)
+        p, n = replies.prompt_len[c] - 1, ids.shape[1] - 1
+        logp_rows += [-logp[p, ids[0, p + 1]], -logp[n - 1, ids[0, n]]]
+    assert all(len(e) >= 3 for e in ends)
+    torch.testing.assert_close(replies.ce(s, seqs, adapters, rows, first=True, edge=1), torch.stack(logp_rows).mean(),
+                               rtol=1e-4, atol=1e-4)
+    later = replies.ce(s, seqs, adapters, rows, first=False)  # without the first token: another, finite value
+    assert torch.isfinite(later) and not torch.isclose(later, got)
+
+
+def test_reader_trains_with_format_replies(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("HYPERLORA_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "reader_free"
+    assert _run([*_reader_args(tiny_model, out), "--steps", "2", "--set", "reader_free_text=1.0"]) == 0
+    assert "free text:" in (out / "log.txt").read_text()
+
+
+def test_gate_targets_cover_every_piece_of_an_answer_word():
+    from hyperlora.training.reader_train import _runs_of
+
+    assert _runs_of([5, 7, 8, 9, 7, 8], [7, 8]) == [1, 4]
+    assert _runs_of([5, 7, 9], [7, 8]) == [] and _runs_of([7], [7, 8]) == []
+
+
+def test_reader_without_newer_weights_loads_and_unknown_weights_are_refused(tiny_model, tmp_path):
+    """Checkpoints written before `prev_w` and `bias_v` existed load with them at 0 (the same adapters); a stray
+    weight is an error."""
+    from safetensors.torch import load_file, save_file
+
+    from hyperlora.reader import WEIGHTS_FILE, PolicyReader
+
+    model, tok, feats, reader = _reader(tiny_model)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        reader.gate.weight.normal_()
+    reader.save_pretrained(tmp_path / "r")
+    state = load_file(str(tmp_path / "r" / WEIGHTS_FILE))
+    for k in [k for k in state if k == "prev_w" or k.startswith("bias_v.")]:  # what the first reader lacked
+        del state[k]
+    save_file(state, str(tmp_path / "r" / WEIGHTS_FILE))
+    loaded = PolicyReader.from_pretrained(tmp_path / "r", model)
+    assert loaded.prev_w.item() == 0.0 and all(v.abs().sum() == 0 for v in loaded.bias_v.values())
+    f = feats(["Answer 'flag' if the ticket asks for a refund; otherwise answer 'pass'."])
+    for (a1, b1), (a2, b2) in zip(reader(f)[0].values(), loaded(f)[0].values()):
+        torch.testing.assert_close(a1, a2, rtol=0, atol=0)
+        torch.testing.assert_close(b1, b2, rtol=0, atol=0)
+    state["stray"] = torch.zeros(1)
+    save_file(state, str(tmp_path / "r" / WEIGHTS_FILE))
+    with pytest.raises(ValueError, match="stray"):
+        PolicyReader.from_pretrained(tmp_path / "r", model)
 
 
 def test_reader_fine_tunes_from_a_trained_reader(tiny_model, tmp_path, monkeypatch):

@@ -2,7 +2,7 @@
 
 Same data, batches, option loss and fast path as the SFT of the T2L-style hypernetwork (`sft.py`), plus an
 auxiliary loss on the reader's signed gates where a training policy's rule is known (topic and routing
-policies: +1 on the first token of each conditional answer word in the policy text, -1 on the default answer's,
+policies: +1 on the tokens of each conditional answer word in the policy text, -1 on the default answer's,
 0 elsewhere). Resumable: `<out>/checkpoint/` holds the reader, the optimizer moments and the step.
 """
 from __future__ import annotations
@@ -50,6 +50,12 @@ def record_features(session: Session, names: dict[str, str], every: int = 3) -> 
     return {t: torch.cat(v) for t, v in out.items()}
 
 
+def _runs_of(seq: list[int], pieces: list[int]) -> list[int]:
+    """Start indices where `pieces` occurs in `seq` as a consecutive run."""
+    n = len(pieces)
+    return [i for i in range(len(seq) - n + 1) if seq[i: i + n] == pieces]
+
+
 def gate_targets(data: TaskData, features: PolicyFeatures, tokenizer: Any) -> dict[str, torch.Tensor]:
     """policy text -> [T] target gates, for topic/routing training policies whose rule is inferable."""
     from hyperlora.training.relabel import _sentence_topics, infer_rule
@@ -69,27 +75,76 @@ def gate_targets(data: TaskData, features: PolicyFeatures, tokenizer: Any) -> di
             ids = features([text])[0]["ids"]
             tgt = torch.zeros(ids.numel())
             for word, sg in sign.items():
-                tgt[ids == tokenizer(word, add_special_tokens=False)["input_ids"][0]] = sg
+                pieces = tokenizer(word, add_special_tokens=False)["input_ids"]
+                tgt[ids == pieces[0]] = sg
+                for j in _runs_of(ids.tolist(), pieces):  # a multi-token word's later pieces answer too
+                    tgt[j: j + len(pieces)] = sg
             out[text] = tgt
     return out
 
 
-class Continuations:
-    """Cached states entering the last layer for (record prompt + gold answer + end of turn) of the training
-    tasks' own examples, so a step can score the answer's remaining tokens as `hyperlora eval` does.
+class _TeacherForced:
+    """Cached states entering the last layer for token sequences (a record prompt + a reply + end of turn), and
+    the cross-entropy of the reply's tokens with adapters on, computed one position at a time from the cache.
 
     The reader adapts only the last layer, so these states do not depend on the adapter: computed once."""
 
-    def __init__(self, session: Session, data: TaskData, per_task: int = 8, log: Callable[[str], None] = print):
+    def __init__(self, session: Session, texts: list[str], ids: list[list[int]], prompt_len: list[int],
+                 log: Callable[[str], None]):
         from types import SimpleNamespace
 
         from hyperlora.models import cache_dir
-        from hyperlora.tasks.prompts import target_text
         from hyperlora.training.session import cached_states
+
+        self.ids, self.prompt_len = ids, prompt_len
+        fake = SimpleNamespace(records=texts, record_ids=ids)
+        self.states = cached_states(session.split, fake, session.tokenizer, cache_dir(),
+                                    str(session.cfg.base_model or "default"), log)  # type: ignore[arg-type]
+
+    def ce(self, session: Session, seqs: Sequence[int], adapters: dict, rows: torch.Tensor, first: bool,
+           edge: int | None = None) -> torch.Tensor:
+        """Mean cross-entropy over the reply tokens of sequences `seqs` (row i uses adapter rows[i]); with
+        `first`, the reply's first token is scored too (free text), else only the tokens after it. `edge`: score
+        only a reply's first and last `edge` tokens (where format rules live; each position costs a vocabulary
+        projection)."""
+        if not seqs:
+            return torch.zeros((), device=session.cfg.device)
+        split = session.split
+        h, last = stack_cached(self.states, list(seqs), torch.float32, session.cfg.device)
+        plen = torch.tensor([self.prompt_len[c] for c in seqs], device=h.device) - (1 if first else 0)
+        n_scored = last - plen  # positions plen .. last-1 each predict the next token
+        _, pe = split._pos(h)
+        w = split.lm_head.weight
+        total, count = h.new_zeros(()), 0
+        with apply_lora(session.model, adapters, scale=1.0, rows=rows):
+            for k in range(int(n_scored.max())):
+                pos = torch.minimum(plen + k, last - 1)
+                valid = (plen + k) <= (last - 1)
+                if edge is not None:
+                    valid &= (k < edge) | (k >= n_scored - edge)
+                    if not bool(valid.any()):
+                        continue
+                tgt = torch.tensor([self.ids[c][min(int(plen[i]) + k, len(self.ids[c]) - 1) + 1]
+                                    if bool(valid[i]) else 0 for i, c in enumerate(seqs)], device=h.device)
+                with torch.autocast(h.device.type, dtype=torch.bfloat16, enabled=session.cfg.bf16):
+                    r = split.norm(split._last_layer_at(h, pos, pe))
+                    logits = (r @ w.T.to(r.dtype)).float()
+                ce = nn.functional.cross_entropy(logits, tgt, reduction="none")
+                total = total + (ce * valid).sum()
+                count += int(valid.sum())
+        return total / max(count, 1)
+
+
+class Continuations(_TeacherForced):
+    """(record prompt + gold answer + end of turn) of the training tasks' own examples, so a step can score the
+    answer's remaining tokens as `hyperlora eval` does (the tail loss)."""
+
+    def __init__(self, session: Session, data: TaskData, per_task: int = 8, log: Callable[[str], None] = print):
+        from hyperlora.tasks.prompts import target_text
 
         tok = session.tokenizer
         self.index: dict[tuple[int, int], int] = {}
-        self.prompt_len: list[int] = []
+        prompt_len: list[int] = []
         texts, ids = [], []
         for t in data.usable_tasks:
             task = data.tasks[t]
@@ -101,40 +156,56 @@ class Continuations:
                     continue
                 tail = tok(target_text(tok, answer[0]), add_special_tokens=False)["input_ids"]
                 self.index[(t, it.record)] = len(texts)
-                self.prompt_len.append(len(data.record_ids[it.record]))
+                prompt_len.append(len(data.record_ids[it.record]))
                 texts.append(data.records[it.record] + target_text(tok, answer[0]))
                 ids.append(list(data.record_ids[it.record]) + tail)
-        self.ids = ids
-        fake = SimpleNamespace(records=texts, record_ids=ids)
-        self.states = cached_states(session.split, fake, tok, cache_dir(), str(session.cfg.base_model or "default"),
-                                    log)  # type: ignore[arg-type]
+        super().__init__(session, texts, ids, prompt_len, log)
         log(f"continuations: {len(texts)} (prompt + answer + end of turn) sequences for the tail loss")
 
     def loss(self, session: Session, items: Sequence[Any], adapters: dict, rows: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy of every answer token after the first, and of the end of turn, with the adapters on."""
-        split = session.split
         sel = [(j, self.index[(it.task, it.record)]) for j, it in enumerate(items) if (it.task, it.record) in self.index]
         if not sel:
             return torch.zeros((), device=session.cfg.device)
-        h, last = stack_cached(self.states, [c for _, c in sel], torch.float32, session.cfg.device)
-        plen = torch.tensor([self.prompt_len[c] for _, c in sel], device=h.device)
-        _, pe = split._pos(h)
         sub_rows = rows[torch.tensor([j for j, _ in sel])]
-        w = split.lm_head.weight
-        total, count = h.new_zeros(()), 0
-        with apply_lora(session.model, adapters, scale=1.0, rows=sub_rows):
-            for k in range(int((last - plen).max())):
-                pos = torch.minimum(plen + k, last - 1)
-                valid = (plen + k) <= (last - 1)
-                tgt = torch.tensor([self.ids[c][min(int(plen[i]) + k, len(self.ids[c]) - 1) + 1]
-                                    if bool(valid[i]) else 0 for i, (_, c) in enumerate(sel)], device=h.device)
-                with torch.autocast(h.device.type, dtype=torch.bfloat16, enabled=session.cfg.bf16):
-                    r = split.norm(split._last_layer_at(h, pos, pe))
-                    logits = (r @ w.T.to(r.dtype)).float()
-                ce = nn.functional.cross_entropy(logits, tgt, reduction="none")
-                total = total + (ce * valid).sum()
-                count += int(valid.sum())
-        return total / max(count, 1)
+        return self.ce(session, [c for _, c in sel], adapters, sub_rows, first=False)
+
+
+class FreeTextReplies(_TeacherForced):
+    """(record prompt + reference reply + end of turn) of the free-text (format) training tasks: the reader
+    learns format rules ("start every reply with 'Noted:'") from the CE of the whole reference reply."""
+
+    def __init__(self, session: Session, data: TaskData, per_task: int = 6, log: Callable[[str], None] = print):
+        from hyperlora.tasks.prompts import prompt_text, target_text
+
+        tok = session.tokenizer
+        self.by_task: dict[int, list[int]] = {}
+        prompt_len: list[int] = []
+        texts, ids = [], []
+        for t, task in enumerate(data.tasks):
+            exs = [ex for ex in task.examples if ex.options is None and isinstance(ex.answer, str) and ex.answer]
+            for ex in exs[:per_task]:
+                prompt = tok(prompt_text(tok, ex.input), add_special_tokens=False)["input_ids"]
+                reply = tok(target_text(tok, str(ex.answer)), add_special_tokens=False)["input_ids"]
+                self.by_task.setdefault(t, []).append(len(texts))
+                prompt_len.append(len(prompt))
+                texts.append(prompt_text(tok, ex.input) + target_text(tok, str(ex.answer)))
+                ids.append(list(prompt) + list(reply))
+        super().__init__(session, texts, ids, prompt_len, log)
+        log(f"free text: {len(texts)} (prompt + reference reply) sequences of {len(self.by_task)} format policies")
+
+    def batch(self, data: TaskData, rng: random.Random, policies: int, per_policy: int
+              ) -> tuple[list[str], list[int], torch.Tensor]:
+        """`policies` free-text tasks x `per_policy` replies: (one paraphrase per task, sequence indices, row ->
+        index into the returned texts)."""
+        tasks = rng.sample(sorted(self.by_task), min(policies, len(self.by_task)))
+        texts, seqs, rows = [], [], []
+        for j, t in enumerate(tasks):
+            texts.append(rng.choice(data.tasks[t].texts()))
+            pick = rng.sample(self.by_task[t], min(per_policy, len(self.by_task[t])))
+            seqs += pick
+            rows += [j] * len(pick)
+        return texts, seqs, torch.tensor(rows, dtype=torch.long)
 
 
 def off_answer_change(session: Session, items: Sequence[Any], adapters: dict, rows: torch.Tensor,
@@ -243,7 +314,7 @@ def train_reader(session: Session, log: Callable[[str], None] = print, resume: b
                         features={t: int(mods[n].in_features) for t, n in names.items()},
                         gate_layer=cfg.reader_gate_layer)
     features = PolicyFeatures(model, tok, rcfg)
-    texts = [x for t in data.usable_tasks for x in data.tasks[t].texts()]
+    texts = [x for task in data.tasks for x in task.texts()]  # free-text tasks too (format rules)
     texts += [d.tasks[t].policy for d in session.evals.values() for t in d.usable_tasks]
     t0 = time.time()
     _read_cached(features, texts, str(cfg.base_model or "default"))
@@ -260,6 +331,9 @@ def train_reader(session: Session, log: Callable[[str], None] = print, resume: b
         log(f"initialised from the reader in {cfg.reader_init}")
     targets = gate_targets(data, features, tok)
     conts = Continuations(session, data, log=log) if cfg.reader_tail > 0 else None
+    replies = FreeTextReplies(session, data, log=log) if cfg.reader_free_text > 0 else None
+    if replies is not None and not replies.by_task:
+        raise ValueError("reader_free_text > 0 needs free-text (format) training tasks: add 'format' to families")
     log(f"gate targets for {len(targets)} policy texts; reader {sum(p.numel() for p in reader.parameters()) / 1e6:.2f}M "
         f"parameters on {list(names.values())}")
     u_params = list(reader.U.parameters())
@@ -284,6 +358,11 @@ def train_reader(session: Session, log: Callable[[str], None] = print, resume: b
             break
         items, txts, rows = policy_batch(data, cfg, step)
         rng = random.Random(cfg.seed * 2_000_003 + step)  # only the off-answer penalty's positions
+        if replies is not None:  # format policies ride in the same reader call, after the option policies
+            ftxts, fseqs, frows = replies.batch(data, random.Random(cfg.seed * 3_000_017 + step),
+                                                cfg.reader_free_text_policies, cfg.examples_per_policy)
+            frows = frows + len(txts)
+            txts = txts + ftxts
         f = _lr_factor(step, cfg.steps, cfg.warmup)
         for g in opt.param_groups:
             g["lr"] = g["base"] * f
@@ -294,11 +373,15 @@ def train_reader(session: Session, log: Callable[[str], None] = print, resume: b
         harm = (off_answer_change(session, items, adapters, rows, rng) if cfg.reader_harm > 0
                 else torch.zeros((), device=loss.device))
         tail = conts.loss(session, items, adapters, rows) if conts is not None else torch.zeros((), device=loss.device)
+        free = (replies.ce(session, fseqs, adapters, frows, first=True, edge=cfg.reader_free_text_edge)
+                if replies is not None
+                else torch.zeros((), device=loss.device))
         known = [(p, targets[t]) for p, t in enumerate(txts) if t in targets]
         aux = (sum(((gates[p, : tg.numel()] - tg.to(gates.device)) ** 2).mean() for p, tg in known) / len(known)
                if known else torch.zeros((), device=loss.device))
         reg = sum((u - eye[t]).pow(2).sum() for t, u in reader.U.items())
-        total = loss + cfg.reader_aux * aux + cfg.reader_u_reg * reg + cfg.reader_harm * harm + cfg.reader_tail * tail
+        total = (loss + cfg.reader_aux * aux + cfg.reader_u_reg * reg + cfg.reader_harm * harm + cfg.reader_tail * tail
+                 + cfg.reader_free_text * free)
         opt.zero_grad(set_to_none=True)
         total.backward()
         if cfg.grad_clip:
@@ -309,7 +392,8 @@ def train_reader(session: Session, log: Callable[[str], None] = print, resume: b
         ema = (loss.item(), acc) if ema is None else (0.95 * ema[0] + 0.05 * loss.item(), 0.95 * ema[1] + 0.05 * acc)
         bar.update(1)
         bar.set_postfix(loss=f"{ema[0]:.3f}", acc=f"{ema[1]:.2f}", aux=f"{float(aux.detach()):.3f}",
-                        harm=f"{float(harm.detach()):.4f}", tail=f"{float(tail.detach()):.3f}", refresh=False)
+                        harm=f"{float(harm.detach()):.4f}", tail=f"{float(tail.detach()):.3f}",
+                        free=f"{float(free.detach()):.3f}", refresh=False)
         if step % 10 == 0:
             history.append({"step": step, "t": round(time.time() - t_start, 1), "loss": round(ema[0], 4),
                             "acc": round(ema[1], 3)})
