@@ -96,7 +96,9 @@ def isa(request):
 
 @pytest.fixture
 def kernel_calls(monkeypatch):
-    """Counts calls into the kernel glue, so a test fails if add_lora silently took a torch path."""
+    """Counts calls into the kernel glue, so a test fails if add_lora silently took a torch path. float16
+    is routed to the kernel only at one token per adapter by default; here up to 8, like the others."""
+    monkeypatch.setitem(add_lora_mod._CPU_KERNEL_MAX_TOKENS_PER_SLOT, torch.float16, 8)
     calls = []
     real = _cpu_kernel.add_lora_cpu
 
@@ -322,10 +324,27 @@ def test_status_reports_the_build():
     assert st["built"] and st["isa"] in ("avx2", "generic") and st["reason"] == ""
 
 
-def test_threshold_routes_long_segments_to_torch(kernel_calls):
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_threshold_routes_long_segments_to_torch(dtype, kernel_calls):
     """Many tokens per adapter (prefill) stay on torch's GEMMs."""
     torch.manual_seed(13)
-    n = add_lora_mod._CPU_KERNEL_MAX_TOKENS_PER_SLOT + 1
+    n = add_lora_mod._CPU_KERNEL_MAX_TOKENS_PER_SLOT[dtype] + 1
     slots = torch.arange(2).repeat_interleave(n)
-    case = make_case(2 * n, 2, 4, 16, 12, torch.float32, slots=slots, seed=14)
-    run_and_check(*case, torch.float32, kernel_calls, expect_kernel=False)
+    case = make_case(2 * n, 2, 4, 16, 12, dtype, slots=slots, seed=14)
+    run_and_check(*case, dtype, kernel_calls, expect_kernel=False)
+
+
+def test_float16_defaults_to_kernel_only_in_decode():
+    """Without the test override: float16 takes the kernel at one token per adapter, torch at two."""
+    calls = []
+    real = _cpu_kernel.add_lora_cpu
+    try:
+        _cpu_kernel.add_lora_cpu = lambda *a, **k: (calls.append(1), real(*a, **k))[1]
+        for per_slot, want in ((1, [1]), (2, [])):
+            calls.clear()
+            slots = torch.arange(3).repeat_interleave(per_slot)
+            y, x, a, b, slots, scales, _ = make_case(slots.numel(), 3, 4, 16, 12, torch.float16, slots=slots, seed=15)
+            add_lora(y, x, a, b, slots, scales, backend="torch")
+            assert calls == want, per_slot
+    finally:
+        _cpu_kernel.add_lora_cpu = real

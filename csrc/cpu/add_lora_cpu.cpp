@@ -112,6 +112,25 @@ template <> struct Elem<2> {
 };
 
 HL_INLINE v8f load8f(const float* p) { v8f v; std::memcpy(&v, p, sizeof v); return v; }
+
+// bfloat16 read 16 at a time as 8 uint32 words: the even elements are the words' low halves, the odd
+// elements their high halves, each a float32 after one shift or mask. The float32 operand it meets (x in
+// the shrink, h in the expand) is stored with each full block of 16 reordered to (evens, odds).
+constexpr bool pairs(int DT) { return DT == 2; }
+HL_INLINE v8u load16_words(const uint16_t* p) { v8u v; std::memcpy(&v, p, sizeof v); return v; }
+HL_INLINE v8f bf16_even(v8u w) { return as_f(w << 16); }
+HL_INLINE v8f bf16_odd(v8u w) { return as_f(w & 0xffff0000u); }
+
+// dst = src (n floats) with each full block of 16 reordered to (evens, odds).
+HL_INLINE void deinterleave16(const float* src, float* dst, int64_t n) {
+  int64_t k = 0;
+  for (; k + 16 <= n; k += 16)
+    for (int m = 0; m < 8; ++m) {
+      dst[k + m] = src[k + 2 * m];
+      dst[k + 8 + m] = src[k + 2 * m + 1];
+    }
+  for (; k < n; ++k) dst[k] = src[k];
+}
 HL_INLINE float hsum(v8f v) {
   return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
 }
@@ -148,6 +167,16 @@ HL_INLINE void shrink_rows(const typename Elem<DT>::S* A, int64_t sa_r, int64_t 
   for (int i = 0; i < NB; ++i)
     for (int q = 0; q < RB; ++q) acc[i][q] = v8f{};
   int64_t k = 0;
+  if constexpr (pairs(DT)) {
+    for (; k + 16 <= d_in; k += 16) {
+      v8u aw[RB];
+      for (int q = 0; q < RB; ++q) aw[q] = load16_words(ar[q] + k);
+      for (int i = 0; i < NB; ++i) {
+        const v8f xe = load8f(xr[i] + k), xo = load8f(xr[i] + k + 8);
+        for (int q = 0; q < RB; ++q) acc[i][q] += xe * bf16_even(aw[q]) + xo * bf16_odd(aw[q]);
+      }
+    }
+  }
   for (; k + 8 <= d_in; k += 8) {
     v8f av[RB];
     for (int q = 0; q < RB; ++q) av[q] = E::ld8(ar[q] + k);
@@ -166,21 +195,56 @@ HL_INLINE void shrink_rows(const typename Elem<DT>::S* A, int64_t sa_r, int64_t 
     for (int q = 0; q < RB; ++q) h[i * hs + j0 + q] = hsum(acc[i][q]) + tail[i][q];
 }
 
+// One token, one row of A, read front to back (A's rows are consecutive, so the whole adapter is one
+// sequential stream); 4 independent accumulators hide the FMA latency.
+template <int DT>
+HL_INLINE float dot_row(const typename Elem<DT>::S* a, const float* x, int64_t d_in) {
+  using E = Elem<DT>;
+  v8f acc[4] = {v8f{}, v8f{}, v8f{}, v8f{}};
+  int64_t k = 0;
+  if constexpr (pairs(DT)) {
+    for (; k + 64 <= d_in; k += 64) {
+      for (int u = 0; u < 4; ++u) {
+        const v8u w = load16_words(a + k + 16 * u);
+        acc[u] += load8f(x + k + 16 * u) * bf16_even(w) + load8f(x + k + 16 * u + 8) * bf16_odd(w);
+      }
+    }
+    for (; k + 16 <= d_in; k += 16) {
+      const v8u w = load16_words(a + k);
+      acc[0] += load8f(x + k) * bf16_even(w) + load8f(x + k + 8) * bf16_odd(w);
+    }
+  } else {
+    for (; k + 32 <= d_in; k += 32) {
+      for (int u = 0; u < 4; ++u) acc[u] += load8f(x + k + 8 * u) * E::ld8(a + k + 8 * u);
+    }
+  }
+  for (; k + 8 <= d_in; k += 8) acc[1] += load8f(x + k) * E::ld8(a + k);
+  float tail = 0.f;
+  for (; k < d_in; ++k) tail += x[k] * E::ld1(a + k);
+  return hsum((acc[0] + acc[1]) + (acc[2] + acc[3])) + tail;
+}
+
 template <int DT, int NB>
 HL_INLINE void shrink(const typename Elem<DT>::S* A, int64_t sa_r, int64_t r, int64_t d_in,
                       const float* const* xr, float* h, int64_t hs) {
   constexpr int RB = NB <= 1 ? 4 : 2;  // NB * RB vector accumulators (8 of 16 AVX2 registers at most)
+  if constexpr (NB == 1) {  // one token: row by row, so A streams front to back
+    for (int64_t j = 0; j < r; ++j) h[j] = dot_row<DT>(A + j * sa_r, xr[0], d_in);
+    return;
+  }
   int64_t j = 0;
   for (; j + RB <= r; j += RB) shrink_rows<DT, NB, RB>(A, sa_r, j, d_in, xr, h, hs);
   for (; j < r; ++j) shrink_rows<DT, NB, 1>(A, sa_r, j, d_in, xr, h, hs);
 }
 
 // y_i[o] += sum_j h_i[j] B[o, j] for nb tokens; each block of 8 rows of B is read from memory once.
+// For bfloat16, h's full blocks of 16 are in (evens, odds) order.
 template <int DT>
 HL_INLINE void expand(const typename Elem<DT>::S* B, int64_t sb_o, int64_t r, int64_t d_out, const float* h,
-                      int64_t hs, typename Elem<DT>::S* const* yr, int nb) {
+                      const float* h_nat, int64_t hs, typename Elem<DT>::S* const* yr, int nb) {
   using E = Elem<DT>;
-  const int64_t r8 = r & ~int64_t(7);
+  const int64_t r16 = pairs(DT) ? (r & ~int64_t(15)) : 0;
+  const int64_t r8 = r16 + ((r - r16) & ~int64_t(7));
   int64_t o = 0;
   for (; o + 8 <= d_out; o += 8) {
     const typename E::S* br = B + o * sb_o;
@@ -188,7 +252,16 @@ HL_INLINE void expand(const typename Elem<DT>::S* B, int64_t sb_o, int64_t r, in
       const float* hi = h + i * hs;
       v8f acc[8];
       for (int q = 0; q < 8; ++q) acc[q] = v8f{};
-      for (int64_t j = 0; j < r8; j += 8) {
+      if constexpr (pairs(DT)) {
+        for (int64_t j = 0; j < r16; j += 16) {
+          const v8f he = load8f(hi + j), ho = load8f(hi + j + 8);
+          for (int q = 0; q < 8; ++q) {
+            const v8u bw = load16_words(br + q * sb_o + j);
+            acc[q] += he * bf16_even(bw) + ho * bf16_odd(bw);
+          }
+        }
+      }
+      for (int64_t j = r16; j < r8; j += 8) {
         const v8f hv = load8f(hi + j);
         for (int q = 0; q < 8; ++q) acc[q] += E::ld8(br + q * sb_o + j) * hv;
       }
@@ -206,7 +279,7 @@ HL_INLINE void expand(const typename Elem<DT>::S* B, int64_t sb_o, int64_t r, in
     const typename E::S* bo = B + o * sb_o;
     for (int i = 0; i < nb; ++i) {
       float acc = 0.f;
-      for (int64_t j = 0; j < r; ++j) acc += h[i * hs + j] * E::ld1(bo + j);
+      for (int64_t j = 0; j < r; ++j) acc += h_nat[i * hs + j] * E::ld1(bo + j);
       E::st1(yr[i] + o, E::ld1(yr[i] + o) + acc);
     }
   }
@@ -219,6 +292,7 @@ HL_INLINE void run(const AddLoraCpuArgs& p) {
   const int64_t d_in = p.d_in, d_out = p.d_out;
   const int64_t hs = (p.R + 7) & ~int64_t(7);
   std::vector<float> hbuf(size_t(kTokenBlock * hs), 0.f);
+  std::vector<float> hpbuf(pairs(DT) ? size_t(kTokenBlock * hs) : 0, 0.f);
   std::vector<float> xbuf(DT == 0 ? 0 : size_t(kTokenBlock * d_in));
   const S* x = static_cast<const S*>(p.x);
   S* y = static_cast<S*>(p.y);
@@ -247,6 +321,13 @@ HL_INLINE void run(const AddLoraCpuArgs& p) {
           float* dst = xbuf.data() + i * d_in;
           const S* src = x + t * p.sx_t;
           int64_t k = 0;
+          if constexpr (pairs(DT)) {
+            for (; k + 16 <= d_in; k += 16) {
+              const v8u w = load16_words(src + k);
+              Elem<0>::st8(dst + k, bf16_even(w));
+              Elem<0>::st8(dst + k + 8, bf16_odd(w));
+            }
+          }
           for (; k + 8 <= d_in; k += 8) Elem<0>::st8(dst + k, E::ld8(src + k));
           for (; k < d_in; ++k) dst[k] = E::ld1(src + k);
           xr[i] = dst;
@@ -261,7 +342,12 @@ HL_INLINE void run(const AddLoraCpuArgs& p) {
       }
       for (int i = 0; i < nb; ++i)
         for (int64_t j = 0; j < r; ++j) h[i * hs + j] *= sc;
-      expand<DT>(B, p.sb_o, r, d_out, h, hs, yr, nb);
+      const float* hp = h;
+      if constexpr (pairs(DT)) {
+        for (int i = 0; i < nb; ++i) deinterleave16(h + i * hs, hpbuf.data() + i * hs, r);
+        hp = hpbuf.data();
+      }
+      expand<DT>(B, p.sb_o, r, d_out, hp, h, hs, yr, nb);
     }
   }
 }
