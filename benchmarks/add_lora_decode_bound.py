@@ -7,7 +7,9 @@ a model's successive layers. Per shape it reports the median of interleaved call
   bmm_pair        the two bmm the torch backend runs ([T,1,d] x [T,d,r], [T,1,r] x [T,r,d]), nothing else
   bmm_pair_m2     the same with two rows per adapter: if it costs ~2x, the bmm are compute-bound, not
                   memory-bound (MKL's one-row GEMMs)
-  hyperlora       add_lora(..., backend="torch", meta=meta)
+  hyperlora       add_lora(..., backend="torch", meta=meta) (with the CPU kernel extension hyperlora._cpu
+                  when it is built: one pass over each adapter, csrc/cpu/)
+  hyperlora_ops   the same with the CPU kernel turned off: torch's ops only (the two bmm above plus glue)
   loop            the per-adapter loop of benchmarks/bench_add_lora.py (PEFT's strategy)
 At a tiny hidden size the same calls give each method's fixed (per-call and per-adapter) overhead.
 
@@ -26,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from hyperlora.ops import _cpu_kernel
 from hyperlora.ops.add_lora import add_lora
 from hyperlora.ops.metadata import build_meta
 
@@ -34,6 +37,14 @@ from _machine import machine_info  # noqa: E402
 from bench_add_lora import make_inputs, per_adapter_loop  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _ops_only(fn):
+    old = _cpu_kernel.set_enabled(False)
+    try:
+        return fn()
+    finally:
+        _cpu_kernel.set_enabled(old)
 
 
 def measure(t: int, r: int, d: int, reps: int, pools_n: int) -> dict:
@@ -58,6 +69,8 @@ def measure(t: int, r: int, d: int, reps: int, pools_n: int) -> dict:
         "bmm_pair": cyc(lambda a, b: (torch.bmm(xs1, a.transpose(1, 2)), torch.bmm(h1, b.transpose(1, 2)))),
         "bmm_pair_m2": cyc(lambda a, b: (torch.bmm(xs2, a.transpose(1, 2)), torch.bmm(h2, b.transpose(1, 2)))),
         "hyperlora": cyc(lambda a, b: add_lora(y, x, a, b, slots, scales, backend="torch", meta=meta)),
+        "hyperlora_ops": cyc(lambda a, b: _ops_only(lambda: add_lora(y, x, a, b, slots, scales, backend="torch",
+                                                                      meta=meta))),
         "loop": cyc(lambda a, b: per_adapter_loop(y, x, a, b, slots, scales)),
     }
     times: dict[str, list[float]] = {n: [] for n in fns}
@@ -75,7 +88,9 @@ def measure(t: int, r: int, d: int, reps: int, pools_n: int) -> dict:
             "median_us": med, "spread_us": {n: [min(v) * 1e6, max(v) * 1e6] for n, v in times.items()},
             "read_GBps": adapter_bytes / med["read_adapters"] / 1e3,
             "bmm_GBps": adapter_bytes / med["bmm_pair"] / 1e3,
-            "loop_over_hyperlora": med["loop"] / med["hyperlora"]}
+            "hyperlora_GBps": adapter_bytes / med["hyperlora"] / 1e3,
+            "loop_over_hyperlora": med["loop"] / med["hyperlora"],
+            "loop_over_hyperlora_ops": med["loop"] / med["hyperlora_ops"]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,11 +111,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"T=adapters={t} r={r} d={d} ({row['adapter_MB']:.1f} MB of adapters): "
               + "  ".join(f"{n}={v:.0f}us" for n, v in m.items())
               + f"  read {row['read_GBps']:.1f} GB/s, bmm {row['bmm_GBps']:.1f} GB/s, "
-              f"loop/hyperlora {row['loop_over_hyperlora']:.2f}x", flush=True)
+              f"hyperlora {row['hyperlora_GBps']:.1f} GB/s, loop/hyperlora {row['loop_over_hyperlora']:.2f}x "
+              f"(torch ops only {row['loop_over_hyperlora_ops']:.2f}x)", flush=True)
     result = {"benchmark": "add_lora_decode_bound", "device": "cpu", "dtype": "float32", "clock": "cpu",
               "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "command": "python benchmarks/add_lora_decode_bound.py " + " ".join(sys.argv[1:] if argv is None else argv),
-              "machine": machine, "pools": args.pools, "rows": rows}
+              "machine": machine, "pools": args.pools, "cpu_kernel": _cpu_kernel.status(), "rows": rows}
     if not args.no_write:
         RESULTS.mkdir(parents=True, exist_ok=True)
         out = RESULTS / "add_lora_cpu_decode_bound.json"

@@ -9,6 +9,8 @@ Methods, each timed interleaved with the others (round robin, so load from other
   gather_bmm        gather each token's A and B (lora_a[slots]) and run two batched matmuls
   hyperlora_<be>    add_lora(..., backend=<be>, meta=meta) with the metadata built once per forward
                     (shared by every layer in the runtime); its build time is reported separately (meta_us)
+  hyperlora_torch_ops  (CPU, with --torch-ops) the torch backend with the CPU kernel extension turned
+                    off: torch's ops only, as before hyperlora._cpu existed
 
 Layout of tokens: with fewer than 16 tokens per adapter (decode) the adapters are interleaved in random
 order, as requests sit in a decode batch; otherwise each adapter owns a contiguous run (prefill prompts).
@@ -36,6 +38,7 @@ from typing import Callable
 
 import torch
 
+from hyperlora.ops import _cpu_kernel
 from hyperlora.ops.add_lora import add_lora
 from hyperlora.ops.metadata import build_meta
 
@@ -141,7 +144,17 @@ def make_inputs(T, P, r, d, dtype, device, seed=0):
     return y, x, a, b, slots.to(device), scales
 
 
-def bench_shape(T, P, r, d, dtype, device, backends, timer, reps, budget, roof) -> dict:
+def _without_cpu_kernel(fn: Callable[[], object]) -> Callable[[], object]:
+    def call():
+        old = _cpu_kernel.set_enabled(False)
+        try:
+            return fn()
+        finally:
+            _cpu_kernel.set_enabled(old)
+    return call
+
+
+def bench_shape(T, P, r, d, dtype, device, backends, timer, reps, budget, roof, torch_ops=False) -> dict:
     y, x, a, b, slots, scales = make_inputs(T, P, r, d, dtype, device)
     es = x.element_size()
     used = int(torch.unique(slots).numel())
@@ -153,6 +166,9 @@ def bench_shape(T, P, r, d, dtype, device, backends, timer, reps, budget, roof) 
     meta = build_meta(slots, P)
     for be in backends:
         fns[f"hyperlora_{be}"] = (lambda be=be: add_lora(y, x, a, b, slots, scales, backend=be, meta=meta))
+    if torch_ops and device.type == "cpu" and "torch" in backends:
+        fns["hyperlora_torch_ops"] = _without_cpu_kernel(
+            lambda: add_lora(y, x, a, b, slots, scales, backend="torch", meta=meta))
     with torch.no_grad():
         med = interleaved(fns, timer, reps, budget)
         meta_t = interleaved({"meta": lambda: build_meta(slots, P)}, timer, max(3, reps // 2), 1.0)["meta"]
@@ -234,7 +250,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="CPU timing: wall time, or process CPU time (needs --threads 1; default with --quick "
                          "on the CPU, since the machine is shared)")
     ap.add_argument("--shapes", default=None, help="explicit shapes 'T,P,r,d;T,P,r,d' instead of the sweep")
+    ap.add_argument("--torch-ops", action="store_true",
+                    help="CPU: also time the torch backend with the CPU kernel extension off (hyperlora_torch_ops)")
     ap.add_argument("--tag", default="", help="suffix of the result files")
+    ap.add_argument("--json", default=None, help="write the JSON result to this path (and no .md) instead")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
 
@@ -265,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"roofline on {device}: copy {roof['copy_GBps']:.1f} GB/s, GEMM {roof['gemm_TFLOPs']:.3f} TFLOP/s", flush=True)
     rows = []
     for (T, P, r, d) in shapes:
-        row = bench_shape(T, P, r, d, dtype, device, backends, timer, reps, budget, roof)
+        row = bench_shape(T, P, r, d, dtype, device, backends, timer, reps, budget, roof, args.torch_ops)
         rows.append(row)
         cells = "  ".join(f"{k}={v['median_us']:.0f}us({v['roofline_frac'] * 100:.0f}%,{v['speedup_vs_loop']:.2f}x)"
                           for k, v in row["methods"].items())
@@ -275,11 +294,14 @@ def main(argv: list[str] | None = None) -> int:
               "command": "python " + " ".join([Path(sys.argv[0]).as_posix() if argv is None else "bench_add_lora.py",
                                                *(sys.argv[1:] if argv is None else argv)]),
               "clock": clock if device.type == "cpu" else "cuda_events",
-              "machine": machine_info(device), "roofline": roof, "backends": backends, "rows": rows}
+              "machine": machine_info(device), "roofline": roof, "backends": backends, "rows": rows,
+              "cpu_kernel": _cpu_kernel.status() | {"enabled": _cpu_kernel.available()}}
     result["summary"] = summarize(rows, backends)
     md = markdown(result)
     print("\n" + md)
-    if not args.no_write:
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    elif not args.no_write:
         RESULTS.mkdir(parents=True, exist_ok=True)
         stem = f"add_lora_{device.type}" + (f"_{args.tag}" if args.tag else "")
         (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")

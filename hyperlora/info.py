@@ -23,6 +23,8 @@ def collect() -> dict[str, Any]:
     """Everything `hyperlora info` reports, as a JSON-ready dict."""
     import torch
 
+    from hyperlora.ops import _cpu_kernel
+
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
     return {
         "hyperlora": hyperlora.__version__,
@@ -32,6 +34,7 @@ def collect() -> dict[str, Any]:
         "gpu": {"visible": bool(gpus), "devices": gpus,
                 "torch_cuda": getattr(torch.version, "cuda", None)},
         "backends": available_backends(),
+        "cpu_kernel": _cpu_kernel.status(),
         "torch_threads": torch.get_num_threads(),
     }
 
@@ -51,6 +54,10 @@ def format_text(info: dict[str, Any]) -> str:
         if name == "triton" and st.get("version"):
             extra = f" version={st['version']}" + (" (interpreter)" if st.get("interpreter") else "")
         lines.append(f"  {name:<7}{state}{extra}" + (f"  -- {st['reason']}" if st.get("reason") else ""))
+    ck = info.get("cpu_kernel")
+    if ck is not None:  # the torch backend's CPU kernel extension (hyperlora._cpu)
+        lines.append("  cpu kernel (torch backend): " + (f"built, {ck['isa']}" if ck["built"] else
+                                                          f"not built -- {ck['reason']}"))
     return "\n".join(lines)
 
 
