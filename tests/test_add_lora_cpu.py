@@ -97,8 +97,11 @@ def isa(request):
 @pytest.fixture
 def kernel_calls(monkeypatch):
     """Counts calls into the kernel glue, so a test fails if add_lora silently took a torch path. float16
-    is routed to the kernel only at one token per adapter by default; here up to 8, like the others."""
+    is routed to the kernel only at one token per adapter by default, and the generic build takes only
+    bfloat16; here every dtype up to 8 tokens per adapter on both builds."""
     monkeypatch.setitem(add_lora_mod._CPU_KERNEL_MAX_TOKENS_PER_SLOT, torch.float16, 8)
+    for dt in DTYPES:  # the generic build takes only bfloat16 by default (slower than torch's ops otherwise)
+        monkeypatch.setitem(add_lora_mod._CPU_KERNEL_GENERIC_MAX_TOKENS_PER_SLOT, dt, 8)
     calls = []
     real = _cpu_kernel.add_lora_cpu
 
@@ -334,6 +337,26 @@ def test_threshold_routes_long_segments_to_torch(dtype, kernel_calls):
     run_and_check(*case, dtype, kernel_calls, expect_kernel=False)
 
 
+def test_generic_build_defaults_to_bfloat16_only():
+    """Without the test override, the generic build runs bfloat16 only; float32 goes to torch's ops."""
+    from hyperlora import _cpu  # type: ignore[attr-defined]
+
+    calls = []
+    real = _cpu_kernel.add_lora_cpu
+    old = _cpu.force_generic(True)
+    try:
+        _cpu_kernel.add_lora_cpu = lambda *a, **k: (calls.append(1), real(*a, **k))[1]
+        for dtype, want in ((torch.bfloat16, [1]), (torch.float32, []), (torch.float16, [])):
+            calls.clear()
+            y, x, a, b, slots, scales, _ = make_case(6, 6, 4, 16, 12, dtype, slots=torch.arange(6), seed=16)
+            add_lora(y, x, a, b, slots, scales, backend="torch")
+            assert calls == want, dtype
+    finally:
+        _cpu_kernel.add_lora_cpu = real
+        _cpu.force_generic(old)
+
+
+@pytest.mark.skipif(_cpu_kernel.status()["isa"] != "avx2", reason="the AVX2 build's routing (this CPU lacks AVX2)")
 def test_float16_defaults_to_kernel_only_in_decode():
     """Without the test override: float16 takes the kernel at one token per adapter, torch at two."""
     calls = []

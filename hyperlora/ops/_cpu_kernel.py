@@ -36,6 +36,13 @@ def available() -> bool:
     return _enabled and status()["built"]
 
 
+def isa() -> str:
+    """Which build of the kernel runs now: "avx2" or "generic" (call `available()` first)."""
+    from hyperlora import _cpu  # type: ignore[attr-defined]
+
+    return _cpu.isa()
+
+
 def set_enabled(flag: bool) -> bool:
     """Turn the kernel on or off for this process (the torch paths run instead); returns the old value."""
     global _enabled
