@@ -273,6 +273,43 @@ def test_long_segments_direct(dtype, isa):
     assert_close(y, want, mag, dtype, ~dead)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_threads_split_segments_bitwise_identically(dtype, isa, monkeypatch):
+    """With several threads (segments split into ranges of equal work) the result is bit for bit the
+    one-thread result: each segment owns its rows of y. More threads than segments is fine."""
+    torch.manual_seed(14)
+    monkeypatch.setattr(_cpu_kernel, "MIN_BYTES_PER_THREAD", 1)
+    monkeypatch.setattr(_cpu_kernel, "_threads", 0)  # follow torch.get_num_threads()
+    S = 11
+    slots = torch.cat([torch.arange(S).repeat_interleave(torch.tensor([1, 3, 0, 2, 5, 1, 1, 4, 2, 1, 6])),
+                       torch.full((4,), -1)])
+    slots = slots[torch.randperm(slots.numel())]
+    y, x, a, b, slots, scales, ranks = make_case(slots.numel(), S, 12, 70, 54, dtype, slots=slots,
+                                                 mixed_ranks=True, seed=17)
+    want, mag = reference(y, x, a, b, slots, scales, ranks)
+    meta = build_meta(slots, S)
+    outs = []
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3, 16):
+            torch.set_num_threads(threads)
+            out = y.clone()
+            _cpu_kernel.add_lora_cpu((out,), x, (a,), (b,), scales, ranks, *meta.tensors()[:4], meta.num_segments)
+            outs.append(out)
+        _cpu_kernel.set_threads(5)  # an explicit count, independent of torch's
+        torch.set_num_threads(1)
+        out = y.clone()
+        _cpu_kernel.add_lora_cpu((out,), x, (a,), (b,), scales, ranks, *meta.tensors()[:4], meta.num_segments)
+        outs.append(out)
+    finally:
+        torch.set_num_threads(old)
+    for out in outs[1:]:
+        assert_bits_equal(out, outs[0])
+    dead = (slots < 0) | ((slots >= 0) & (ranks.long()[slots.clamp(min=0)] == 0))
+    assert_bits_equal(outs[0][dead], y[dead])
+    assert_close(outs[0], want, mag, dtype, ~dead)
+
+
 def test_half_rounding_edges(isa):
     """float16/bfloat16 results across the range (subnormals, zeros, near overflow, negative) are the
     float32 sum rounded once to nearest even: exactly torch's own cast of the same float32 sum."""
@@ -320,6 +357,11 @@ def test_bad_metadata_is_a_value_error():
         _cpu_kernel.add_lora_cpu((y,), x, (a,), (b,), scales, torch.tensor([1, 5, 1], dtype=torch.int32),
                                  token_ids, seg_slots, seg_starts, seg_counts, 3)
     assert_bits_equal(y, y0)  # checked before any write
+
+
+def test_set_threads_rejects_bad_values():
+    with pytest.raises(ValueError, match="threads"):
+        _cpu_kernel.set_threads(-1)
 
 
 def test_status_reports_the_build():

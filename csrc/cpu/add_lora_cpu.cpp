@@ -12,8 +12,11 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <exception>
 #include <stdexcept>
 #include <string>
+#include <system_error>
+#include <thread>
 #include <vector>
 
 #if defined(__GNUC__) && !defined(__clang__)
@@ -286,7 +289,7 @@ HL_INLINE void expand(const typename Elem<DT>::S* B, int64_t sb_o, int64_t r, in
 }
 
 template <int DT>
-HL_INLINE void run(const AddLoraCpuArgs& p) {
+HL_INLINE void run(const AddLoraCpuArgs& p, int64_t g_begin, int64_t g_end) {
   using E = Elem<DT>;
   using S = typename E::S;
   const int64_t d_in = p.d_in, d_out = p.d_out;
@@ -296,14 +299,14 @@ HL_INLINE void run(const AddLoraCpuArgs& p) {
   std::vector<float> xbuf(DT == 0 ? 0 : size_t(kTokenBlock * d_in));
   const S* x = static_cast<const S*>(p.x);
   S* y = static_cast<S*>(p.y);
-  for (int64_t g = 0; g < p.num_segments; ++g) {
+  for (int64_t g = g_begin; g < g_end; ++g) {
     const int64_t s = p.seg_slots[g], start = p.seg_starts[g], n = p.seg_counts[g];
     const int64_t r = p.ranks ? p.ranks[s] : p.R;
     if (r <= 0 || n <= 0) continue;
     const float sc = p.scales ? p.scales[s] : 1.f;
     const S* A = static_cast<const S*>(p.a) + s * p.sa_s;
     const S* B = static_cast<const S*>(p.b) + s * p.sb_s;
-    if (g + 1 < p.num_segments) {  // the next adapter's first lines, while this one streams
+    if (g + 1 < g_end) {  // the next adapter's first lines, while this one streams
       const int64_t s2 = p.seg_slots[g + 1];
       __builtin_prefetch(static_cast<const S*>(p.a) + s2 * p.sa_s);
       __builtin_prefetch(static_cast<const S*>(p.b) + s2 * p.sb_s);
@@ -352,21 +355,22 @@ HL_INLINE void run(const AddLoraCpuArgs& p) {
   }
 }
 
-__attribute__((flatten)) void run_generic(const AddLoraCpuArgs& p, DType dt) {
+__attribute__((flatten)) void run_generic(const AddLoraCpuArgs& p, DType dt, int64_t g0, int64_t g1) {
   switch (dt) {
-    case DType::kFloat32: run<0>(p); break;
-    case DType::kFloat16: run<1>(p); break;
-    case DType::kBFloat16: run<2>(p); break;
+    case DType::kFloat32: run<0>(p, g0, g1); break;
+    case DType::kFloat16: run<1>(p, g0, g1); break;
+    case DType::kBFloat16: run<2>(p, g0, g1); break;
   }
 }
 
 #if defined(__x86_64__) || defined(__i386__)
 #define HL_HAVE_AVX2_BUILD 1
-__attribute__((target("avx2,fma,f16c"), flatten)) void run_avx2(const AddLoraCpuArgs& p, DType dt) {
+__attribute__((target("avx2,fma,f16c"), flatten)) void run_avx2(const AddLoraCpuArgs& p, DType dt, int64_t g0,
+                                                                 int64_t g1) {
   switch (dt) {
-    case DType::kFloat32: run<0>(p); break;
-    case DType::kFloat16: run<1>(p); break;
-    case DType::kBFloat16: run<2>(p); break;
+    case DType::kFloat32: run<0>(p, g0, g1); break;
+    case DType::kFloat16: run<1>(p, g0, g1); break;
+    case DType::kBFloat16: run<2>(p, g0, g1); break;
   }
 }
 
@@ -398,19 +402,69 @@ void check(const AddLoraCpuArgs& p) {
   }
 }
 
-}  // namespace
-
-void add_lora(const AddLoraCpuArgs& p, DType dt) {
-  if (int(dt) < 0 || int(dt) > 2) throw std::invalid_argument("hyperlora._cpu.add_lora: unknown dtype code");
-  check(p);
-  if (p.num_segments == 0 || p.d_out == 0 || p.R == 0) return;
+void run_range(const AddLoraCpuArgs& p, DType dt, int64_t g0, int64_t g1) {
 #ifdef HL_HAVE_AVX2_BUILD
   if (cpu_has_avx2() && !g_force_generic.load(std::memory_order_relaxed)) {
-    run_avx2(p, dt);
+    run_avx2(p, dt, g0, g1);
     return;
   }
 #endif
-  run_generic(p, dt);
+  run_generic(p, dt, g0, g1);
+}
+
+}  // namespace
+
+void add_lora(const AddLoraCpuArgs& p, DType dt, int num_threads) {
+  if (int(dt) < 0 || int(dt) > 2) throw std::invalid_argument("hyperlora._cpu.add_lora: unknown dtype code");
+  check(p);
+  if (p.num_segments == 0 || p.d_out == 0 || p.R == 0) return;
+  const int64_t n_seg = p.num_segments;
+  const int threads = int(std::max<int64_t>(1, std::min<int64_t>(num_threads, n_seg)));
+  if (threads == 1) {
+    run_range(p, dt, 0, n_seg);
+    return;
+  }
+  // Contiguous ranges of segments with about equal work (rank x token blocks; d_in, d_out are common).
+  // Segments own disjoint rows of y, so the ranges never write the same memory.
+  std::vector<int64_t> cum(size_t(n_seg) + 1, 0);
+  for (int64_t g = 0; g < n_seg; ++g) {
+    const int64_t r = p.ranks ? p.ranks[p.seg_slots[g]] : p.R;
+    cum[g + 1] = cum[g] + r * ((p.seg_counts[g] + kTokenBlock - 1) / kTokenBlock);
+  }
+  std::vector<int64_t> bounds(size_t(threads) + 1, n_seg);
+  bounds[0] = 0;
+  for (int i = 1; i < threads; ++i) {
+    const int64_t target = cum[n_seg] * i / threads;
+    bounds[i] = std::max(bounds[i - 1], int64_t(std::lower_bound(cum.begin(), cum.end(), target) - cum.begin()));
+    bounds[i] = std::min(bounds[i], n_seg);
+  }
+  std::vector<std::exception_ptr> errors(static_cast<size_t>(threads));
+  std::vector<std::thread> pool;
+  pool.reserve(size_t(threads - 1));
+  int spawned = 0;
+  for (int i = 1; i < threads; ++i) {
+    try {
+      pool.emplace_back([&, i] {
+        try {
+          run_range(p, dt, bounds[i], bounds[i + 1]);
+        } catch (...) {
+          errors[i] = std::current_exception();
+        }
+      });
+      spawned = i;
+    } catch (const std::system_error&) {  // no more threads: this one does the rest
+      break;
+    }
+  }
+  try {
+    run_range(p, dt, bounds[0], bounds[1]);
+    if (spawned + 1 < threads) run_range(p, dt, bounds[spawned + 1], n_seg);
+  } catch (...) {
+    errors[0] = std::current_exception();
+  }
+  for (auto& t : pool) t.join();
+  for (auto& e : errors)
+    if (e) std::rethrow_exception(e);
 }
 
 const char* isa() {

@@ -35,7 +35,9 @@ struct AddLoraCpuArgs {
 // y[t] += scales[s] * (x[t] @ a[s, :r].T) @ b[s, :, :r].T for every token t of every segment (slot s,
 // r = ranks[s]); float32 accumulation, one rounding into y. Tokens outside the segments and slots of
 // rank 0 are not touched. Throws std::invalid_argument on metadata out of range (before writing).
-void add_lora(const AddLoraCpuArgs& args, DType dt);
+// num_threads > 1 splits the segments into that many contiguous ranges of about equal work, run on
+// std::threads (each segment owns its rows of y, so the result does not depend on the split).
+void add_lora(const AddLoraCpuArgs& args, DType dt, int num_threads = 1);
 
 // "avx2" when the AVX2+FMA+F16C build of the kernel runs on this CPU, else "generic".
 const char* isa();

@@ -23,7 +23,7 @@ PYBIND11_MODULE(_cpu, m) {
       [](uintptr_t y, int64_t sy_t, uintptr_t x, int64_t sx_t, uintptr_t a, int64_t sa_s, int64_t sa_r, uintptr_t b,
          int64_t sb_s, int64_t sb_o, uintptr_t scales, uintptr_t ranks, uintptr_t token_ids, uintptr_t seg_slots,
          uintptr_t seg_starts, uintptr_t seg_counts, int64_t num_segments, int64_t T, int64_t S, int64_t R,
-         int64_t d_in, int64_t d_out, int dtype_code) {
+         int64_t d_in, int64_t d_out, int dtype_code, int num_threads) {
         hyperlora::cpu::AddLoraCpuArgs args;
         args.y = ptr<void*>(y); args.sy_t = sy_t;
         args.x = ptr<const void*>(x); args.sx_t = sx_t;
@@ -38,11 +38,12 @@ PYBIND11_MODULE(_cpu, m) {
         args.num_segments = num_segments;
         args.T = T; args.S = S; args.R = R; args.d_in = d_in; args.d_out = d_out;
         py::gil_scoped_release release;
-        hyperlora::cpu::add_lora(args, static_cast<hyperlora::cpu::DType>(dtype_code));
+        hyperlora::cpu::add_lora(args, static_cast<hyperlora::cpu::DType>(dtype_code), num_threads);
       },
       "add_lora(y, sy_t, x, sx_t, a, sa_s, sa_r, b, sb_s, sb_o, scales, ranks, token_ids, seg_slots, seg_starts, "
-      "seg_counts, num_segments, T, S, R, d_in, d_out, dtype_code): one slice of hyperlora.ops.add_lora on host "
+      "seg_counts, num_segments, T, S, R, d_in, d_out, dtype_code, num_threads): one slice of hyperlora.ops.add_lora on host "
       "pointers (inner strides 1, other strides in elements; scales float32 [S] or 0, ranks int32 [S] or 0, "
-      "metadata int32; dtype_code 0 float32, 1 float16, 2 bfloat16). Validated by the caller; metadata "
+      "metadata int32; dtype_code 0 float32, 1 float16, 2 bfloat16; num_threads >= 1 std::threads over "
+      "segments). Validated by the caller; metadata "
       "out of range raises ValueError.");
 }
