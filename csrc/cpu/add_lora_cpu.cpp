@@ -2,7 +2,9 @@
 // h = scale * x A[s,:r]^T reads A's r rows once for up to 4 tokens, and the expand y += h B[s,:,:r]^T
 // reads B's d_out rows once (a block of 8 rows stays in L1 across the block's tokens). So each used
 // adapter is streamed from memory once, in order, with no gather copy, no padding and no per-adapter
-// dispatch: the bound is the memory bandwidth of one core.
+// dispatch: what bounds it is one core's memory bandwidth plus the arithmetic that does not overlap
+// with it (measurements in docs/KERNELS.md). Segments own disjoint rows of y, so an optional split of
+// the segments over threads gives the same bits.
 //
 // Written with GCC/Clang vector extensions (8 x float), compiled twice: a generic build (SSE2 on
 // x86-64, whatever the target has elsewhere) and, on x86, an AVX2+FMA+F16C build chosen at run time
