@@ -72,8 +72,8 @@ def set_threads(n: int) -> int:
 
 def supports(x: torch.Tensor, ys: Sequence[torch.Tensor], as_: Sequence[torch.Tensor],
              bs: Sequence[torch.Tensor]) -> bool:
-    """Whether the kernel can run on these (already validated) tensors: CPU, a supported dtype, inner
-    strides 1 (row and slot strides are free), and storage offsets that need no realignment."""
+    """Whether the kernel can run on these (already validated) tensors: CPU, a supported dtype and inner
+    strides 1 (row and slot strides, storage offsets and alignment are free)."""
     if not available() or x.device.type != "cpu" or x.dtype not in DTYPE_CODES:
         return False
     if x.shape[1] > 1 and x.stride(1) != 1:
