@@ -24,7 +24,17 @@ DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # csrc/cp
 
 # At least this many bytes of adapters per thread (starting a thread costs tens of µs).
 MIN_BYTES_PER_THREAD = 2 << 20
-_threads = int(os.environ.get("HYPERLORA_CPU_KERNEL_THREADS", "1") or 1)
+
+
+def _env_threads() -> int:
+    raw = os.environ.get("HYPERLORA_CPU_KERNEL_THREADS", "").strip() or "1"
+    if not raw.isdigit():
+        raise ValueError(f"HYPERLORA_CPU_KERNEL_THREADS must be an integer >= 0 (0 = torch.get_num_threads()), "
+                         f"got {raw!r}")
+    return int(raw)
+
+
+_threads = _env_threads()
 
 _enabled = os.environ.get("HYPERLORA_CPU_KERNEL", "1").strip().lower() not in {"0", "false", "no", "off"}
 
