@@ -21,6 +21,11 @@
 #include <thread>
 #include <vector>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>  // F16C conversions, used only inside the AVX2 build (target attributes)
+#define HL_X86 1
+#endif
+
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wpsabi"  // 32-byte vectors passed between always-inlined helpers only
 #endif
@@ -115,6 +120,28 @@ template <> struct Elem<2> {
   static HL_INLINE void st8(uint16_t* p, v8f v) { v8h h = f32x8_to_bf16(v); std::memcpy(p, &h, sizeof h); }
   static HL_INLINE void st1(uint16_t* p, float v) { *p = f32_to_bf16(v); }
 };
+
+#ifdef HL_X86
+// float16 through F16C (element code 3): instantiated only inside run_avx2, whose flatten attribute
+// inlines these target("f16c") helpers there; the generic build uses Elem<1>'s bit operations.
+#define HL_AVX2_TARGET __attribute__((target("avx2,fma,f16c")))
+template <> struct Elem<3> {
+  using S = uint16_t;
+  HL_AVX2_TARGET static inline v8f ld8(const uint16_t* p) {
+    const __m256 v = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    v8f out;
+    std::memcpy(&out, &v, sizeof out);
+    return out;
+  }
+  static HL_INLINE float ld1(const uint16_t* p) { return f16_to_f32(*p); }
+  HL_AVX2_TARGET static inline void st8(uint16_t* p, v8f v) {
+    __m256 m;
+    std::memcpy(&m, &v, sizeof m);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(m, _MM_FROUND_TO_NEAREST_INT));
+  }
+  static HL_INLINE void st1(uint16_t* p, float v) { *p = f32_to_f16(v); }
+};
+#endif
 
 HL_INLINE v8f load8f(const float* p) { v8f v; std::memcpy(&v, p, sizeof v); return v; }
 
@@ -371,7 +398,7 @@ __attribute__((target("avx2,fma,f16c"), flatten)) void run_avx2(const AddLoraCpu
                                                                  int64_t g1) {
   switch (dt) {
     case DType::kFloat32: run<0>(p, g0, g1); break;
-    case DType::kFloat16: run<1>(p, g0, g1); break;
+    case DType::kFloat16: run<3>(p, g0, g1); break;  // F16C conversions
     case DType::kBFloat16: run<2>(p, g0, g1); break;
   }
 }

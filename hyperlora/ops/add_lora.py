@@ -199,12 +199,12 @@ def _apply_rows(y: torch.Tensor, ids: torch.Tensor, delta: torch.Tensor) -> None
 # The CPU kernel (hyperlora._cpu, a batched GEMV that streams each used adapter once) beats torch's ops
 # wherever few tokens share an adapter; with many tokens per adapter MKL's GEMMs win. Measured on the
 # 2-core CPU machine (one thread, r=16, d=1024, 64 tokens): float32 kernel/torch 0.14/0.28 ms at 8 tokens
-# per adapter, 0.24/0.47 at 8 (128 tokens), 0.53/0.51 at 16. float16 converts with integer bit operations
-# (no F16C in the portable build) and only wins at one token per adapter (decode): 0.57/0.52 ms at 8.
+# per adapter, 0.24/0.47 at 8 (128 tokens), 0.53/0.51 at 16; float16 (F16C in the AVX2 build) 0.17/0.47
+# at 8 per adapter, 0.29/0.90 at 8 (128 tokens).
 # The generic build (CPUs without AVX2, other architectures) loses to torch's own vectorized ops in
-# float32 and float16 (forced here, T=64 64 adapters d=4096: 2.6 vs 2.3 ms, float16 12.3 vs 3.6 ms) and
-# wins in bfloat16 (2.1 vs 3.6 ms), so it is used for bfloat16 only.
-_CPU_KERNEL_MAX_TOKENS_PER_SLOT = {torch.float32: 8, torch.bfloat16: 8, torch.float16: 1}
+# float32 and float16 (forced here, T=64 64 adapters d=4096: 2.6 vs 2.3 ms, float16 with integer bit
+# conversions 12.3 vs 3.6 ms) and wins in bfloat16 (2.1 vs 3.6 ms), so it is used for bfloat16 only.
+_CPU_KERNEL_MAX_TOKENS_PER_SLOT = {torch.float32: 8, torch.bfloat16: 8, torch.float16: 8}
 _CPU_KERNEL_GENERIC_MAX_TOKENS_PER_SLOT = {torch.bfloat16: 8}
 
 
