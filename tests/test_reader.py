@@ -309,11 +309,21 @@ def test_tail_loss_equals_a_full_forward(tiny_model, tmp_path, monkeypatch):
     items = [it for t in s.train.usable_tasks[:2] for it in s.train.items[t][:3]]
     rows = torch.tensor([0, 0, 0, 1, 1, 1])
     got = conts.loss(s, items, adapters, rows)
-    cs = [conts.index[(it.task, it.record)] for it in items]
+    cs = [conts.index[(it.task, it.record)][0] for it in items]
     want = _full_forward_ce(s.model, adapters, rows, [conts.ids[c] for c in cs], [conts.prompt_len[c] for c in cs])
     # float32: last layer from cached states vs a full forward, log-softmax over the 49k vocabulary (another
     # summation order); measured 9.5e-4 absolute on a loss of ~11 (8.7e-5 relative)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    every = Continuations(s, s.train, log=lambda m: None, all_options=True)  # every option's continuation
+    seqs, seq_rows = [], []
+    for j, it in enumerate(items):
+        cs = every.index[(it.task, it.record)]
+        assert len(cs) == len(it.option_ids) and every.ids[cs[0]] == conts.ids[conts.index[(it.task, it.record)][0]]
+        seqs += cs
+        seq_rows += [int(rows[j])] * len(cs)
+    want = _full_forward_ce(s.model, adapters, torch.tensor(seq_rows), [every.ids[c] for c in seqs],
+                            [every.prompt_len[c] for c in seqs])
+    torch.testing.assert_close(every.loss(s, items, adapters, rows), want, rtol=1e-4, atol=1e-4)
 
 
 def test_free_text_loss_equals_a_full_forward(tiny_model, tmp_path, monkeypatch):

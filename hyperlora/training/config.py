@@ -45,6 +45,7 @@ class TrainConfig:
     reader_harm: float = 0.0               # weight of the change the adapter makes away from the answer position
     reader_init: str | None = None         # start from this trained reader directory (fine-tuning)
     reader_tail: float = 0.0               # weight of the CE of the answer's later tokens + end of turn (as eval scores)
+    reader_tail_all_options: bool = False  # the tail loss also on every non-gold option's continuation
     reader_free_text: float = 0.0          # weight of the CE of format tasks' reference replies (needs "format" in families)
     reader_free_text_policies: int = 4     # format policies per step (x examples_per_policy replies each)
     reader_free_text_edge: int | None = 5  # score only a reply's first and last this many tokens (None = all)

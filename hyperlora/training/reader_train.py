@@ -102,11 +102,11 @@ class _TeacherForced:
                                     str(session.cfg.base_model or "default"), log)  # type: ignore[arg-type]
 
     def ce(self, session: Session, seqs: Sequence[int], adapters: dict, rows: torch.Tensor, first: bool,
-           edge: int | None = None) -> torch.Tensor:
+           edge: int | None = None, middle: Sequence[int] = ()) -> torch.Tensor:
         """Mean cross-entropy over the reply tokens of sequences `seqs` (row i uses adapter rows[i]); with
         `first`, the reply's first token is scored too (free text), else only the tokens after it. `edge`: score
         only a reply's first and last `edge` tokens (where format rules live; each position costs a vocabulary
-        projection)."""
+        projection), plus the offsets in `middle` (a sample of the rest, so the reply stays fluent)."""
         if not seqs:
             return torch.zeros((), device=session.cfg.device)
         split = session.split
@@ -121,7 +121,7 @@ class _TeacherForced:
                 pos = torch.minimum(plen + k, last - 1)
                 valid = (plen + k) <= (last - 1)
                 if edge is not None:
-                    valid &= (k < edge) | (k >= n_scored - edge)
+                    valid &= (k < edge) | (k >= n_scored - edge) | (k in middle)
                     if not bool(valid.any()):
                         continue
                 tgt = torch.tensor([self.ids[c][min(int(plen[i]) + k, len(self.ids[c]) - 1) + 1]
@@ -137,34 +137,41 @@ class _TeacherForced:
 
 class Continuations(_TeacherForced):
     """(record prompt + gold answer + end of turn) of the training tasks' own examples, so a step can score the
-    answer's remaining tokens as `hyperlora eval` does (the tail loss)."""
+    answer's remaining tokens as `hyperlora eval` does (the tail loss). With `all_options`, every option's
+    continuation is scored too: the adapter learns to finish whichever answer word was started (neutral between
+    options), which takes the base model's per-word continuation preferences out of the summed score."""
 
-    def __init__(self, session: Session, data: TaskData, per_task: int = 8, log: Callable[[str], None] = print):
+    def __init__(self, session: Session, data: TaskData, per_task: int = 8, log: Callable[[str], None] = print,
+                 all_options: bool = False):
         from hyperlora.tasks.prompts import target_text
 
         tok = session.tokenizer
-        self.index: dict[tuple[int, int], int] = {}
+        self.index: dict[tuple[int, int], list[int]] = {}  # (task, record) -> sequences, the gold answer's first
         prompt_len: list[int] = []
         texts, ids = [], []
         for t in data.usable_tasks:
             task = data.tasks[t]
+            options = task.examples[0].options or []
             for it in data.items[t][:per_task]:  # a task's own examples come before its relabelled ones
-                options = task.examples[0].options or []
                 answer = [o for o in options if tok(o, add_special_tokens=False)["input_ids"][0]
                           == it.option_ids[it.answer]]
                 if len(answer) != 1 or (t, it.record) in self.index:
                     continue
-                tail = tok(target_text(tok, answer[0]), add_special_tokens=False)["input_ids"]
-                self.index[(t, it.record)] = len(texts)
-                prompt_len.append(len(data.record_ids[it.record]))
-                texts.append(data.records[it.record] + target_text(tok, answer[0]))
-                ids.append(list(data.record_ids[it.record]) + tail)
+                words = answer + ([o for o in options if o != answer[0]] if all_options else [])
+                self.index[(t, it.record)] = []
+                for word in words:
+                    tail = tok(target_text(tok, word), add_special_tokens=False)["input_ids"]
+                    self.index[(t, it.record)].append(len(texts))
+                    prompt_len.append(len(data.record_ids[it.record]))
+                    texts.append(data.records[it.record] + target_text(tok, word))
+                    ids.append(list(data.record_ids[it.record]) + tail)
         super().__init__(session, texts, ids, prompt_len, log)
-        log(f"continuations: {len(texts)} (prompt + answer + end of turn) sequences for the tail loss")
+        log(f"continuations: {len(texts)} (prompt + {'option' if all_options else 'answer'} + end of turn) "
+            f"sequences for the tail loss")
 
     def loss(self, session: Session, items: Sequence[Any], adapters: dict, rows: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy of every answer token after the first, and of the end of turn, with the adapters on."""
-        sel = [(j, self.index[(it.task, it.record)]) for j, it in enumerate(items) if (it.task, it.record) in self.index]
+        sel = [(j, c) for j, it in enumerate(items) for c in self.index.get((it.task, it.record), [])]
         if not sel:
             return torch.zeros((), device=session.cfg.device)
         sub_rows = rows[torch.tensor([j for j, _ in sel])]
@@ -330,7 +337,8 @@ def train_reader(session: Session, log: Callable[[str], None] = print, resume: b
                                strict=False)
         log(f"initialised from the reader in {cfg.reader_init}")
     targets = gate_targets(data, features, tok)
-    conts = Continuations(session, data, log=log) if cfg.reader_tail > 0 else None
+    conts = (Continuations(session, data, log=log, all_options=cfg.reader_tail_all_options) if cfg.reader_tail > 0
+             else None)
     replies = FreeTextReplies(session, data, log=log) if cfg.reader_free_text > 0 else None
     if replies is not None and not replies.by_task:
         raise ValueError("reader_free_text > 0 needs free-text (format) training tasks: add 'format' to families")
@@ -359,8 +367,10 @@ def train_reader(session: Session, log: Callable[[str], None] = print, resume: b
         items, txts, rows = policy_batch(data, cfg, step)
         rng = random.Random(cfg.seed * 2_000_003 + step)  # only the off-answer penalty's positions
         if replies is not None:  # format policies ride in the same reader call, after the option policies
-            ftxts, fseqs, frows = replies.batch(data, random.Random(cfg.seed * 3_000_017 + step),
-                                                cfg.reader_free_text_policies, cfg.examples_per_policy)
+            frng = random.Random(cfg.seed * 3_000_017 + step)
+            ftxts, fseqs, frows = replies.batch(data, frng, cfg.reader_free_text_policies, cfg.examples_per_policy)
+            edge = cfg.reader_free_text_edge
+            fmiddle = frng.sample(range(edge, edge + 12), 3) if edge else []  # 3 offsets past the head (fluency)
             frows = frows + len(txts)
             txts = txts + ftxts
         f = _lr_factor(step, cfg.steps, cfg.warmup)
@@ -373,8 +383,8 @@ def train_reader(session: Session, log: Callable[[str], None] = print, resume: b
         harm = (off_answer_change(session, items, adapters, rows, rng) if cfg.reader_harm > 0
                 else torch.zeros((), device=loss.device))
         tail = conts.loss(session, items, adapters, rows) if conts is not None else torch.zeros((), device=loss.device)
-        free = (replies.ce(session, fseqs, adapters, frows, first=True, edge=cfg.reader_free_text_edge)
-                if replies is not None
+        free = (replies.ce(session, fseqs, adapters, frows, first=True, edge=cfg.reader_free_text_edge,
+                           middle=fmiddle) if replies is not None
                 else torch.zeros((), device=loss.device))
         known = [(p, targets[t]) for p, t in enumerate(txts) if t in targets]
         aux = (sum(((gates[p, : tg.numel()] - tg.to(gates.device)) ** 2).mean() for p, tg in known) / len(known)
