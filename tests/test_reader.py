@@ -323,6 +323,7 @@ def test_tail_loss_equals_a_full_forward(tiny_model, tmp_path, monkeypatch):
         seq_rows += [int(rows[j])] * len(cs)
     want = _full_forward_ce(s.model, adapters, torch.tensor(seq_rows), [every.ids[c] for c in seqs],
                             [every.prompt_len[c] for c in seqs])
+    # the same float32 summation-order difference as above: measured 9.7e-4 absolute on ~11 (8.9e-5 relative)
     torch.testing.assert_close(every.loss(s, items, adapters, rows), want, rtol=1e-4, atol=1e-4)
 
 
@@ -342,8 +343,9 @@ def test_free_text_loss_equals_a_full_forward(tiny_model, tmp_path, monkeypatch)
     got = replies.ce(s, seqs, adapters, rows, first=True)
     want = _full_forward_ce(s.model, adapters, rows, [replies.ids[c] for c in seqs],
                             [replies.prompt_len[c] - 1 for c in seqs])
-    # as the tail loss above: same computation, another summation order
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # as the tail loss above, another summation order: measured 3e-6 absolute on ~10.8 (3e-7 relative)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # edge beyond every reply's length scores the same positions in the same order: bitwise equal
     torch.testing.assert_close(replies.ce(s, seqs, adapters, rows, first=True, edge=1000), got, rtol=0, atol=0)
     ends = [replies.ids[c][replies.prompt_len[c] - 1:] for c in seqs]  # edge=1: the first and the last token only
     from hyperlora.training.lora_fn import apply_lora
@@ -356,6 +358,7 @@ def test_free_text_loss_equals_a_full_forward(tiny_model, tmp_path, monkeypatch)
         p, n = replies.prompt_len[c] - 1, ids.shape[1] - 1
         logp_rows += [-logp[p, ids[0, p + 1]], -logp[n - 1, ids[0, n]]]
     assert all(len(e) >= 3 for e in ends)
+    # a mean of only 12 CEs: measured 2.3e-4 absolute on ~10.8 (2.1e-5 relative), float32 summation order
     torch.testing.assert_close(replies.ce(s, seqs, adapters, rows, first=True, edge=1), torch.stack(logp_rows).mean(),
                                rtol=1e-4, atol=1e-4)
     later = replies.ce(s, seqs, adapters, rows, first=False)  # without the first token: another, finite value
@@ -395,7 +398,7 @@ def test_reader_without_newer_weights_loads_and_unknown_weights_are_refused(tiny
     loaded = PolicyReader.from_pretrained(tmp_path / "r", model)
     assert loaded.prev_w.item() == 0.0 and all(v.abs().sum() == 0 for v in loaded.bias_v.values())
     f = feats(["Answer 'flag' if the ticket asks for a refund; otherwise answer 'pass'."])
-    for (a1, b1), (a2, b2) in zip(reader(f)[0].values(), loaded(f)[0].values()):
+    for (a1, b1), (a2, b2) in zip(reader(f)[0].values(), loaded(f)[0].values()):  # float32 file, same ops: exact
         torch.testing.assert_close(a1, a2, rtol=0, atol=0)
         torch.testing.assert_close(b1, b2, rtol=0, atol=0)
     state["stray"] = torch.zeros(1)
