@@ -271,16 +271,19 @@ def is_reader_dir(directory: str | Path) -> bool:
 class ReaderSource:
     """Policy texts -> ``scoring.AdapterSet`` through a trained PolicyReader (the eval/demo adapter source)."""
 
-    def __init__(self, reader: PolicyReader, features: PolicyFeatures):
+    def __init__(self, reader: PolicyReader, features: PolicyFeatures, prefix_head: Any = None):
         self.reader = reader.eval()
         self.features = features
-        self.hypernet = ReaderHypernet(reader, features)  # what hyperlora.attach serves (demo, checkpoints.load)
+        # what hyperlora.attach serves (demo, checkpoints.load)
+        self.hypernet = ReaderHypernet(reader, features, prefix_head=prefix_head)
         self.encode = None  # the reader reads policy texts itself: no separate encoder
 
     @classmethod
     def from_dir(cls, directory: str | Path, model: nn.Module, tokenizer: Any) -> "ReaderSource":
+        from hyperlora.reply_prefix import ReplyPrefixHead
+
         r = PolicyReader.from_pretrained(directory, model)
-        return cls(r, PolicyFeatures(model, tokenizer, r.cfg))
+        return cls(r, PolicyFeatures(model, tokenizer, r.cfg), ReplyPrefixHead.load(directory))
 
     @torch.no_grad()
     def __call__(self, texts: Sequence[str]):
@@ -312,12 +315,21 @@ class ReaderHypernet:
 
     reads_text = True
 
-    def __init__(self, reader: PolicyReader, features: PolicyFeatures, max_rank: int = 16, min_gate: float = 0.02):
+    def __init__(self, reader: PolicyReader, features: PolicyFeatures, max_rank: int = 16, min_gate: float = 0.02,
+                 prefix_head: Any = None):
         from types import SimpleNamespace
 
         if max_rank < 1:
             raise ValueError(f"max_rank must be >= 1, got {max_rank}")
         self.reader, self.features = reader.eval(), features
+        self.prefix_head, self.compiler = prefix_head, None
+        if prefix_head is not None:
+            from hyperlora.reply_prefix import PrefixCompiler
+
+            self.compiler = PrefixCompiler(features.model, features.tokenizer, max_tokens=max_rank)
+            if self.compiler.name not in reader.names.values():
+                raise ValueError(f"the reply-prefix head writes {self.compiler.name}, which this reader does not "
+                                 f"adapt ({sorted(reader.names.values())})")
         self.min_gate = float(min_gate)
         self.config = SimpleNamespace(rank=int(max_rank), scale=1.0)
         self.types = list(reader.names)
@@ -326,7 +338,10 @@ class ReaderHypernet:
 
     @classmethod
     def from_dir(cls, directory: str | Path, model: nn.Module, tokenizer: Any, **kw: Any) -> "ReaderHypernet":
+        from hyperlora.reply_prefix import ReplyPrefixHead
+
         r = PolicyReader.from_pretrained(directory, model)
+        kw.setdefault("prefix_head", ReplyPrefixHead.load(directory))
         return cls(r, PolicyFeatures(model, tokenizer, r.cfg), **kw)
 
     def module_names(self, mtype: str) -> list[str]:
@@ -341,7 +356,11 @@ class ReaderHypernet:
             import hashlib
 
             h = hashlib.sha256(f"reader|{self.config.rank}|{self.min_gate}".encode())
-            for k, v in sorted(self.reader.state_dict().items()):
+            state = dict(self.reader.state_dict())
+            if self.prefix_head is not None:
+                h.update(f"prefix|{self.compiler.settings()}|{self.prefix_head.templates}".encode())
+                state.update({f"prefix_head.{k}": v for k, v in self.prefix_head.state_dict().items()})
+            for k, v in sorted(state.items()):
                 h.update(k.encode())
                 h.update(v.detach().cpu().float().numpy().tobytes())
             self._id = h.hexdigest()[:16]
@@ -349,8 +368,12 @@ class ReaderHypernet:
 
     @torch.no_grad()
     def adapters_for_texts(self, texts: Sequence[str]) -> list[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-        """Per policy: {module name: (A [r, d_in], B [d_out, r])}, r <= config.rank, scale 1 (folded in)."""
-        adapters, gates = self.reader(self.features(list(texts)))
+        """Per policy: {module name: (A [r, d_in], B [d_out, r])}, r <= config.rank, scale 1 (folded in).
+
+        With a reply-prefix head, a policy it reads as a reply-prefix rule gets the compiled prefix adapter
+        instead (``hyperlora/reply_prefix.py``), with a zero rank-1 adapter on the other modules."""
+        feats = self.features(list(texts))
+        adapters, gates = self.reader(feats)
         out = []
         for p in range(len(texts)):
             g = gates[p].abs()
@@ -362,4 +385,22 @@ class ReaderHypernet:
             k = float(self.reader.cfg.serve_scale)
             out.append({n: (a[p, keep].float().contiguous(), (k * b[p][:, keep]).float().contiguous())
                         for n, (a, b) in adapters.items()})
+        if self.prefix_head is not None:
+            for p, prefix in enumerate(self.reply_prefixes(texts, feats)):
+                if prefix is not None:
+                    A, B = self.compiler(prefix)
+                    out[p] = {n: (A, B) if n == self.compiler.name else
+                              (torch.zeros(1, a.shape[1]), torch.zeros(b.shape[0], 1))
+                              for n, (a, b) in out[p].items()}
         return out
+
+    def reply_prefixes(self, texts: Sequence[str], feats: Sequence[dict[str, torch.Tensor]] | None = None
+                       ) -> list[str | None]:
+        """Per policy: the reply prefix its format rule demands, or None (no head, or not such a rule)."""
+        if self.prefix_head is None:
+            return [None] * len(texts)
+        from hyperlora.reply_prefix import token_spans
+
+        feats = feats if feats is not None else self.features(list(texts))
+        return [self.prefix_head.predict(t, f["h"], token_spans(self.features.tokenizer, f["ids"].tolist()))
+                for t, f in zip(texts, feats)]

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-METHODS = ("sft", "reader", "reconstruct", "multitask_lora", "oracle_lora")
+METHODS = ("sft", "reader", "reply_prefix", "reconstruct", "multitask_lora", "oracle_lora")
 
 
 @dataclass

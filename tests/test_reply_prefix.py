@@ -1,0 +1,234 @@
+"""Reply-prefix format rules (hyperlora/reply_prefix.py): templates from reference replies, the head, the
+compiler, and the served reader that uses them."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from hyperlora.reply_prefix import (ReplyPrefixHead, derive_template, policy_words, token_spans, word_features)
+from tests.test_reader import _trained_like
+from tests.test_train import _run, tiny_model  # noqa: F401  (fixture)
+
+
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path, monkeypatch):
+    """The compiler caches its background statistics in the user cache: keep each test's in its tmp_path."""
+    monkeypatch.setenv("HYPERLORA_CACHE", str(tmp_path / "cache"))
+
+
+def test_templates_come_from_the_shared_reply_prefix():
+    assert derive_template("Start every reply with 'Noted:'.", ["Noted: Thanks for it.", "Noted: We got it."]) \
+        == ("{w}:", "Noted")
+    assert derive_template("Prefix each answer with the label [Ops].", ["[Ops] Thanks", " [Ops] Thanks too"]) \
+        == ("[{w}]", "Ops")
+    assert derive_template('Answer in JSON of the form {"Memo": <your reply>}.',
+                           ['{"Memo": "Thanks"}', '{"Memo": "We will"}']) == ('{"{w}":', "Memo")
+    # a sign-off rule: the replies share no prefix, so no template
+    assert derive_template("End every reply with '-- Desk'.", ["Thanks. -- Desk", "We will. -- Desk"]) is None
+    # one reply says nothing about what is shared; a word far into the shared text is not a prefix rule
+    assert derive_template("Start with 'Ack:'.", ["Ack: hi"]) is None
+    assert derive_template("Mention Ack.", ["Dear customer, Ack", "Dear customer, Ack too"]) is None
+
+
+def test_policy_words_and_token_spans_line_up(tiny_model):
+    from hyperlora.models import load_base_model
+
+    _, tok = load_base_model(tiny_model)
+    text = "Put the tag [Helpdesk] at the start."
+    assert [w for w, _, _ in policy_words(text)] == ["Put", "the", "tag", "Helpdesk", "at", "the", "start"]
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    spans = token_spans(tok, ids)
+    assert len(spans) == len(ids) and spans[-1][1] == len(tok.decode(ids))
+    assert all(a <= b for a, b in spans) and all(spans[i][1] == spans[i + 1][0] for i in range(len(spans) - 1))
+    h = torch.randn(len(ids), 8)
+    wf = word_features(h, spans, policy_words(text))
+    word = policy_words(text)[3]
+    covered = [i for i, (a, b) in enumerate(spans) if a < word[2] and b > word[1]]
+    assert torch.allclose(wf[3], h[covered].mean(0))
+
+
+def _forced_head(d: int, template: str, cls: int) -> ReplyPrefixHead:
+    """A head that always answers class `cls` and points at the first word (all word scores tie)."""
+    head = ReplyPrefixHead(d, [template])
+    with torch.no_grad():
+        head.cls.weight.zero_()
+        head.cls.bias.copy_(torch.tensor([0.0, 0.0]))
+        head.cls.bias[cls] = 5.0
+        head.ptr.weight.zero_()
+        head.ptr.bias.zero_()
+    return head.eval()
+
+
+def test_head_predicts_template_and_word_and_round_trips(tmp_path):
+    with pytest.raises(ValueError, match="must contain"):
+        ReplyPrefixHead(8, ["no slot"])
+    h = torch.randn(5, 8)
+    spans = [(0, 5), (5, 11), (11, 16), (16, 20), (20, 24)]
+    assert _forced_head(8, "[{w}]", 1).predict("Noted is the word", h, spans) == "[Noted]"
+    assert _forced_head(8, "[{w}]", 0).predict("Noted is the word", h, spans) is None
+    torch.manual_seed(0)
+    head = ReplyPrefixHead(8, ["{w}:", "[{w}]"])
+    with torch.no_grad():
+        for p in head.parameters():
+            p.normal_()
+    head.save(tmp_path, extra={"note": 1})
+    back = ReplyPrefixHead.load(tmp_path)
+    assert back.templates == ["{w}:", "[{w}]"]
+    for (k, v), (k2, v2) in zip(head.state_dict().items(), back.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2)
+    assert ReplyPrefixHead.load(tmp_path / "nothing") is None
+
+
+def test_fit_head_separates_rules_and_points_at_the_word():
+    from hyperlora.training.prefix_train import fit_head
+
+    torch.manual_seed(0)
+    d, rule, other, word_dir = 16, torch.randn(16), torch.randn(16), torch.randn(16)
+    exs = []
+    for i in range(40):
+        is_rule = i % 2 == 0
+        h = torch.randn(6, d) * 0.3 + (rule if is_rule else other)
+        words = torch.randn(4, d) * 0.3
+        target = i % 4
+        if is_rule:
+            words[target] += 3 * word_dir
+        exs.append({"h": h, "words": words, "cls": 1 if is_rule else 0, "word": target if is_rule else -1})
+    head = fit_head(exs, ["{w}:"], epochs=40, lr=1e-2, log=lambda m: None)
+    with torch.no_grad():
+        for e in exs:
+            cl, wl = head(e["h"], e["words"])
+            assert int(cl.argmax()) == e["cls"]
+            if e["word"] >= 0:
+                assert int(wl.argmax()) == e["word"]
+
+
+@pytest.fixture(scope="module")
+def roomy_model(tmp_path_factory):
+    """A 2-layer random Llama wide enough (hidden 64, MLP 256) for selective keys: in the 3-layer tiny model
+    (MLP 48) the margins saturate at 0.01-0.05, below any useful target (measured)."""
+    transformers = pytest.importorskip("transformers")
+    from hyperlora import models
+
+    d = tmp_path_factory.mktemp("roomy_llama")
+    tok = transformers.AutoTokenizer.from_pretrained(str(models.default_model_path()))
+    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def _compiler(model_dir, **kw):
+    from hyperlora.models import load_base_model
+    from hyperlora.reply_prefix import PrefixCompiler
+
+    model, tok = load_base_model(model_dir)
+    return model, tok, PrefixCompiler(model, tok, n_background=8, n_keys=4, **kw)
+
+
+def test_compiled_prefix_wins_every_position_on_its_key_records(roomy_model):
+    """The compiler's promise, checked by an independent full forward: at each prefix position of every key
+    record, the adapter makes the prefix's next token the argmax by at least the margin."""
+    from hyperlora.training.lora_fn import apply_lora
+
+    # a random model's logits are small (its final RMSNorm bounds them): ask for a margin it can reach
+    # (measured 0.52-0.63 here)
+    model, tok, comp = _compiler(roomy_model, margin=0.2)
+    with pytest.raises(ValueError, match="empty"):
+        comp("  ")
+    A, B = comp("[Helpdesk]")
+    assert bool((comp.margins >= comp.margin).all()), comp.margins
+    ids = comp.prefix_ids("[Helpdesk]")
+    K = len(ids)
+    assert A.shape == (K, 256) and B.shape == (64, K)
+    assert torch.isfinite(A).all() and torch.isfinite(B).all()
+    assert comp("[Helpdesk]")[0] is A  # cached
+    st = comp._background()
+    for p in st["key_prompts"]:
+        seq = torch.tensor([p + ids[:-1]])
+        with apply_lora(model, {comp.name: (A[None], B[None])}, scale=1.0, rows=torch.zeros(1, dtype=torch.long)):
+            logits = model(seq).logits[0, len(p) - 1:].float()
+        base = model(seq).logits[0, len(p) - 1:].float()
+        for k, t in enumerate(ids):
+            top2 = logits[k].topk(2)
+            assert int(top2.indices[0]) == t, (k, t)
+            assert float(top2.values[0] - top2.values[1]) >= comp.margin - 1e-3
+        assert not all(int(base[k].argmax()) == t for k, t in enumerate(ids))  # the base model alone does not
+
+
+def test_background_statistics_are_cached_on_disk_and_a_torn_file_is_recomputed(tiny_model, tmp_path):
+    _, _, first = _compiler(tiny_model)
+    st = first._background()
+    path = first._cache_file()
+    assert path.is_file() and path.is_relative_to(tmp_path / "cache")
+    _, _, again = _compiler(tiny_model)
+    again._compute_background = None  # must not be called: the file is read
+    st2 = again._background()
+    assert torch.equal(st["G"], st2["G"]) and torch.equal(st["starts"], st2["starts"])
+    assert st["key_prompts"] == st2["key_prompts"]
+    path.write_bytes(b"not a torch file")
+    _, _, third = _compiler(tiny_model)
+    with pytest.warns(UserWarning, match="unreadable reply-prefix cache"):
+        st3 = third._background()
+    assert torch.allclose(st3["G"], st["G"])
+    _, _, other = _compiler(tiny_model, ridge=2.0)
+    assert other._cache_file() != path  # other settings, other file
+
+
+def test_a_margin_out_of_reach_is_reported(tiny_model):
+    _, _, comp = _compiler(tiny_model, margin=50.0)
+    with pytest.warns(UserWarning, match="below the target"):
+        comp("Noted:")
+    assert bool((comp.margins < 50.0).any())
+
+
+@pytest.mark.filterwarnings("ignore:reply prefix")  # the tiny model's margins are far below the default target
+def test_served_reader_compiles_prefix_rules_and_leaves_other_policies(tiny_model, tmp_path):
+    from hyperlora.reader import ReaderHypernet, ReaderSource
+
+    model, tok, feats, reader = _trained_like(tiny_model, seed=6)
+    reader.save_pretrained(tmp_path / "r")
+    plain = ReaderHypernet(reader, feats)
+    policies = ["Start every reply with 'Noted:'.", "Flag refunds as 'alert'; otherwise 'ignore'."]
+    want = plain.adapters_for_texts(policies)
+    head = _forced_head(32, "{w}:", 1)
+    served = ReaderHypernet(reader, feats, prefix_head=head, max_rank=8)
+    served.compiler.n_background, served.compiler.n_keys = 8, 4
+    assert served.weights_id() != plain.weights_id()
+    assert served.reply_prefixes(policies) == ["Start:", "Flag:"]
+    got = served.adapters_for_texts(policies[:1])[0]
+    A, B = served.compiler("Start:")
+    down, o = served.compiler.name, next(n for n in got if n != served.compiler.name)
+    assert torch.equal(got[down][0], A) and torch.equal(got[down][1], B)
+    assert got[o][0].abs().sum() == 0 and got[o][1].abs().sum() == 0
+    # without a rule the reader's own adapters are served unchanged
+    none_head = _forced_head(32, "{w}:", 0)
+    served0 = ReaderHypernet(reader, feats, prefix_head=none_head)
+    for n, (a, b) in served0.adapters_for_texts(policies)[1].items():
+        assert torch.equal(a, want[1][n][0]) and torch.equal(b, want[1][n][1])
+    # a checkpoint directory with a head loads it for eval and serving
+    head.save(tmp_path / "r")
+    src = ReaderSource.from_dir(tmp_path / "r", model, tok)
+    assert src.hypernet.prefix_head is not None and src.hypernet.prefix_head.templates == ["{w}:"]
+
+
+def test_reply_prefix_method_trains_a_head_on_a_reader(tiny_model, tmp_path):
+    model, tok, feats, reader = _trained_like(tiny_model, seed=7)
+    reader.save_pretrained(tmp_path / "r")
+    out = tmp_path / "rp"
+    rc = _run(["--method", "reply_prefix", "--out", str(out), "--set", f"base_model=\"{tiny_model}\"",
+               "--set", f"reader_init=\"{tmp_path / 'r'}\"", "--set", "train_per_family=3",
+               "--set", "held_out_per_family=1", "--threads", "1"])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["templates"]) <= {"{w}:", "[{w}]", '{"{w}":'} and res["templates"]
+    assert set(res["eval"]) == {"held_out_combo", "held_out_topic", "held_out_words"}
+    assert (out / "final" / "reply_prefix.safetensors").is_file() and (out / "final" / "reader.safetensors").is_file()
+    with pytest.raises(ValueError, match="reader_init"):
+        from hyperlora.training.config import TrainConfig
+        from hyperlora.training.prefix_train import train_reply_prefix
+
+        train_reply_prefix(TrainConfig(method="reply_prefix", base_model=str(tiny_model)), tmp_path / "x")
