@@ -271,19 +271,22 @@ def is_reader_dir(directory: str | Path) -> bool:
 class ReaderSource:
     """Policy texts -> ``scoring.AdapterSet`` through a trained PolicyReader (the eval/demo adapter source)."""
 
-    def __init__(self, reader: PolicyReader, features: PolicyFeatures, prefix_head: Any = None):
+    def __init__(self, reader: PolicyReader, features: PolicyFeatures, prefix_head: Any = None,
+                 threshold_head: Any = None):
         self.reader = reader.eval()
         self.features = features
         # what hyperlora.attach serves (demo, checkpoints.load)
-        self.hypernet = ReaderHypernet(reader, features, prefix_head=prefix_head)
+        self.hypernet = ReaderHypernet(reader, features, prefix_head=prefix_head, threshold_head=threshold_head)
         self.encode = None  # the reader reads policy texts itself: no separate encoder
 
     @classmethod
     def from_dir(cls, directory: str | Path, model: nn.Module, tokenizer: Any) -> "ReaderSource":
         from hyperlora.reply_prefix import ReplyPrefixHead
+        from hyperlora.threshold_rule import ThresholdHead
 
         r = PolicyReader.from_pretrained(directory, model)
-        return cls(r, PolicyFeatures(model, tokenizer, r.cfg), ReplyPrefixHead.load(directory))
+        return cls(r, PolicyFeatures(model, tokenizer, r.cfg), ReplyPrefixHead.load(directory),
+                   ThresholdHead.load(directory))
 
     @torch.no_grad()
     def __call__(self, texts: Sequence[str]):
@@ -316,13 +319,15 @@ class ReaderHypernet:
     reads_text = True
 
     def __init__(self, reader: PolicyReader, features: PolicyFeatures, max_rank: int = 16, min_gate: float = 0.02,
-                 prefix_head: Any = None):
+                 prefix_head: Any = None, threshold_head: Any = None):
         from types import SimpleNamespace
 
         if max_rank < 1:
             raise ValueError(f"max_rank must be >= 1, got {max_rank}")
         self.reader, self.features = reader.eval(), features
-        self.prefix_head, self.compiler = prefix_head, None
+        self.prefix_head, self.compiler, self.threshold_head = prefix_head, None, threshold_head
+        if threshold_head is not None and "down_proj" not in reader.names:
+            raise ValueError("the threshold head writes down_proj, which this reader does not adapt")
         if prefix_head is not None:
             from hyperlora.reply_prefix import PrefixCompiler
 
@@ -340,8 +345,11 @@ class ReaderHypernet:
     def from_dir(cls, directory: str | Path, model: nn.Module, tokenizer: Any, **kw: Any) -> "ReaderHypernet":
         from hyperlora.reply_prefix import ReplyPrefixHead
 
+        from hyperlora.threshold_rule import ThresholdHead
+
         r = PolicyReader.from_pretrained(directory, model)
         kw.setdefault("prefix_head", ReplyPrefixHead.load(directory))
+        kw.setdefault("threshold_head", ThresholdHead.load(directory))
         return cls(r, PolicyFeatures(model, tokenizer, r.cfg), **kw)
 
     def module_names(self, mtype: str) -> list[str]:
@@ -360,6 +368,8 @@ class ReaderHypernet:
             if self.prefix_head is not None:
                 h.update(f"prefix|{self.compiler.settings()}|{self.prefix_head.templates}".encode())
                 state.update({f"prefix_head.{k}": v for k, v in self.prefix_head.state_dict().items()})
+            if self.threshold_head is not None:
+                state.update({f"threshold_head.{k}": v for k, v in self.threshold_head.state_dict().items()})
             for k, v in sorted(state.items()):
                 h.update(k.encode())
                 h.update(v.detach().cpu().float().numpy().tobytes())
@@ -370,8 +380,9 @@ class ReaderHypernet:
     def adapters_for_texts(self, texts: Sequence[str]) -> list[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
         """Per policy: {module name: (A [r, d_in], B [d_out, r])}, r <= config.rank, scale 1 (folded in).
 
-        With a reply-prefix head, a policy it reads as a reply-prefix rule gets the compiled prefix adapter
-        instead (``hyperlora/reply_prefix.py``), with a zero rank-1 adapter on the other modules."""
+        With rule heads, a policy read as a reply-prefix rule gets the compiled prefix adapter instead
+        (``hyperlora/reply_prefix.py``), one read as a threshold rule the compiled threshold slot
+        (``hyperlora/threshold_rule.py``); both on ``down_proj``, with a zero rank-1 adapter on the other modules."""
         feats = self.features(list(texts))
         adapters, gates = self.reader(feats)
         out = []
@@ -385,13 +396,39 @@ class ReaderHypernet:
             k = float(self.reader.cfg.serve_scale)
             out.append({n: (a[p, keep].float().contiguous(), (k * b[p][:, keep]).float().contiguous())
                         for n, (a, b) in adapters.items()})
-        if self.prefix_head is not None:
-            for p, prefix in enumerate(self.reply_prefixes(texts, feats)):
-                if prefix is not None:
-                    A, B = self.compiler(prefix)
-                    out[p] = {n: (A, B) if n == self.compiler.name else
-                              (torch.zeros(1, a.shape[1]), torch.zeros(b.shape[0], 1))
-                              for n, (a, b) in out[p].items()}
+        for p, rule in enumerate(self.rules(texts, feats)):
+            if rule is None:
+                continue
+            if rule[0] == "prefix":
+                A, B = self.compiler(rule[1])
+            else:
+                from hyperlora.threshold_rule import compile_threshold
+
+                model = self.features.model
+                A, B = compile_threshold(self.threshold_head, self.reader.c_down_proj, self.reader.emb,
+                                         model.model.norm.weight.detach().cpu(), self.features.tokenizer, *rule[1])
+            down = self.reader.names["down_proj"]
+            out[p] = {n: (A, B) if n == down else (torch.zeros(1, a.shape[1]), torch.zeros(b.shape[0], 1))
+                      for n, (a, b) in out[p].items()}
+        return out
+
+    def rules(self, texts: Sequence[str], feats: Sequence[dict[str, torch.Tensor]] | None = None
+              ) -> list[tuple[str, Any] | None]:
+        """Per policy: ("prefix", "Noted:"), ("threshold", (500.0, "review", "approve")) or None (the reader's own
+        adapter). A prefix reading wins over a threshold one."""
+        feats = feats if feats is not None else self.features(list(texts))
+        prefixes = self.reply_prefixes(texts, feats)
+        out: list[tuple[str, Any] | None] = []
+        for t, f, pre in zip(texts, feats, prefixes):
+            if pre is not None:
+                out.append(("prefix", pre))
+                continue
+            thr = None
+            if self.threshold_head is not None:
+                from hyperlora.reply_prefix import token_spans
+
+                thr = self.threshold_head.predict(t, f["h"], token_spans(self.features.tokenizer, f["ids"].tolist()))
+            out.append(("threshold", thr) if thr is not None else None)
         return out
 
     def reply_prefixes(self, texts: Sequence[str], feats: Sequence[dict[str, torch.Tensor]] | None = None

@@ -82,7 +82,7 @@ def test_head_predicts_template_and_word_and_round_trips(tmp_path):
 
 
 def test_fit_head_separates_rules_and_points_at_the_word():
-    from hyperlora.training.prefix_train import fit_head
+    from hyperlora.training.rule_train import fit_head
 
     torch.manual_seed(0)
     d, rule, other, word_dir = 16, torch.randn(16), torch.randn(16), torch.randn(16)
@@ -215,20 +215,25 @@ def test_served_reader_compiles_prefix_rules_and_leaves_other_policies(tiny_mode
     assert src.hypernet.prefix_head is not None and src.hypernet.prefix_head.templates == ["{w}:"]
 
 
-def test_reply_prefix_method_trains_a_head_on_a_reader(tiny_model, tmp_path):
+def test_rule_heads_method_trains_both_heads_on_a_reader(tiny_model, tmp_path):
+    from hyperlora.threshold_rule import ThresholdHead
+
     model, tok, feats, reader = _trained_like(tiny_model, seed=7)
     reader.save_pretrained(tmp_path / "r")
     out = tmp_path / "rp"
-    rc = _run(["--method", "reply_prefix", "--out", str(out), "--set", f"base_model=\"{tiny_model}\"",
+    rc = _run(["--method", "rule_heads", "--out", str(out), "--set", f"base_model=\"{tiny_model}\"",
                "--set", f"reader_init=\"{tmp_path / 'r'}\"", "--set", "train_per_family=3",
-               "--set", "held_out_per_family=1", "--threads", "1"])
+               "--set", "rule_extra_threshold=3", "--set", "held_out_per_family=1", "--threads", "1"])
     assert rc == 0
     res = json.loads((out / "results.json").read_text())
     assert set(res["templates"]) <= {"{w}:", "[{w}]", '{"{w}":'} and res["templates"]
     assert set(res["eval"]) == {"held_out_combo", "held_out_topic", "held_out_words"}
-    assert (out / "final" / "reply_prefix.safetensors").is_file() and (out / "final" / "reader.safetensors").is_file()
+    for f in ("reply_prefix.safetensors", "threshold_rule.safetensors", "reader.safetensors"):
+        assert (out / "final" / f).is_file(), f
+    head = ThresholdHead.load(out / "final")
+    assert head.probe.abs().sum() > 0 and torch.isfinite(head.probe).all()
     with pytest.raises(ValueError, match="reader_init"):
         from hyperlora.training.config import TrainConfig
-        from hyperlora.training.prefix_train import train_reply_prefix
+        from hyperlora.training.rule_train import train_rule_heads
 
-        train_reply_prefix(TrainConfig(method="reply_prefix", base_model=str(tiny_model)), tmp_path / "x")
+        train_rule_heads(TrainConfig(method="rule_heads", base_model=str(tiny_model)), tmp_path / "x")

@@ -2,8 +2,9 @@
 
     hyperlora train --config hyperlora/training/configs/cpu.json [--method sft] [--out runs/x] [--set key=value]
 
-Methods: sft (the T2L-style hypernetwork), reader (the policy reader, hyperlora/reader.py), reply_prefix (the
-reader's head for reply-prefix format rules, hyperlora/reply_prefix.py; needs reader_init), multitask_lora (one LoRA, policy in the prompt), oracle_lora (one LoRA per
+Methods: sft (the T2L-style hypernetwork), reader (the policy reader, hyperlora/reader.py), rule_heads (the
+reader's heads for reply-prefix format rules and numeric thresholds, hyperlora/reply_prefix.py and
+hyperlora/threshold_rule.py; needs reader_init), multitask_lora (one LoRA, policy in the prompt), oracle_lora (one LoRA per
 held-out policy), reconstruct (regress a library of PEFT LoRAs, each with its policy.txt, onto the T2L-style
 hypernetwork: --set lora_library='"DIR"', or --set build_library=true to train one oracle LoRA per training task
 first; hyperlora/training/reconstruct.py). Every method uses the same tasks, target modules, rank and step
@@ -19,9 +20,9 @@ from pathlib import Path
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="JSON training config (fields of TrainConfig); flags below override it")
-    parser.add_argument("--method", choices=["sft", "reader", "reply_prefix", "reconstruct", "multitask_lora", "oracle_lora"],
-                        help="reader: the policy reader (docs/READER.md); reply_prefix: add the format-rule head to the "
-                             "reader in reader_init; sft: the T2L-style hypernetwork; "
+    parser.add_argument("--method", choices=["sft", "reader", "rule_heads", "reconstruct", "multitask_lora", "oracle_lora"],
+                        help="reader: the policy reader (docs/READER.md); rule_heads: add the format-rule and threshold heads "
+                             "to the reader in reader_init; sft: the T2L-style hypernetwork; "
                              "reconstruct: fit the T2L-style hypernetwork to a library of PEFT LoRAs; "
                              "multitask_lora / oracle_lora: baselines")
     parser.add_argument("--tasks", help="training tasks JSONL (default: the generated suite's train split)")
@@ -84,10 +85,10 @@ def run(args: argparse.Namespace) -> int:
         (out / "results.json").write_text(json.dumps(res, indent=2) + "\n")
         log(json.dumps(res["eval"]))
         return 0
-    if cfg.method == "reply_prefix":
-        from hyperlora.training.prefix_train import train_reply_prefix
+    if cfg.method == "rule_heads":
+        from hyperlora.training.rule_train import train_rule_heads
 
-        res = train_reply_prefix(cfg, out, log=log)
+        res = train_rule_heads(cfg, out, log=log)
         (out / "results.json").write_text(json.dumps(res, indent=2) + "\n")
         return 0
     from hyperlora.training.session import build_session
