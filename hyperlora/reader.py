@@ -19,7 +19,7 @@ not transfer (docs/EXPERIMENTS.md, runs E1-X2). The reader replaces the learned 
 So ``delta logit(word) ~ sum_j g_j [tok_j == word] * similarity(record, condition_j)``. The gate is trained with
 an auxiliary target where the training rule is known (topic and routing policies), and everything end to end
 through the frozen base model with the option loss, then fine-tuned on the answer's later tokens and on more
-policies (docs/READER.md: three stages). `PolicyReader` gives rank = number of policy tokens (<= max_tokens); `ReaderHypernet` serves each
+policies (docs/READER.md: three stages), plus two rule heads for format rules and thresholds (stage 4). `PolicyReader` gives rank = number of policy tokens (<= max_tokens); `ReaderHypernet` serves each
 policy's 16 largest-|gate| tokens.
 """
 from __future__ import annotations
