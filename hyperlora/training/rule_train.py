@@ -115,62 +115,60 @@ def threshold_probe(model: Any, tokenizer: Any, module: str, tasks: Sequence[Pol
     return w
 
 
-def fit_threshold_head(examples: Sequence[dict[str, Any]], probe: torch.Tensor, *, epochs: int = 80, lr: float = 2e-3,
-                       seed: int = 0, log: Callable[[str], None] = print) -> ThresholdHead:
-    """Cross-entropy on is-threshold, and for rules on the three pointers (threshold number, both answers)."""
-    torch.manual_seed(seed)
+def _train(head: nn.Module, examples: Sequence[dict[str, Any]], example_loss: Callable[[nn.Module, dict], torch.Tensor],
+           *, epochs: int, lr: float, seed: int, name: str, log: Callable[[str], None]) -> nn.Module:
+    """Adam over shuffled batches of 32 examples, the mean of `example_loss`; logs every 20 epochs."""
     rng = random.Random(seed)
-    head = ThresholdHead(examples[0]["h"].shape[-1], probe.numel())
-    head.probe.copy_(probe)
     opt = torch.optim.Adam(head.parameters(), lr=lr)
     order = list(range(len(examples)))
     for ep in range(epochs):
         rng.shuffle(order)
         tot = 0.0
         for s in range(0, len(order), 32):
-            loss = torch.zeros(())
-            for i in order[s:s + 32]:
-                e = examples[i]
-                cl, nl, al, bl = head(e["h"], e["wctx"], e["nctx"])
-                loss = loss + nn.functional.cross_entropy(cl[None], torch.tensor([e["tcls"]]))
-                for logits, k in ((nl, "tnum"), (al, "tabove"), (bl, "tbelow")):
-                    if e.get(k, -1) >= 0:
-                        loss = loss + nn.functional.cross_entropy(logits[None], torch.tensor([e[k]]))
+            batch = order[s:s + 32]
+            loss = sum((example_loss(head, examples[i]) for i in batch), torch.zeros(()))
             opt.zero_grad()
-            (loss / len(order[s:s + 32])).backward()
+            (loss / len(batch)).backward()
             opt.step()
             tot += float(loss.detach())
         if ep % 20 == 0 or ep == epochs - 1:
-            log(f"threshold head epoch {ep}: loss {tot / len(order):.4f}")
+            log(f"{name} epoch {ep}: loss {tot / len(order):.4f}")
     return head.eval()
+
+
+def _ce(logits: torch.Tensor, target: int) -> torch.Tensor:
+    return nn.functional.cross_entropy(logits[None], torch.tensor([target]))
+
+
+def fit_threshold_head(examples: Sequence[dict[str, Any]], probe: torch.Tensor, *, epochs: int = 80, lr: float = 2e-3,
+                       seed: int = 0, log: Callable[[str], None] = print) -> ThresholdHead:
+    """Cross-entropy on is-threshold, and for rules on the three pointers (threshold number, both answers)."""
+    torch.manual_seed(seed)
+    head = ThresholdHead(examples[0]["h"].shape[-1], probe.numel())
+    head.probe.copy_(probe)
+
+    def loss(m: nn.Module, e: dict) -> torch.Tensor:
+        cl, nl, al, bl = m(e["h"], e["wctx"], e["nctx"])
+        out = _ce(cl, e["tcls"])
+        for logits, k in ((nl, "tnum"), (al, "tabove"), (bl, "tbelow")):
+            if e.get(k, -1) >= 0:
+                out = out + _ce(logits, e[k])
+        return out
+
+    return _train(head, examples, loss, epochs=epochs, lr=lr, seed=seed, name="threshold head", log=log)
 
 
 def fit_head(examples: Sequence[dict[str, Any]], templates: Sequence[str], *, epochs: int = 60, lr: float = 3e-3,
              seed: int = 0, log: Callable[[str], None] = print) -> ReplyPrefixHead:
     """Cross-entropy on the template class plus, for prefix rules, on the pointer to the fill word."""
     torch.manual_seed(seed)
-    rng = random.Random(seed)
     head = ReplyPrefixHead(examples[0]["h"].shape[-1], templates)
-    opt = torch.optim.Adam(head.parameters(), lr=lr)
-    order = list(range(len(examples)))
-    for ep in range(epochs):
-        rng.shuffle(order)
-        tot = 0.0
-        for s in range(0, len(order), 32):
-            loss = torch.zeros(())
-            for i in order[s:s + 32]:
-                e = examples[i]
-                cl, wl = head(e["h"], e["words"])
-                loss = loss + nn.functional.cross_entropy(cl[None], torch.tensor([e["cls"]]))
-                if e["word"] >= 0:
-                    loss = loss + nn.functional.cross_entropy(wl[None], torch.tensor([e["word"]]))
-            opt.zero_grad()
-            (loss / len(order[s:s + 32])).backward()
-            opt.step()
-            tot += float(loss.detach())
-        if ep % 10 == 0 or ep == epochs - 1:
-            log(f"reply-prefix head epoch {ep}: loss {tot / len(order):.4f}")
-    return head.eval()
+
+    def loss(m: nn.Module, e: dict) -> torch.Tensor:
+        cl, wl = m(e["h"], e["words"])
+        return _ce(cl, e["cls"]) + (_ce(wl, e["word"]) if e["word"] >= 0 else 0.0)
+
+    return _train(head, examples, loss, epochs=epochs, lr=lr, seed=seed, name="reply-prefix head", log=log)
 
 
 def threshold_accuracy(head: ThresholdHead, tasks: Sequence[PolicyTask], features: Any, tokenizer: Any
