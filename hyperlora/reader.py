@@ -380,8 +380,8 @@ class ReaderHypernet:
     def adapters_for_texts(self, texts: Sequence[str]) -> list[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
         """Per policy: {module name: (A [r, d_in], B [d_out, r])}, r <= config.rank, scale 1 (folded in).
 
-        With rule heads, a policy read as a reply-prefix rule gets the compiled prefix adapter instead
-        (``hyperlora/reply_prefix.py``), one read as a threshold rule the compiled threshold slot
+        With rule heads, a policy read as a reply-format rule gets the compiled prefix or sign-off adapter
+        instead (``hyperlora/reply_prefix.py``), one read as a threshold rule the compiled threshold slot
         (``hyperlora/threshold_rule.py``); both on ``down_proj``, with a zero rank-1 adapter on the other modules."""
         feats = self.features(list(texts))
         adapters, gates = self.reader(feats)
@@ -401,6 +401,8 @@ class ReaderHypernet:
                 continue
             if rule[0] == "prefix":
                 A, B = self.compiler(rule[1])
+            elif rule[0] == "signoff":
+                A, B = self.compiler.signoff(rule[1])
             else:
                 from hyperlora.threshold_rule import compile_threshold
 
@@ -414,14 +416,16 @@ class ReaderHypernet:
 
     def rules(self, texts: Sequence[str], feats: Sequence[dict[str, torch.Tensor]] | None = None
               ) -> list[tuple[str, Any] | None]:
-        """Per policy: ("prefix", "Noted:"), ("threshold", (500.0, "review", "approve")) or None (the reader's own
-        adapter). A prefix reading wins over a threshold one."""
+        """Per policy: ("prefix", "Noted:"), ("signoff", " -- Desk"), ("threshold", (500.0, "review", "approve"))
+        or None (the reader's own adapter). A format reading wins over a threshold one."""
+        from hyperlora.reply_prefix import split_template
+
         feats = feats if feats is not None else self.features(list(texts))
-        prefixes = self.reply_prefixes(texts, feats)
+        formats = self.reply_formats(texts, feats)
         out: list[tuple[str, Any] | None] = []
-        for t, f, pre in zip(texts, feats, prefixes):
-            if pre is not None:
-                out.append(("prefix", pre))
+        for t, f, fmt in zip(texts, feats, formats):
+            if fmt is not None:
+                out.append(split_template(fmt))
                 continue
             thr = None
             if self.threshold_head is not None:
@@ -431,9 +435,10 @@ class ReaderHypernet:
             out.append(("threshold", thr) if thr is not None else None)
         return out
 
-    def reply_prefixes(self, texts: Sequence[str], feats: Sequence[dict[str, torch.Tensor]] | None = None
-                       ) -> list[str | None]:
-        """Per policy: the reply prefix its format rule demands, or None (no head, or not such a rule)."""
+    def reply_formats(self, texts: Sequence[str], feats: Sequence[dict[str, torch.Tensor]] | None = None
+                      ) -> list[str | None]:
+        """Per policy: the filled reply-format template its rule demands ("Noted:", or "{reply} -- Desk" for a
+        sign-off), or None (no head, or not such a rule)."""
         if self.prefix_head is None:
             return [None] * len(texts)
         from hyperlora.reply_prefix import token_spans

@@ -1,23 +1,28 @@
-"""Reply-prefix rules ("Start every reply with 'Noted:'", "Put the tag [Ops] at the very start"): read which
-prefix a policy demands, and compile that prefix into a last-layer adapter that makes replies start with it.
+"""Reply-format rules: how a reply starts ("Start every reply with 'Noted:'", "Put the tag [Ops] at the very
+start") or how it ends ("End every reply with the sign-off '-- Desk'"). Read which format a policy demands, and
+compile it into a last-layer adapter that makes replies follow it.
 
 Why a separate path: the policy reader (``hyperlora/reader.py``) raises the logit of an answer word at the
 answer position. A format rule needs 2-6 exact tokens in order (``[``, ``Help``, ``desk``, ``]``), each at its own
 position, and a copied embedding also raises its neighbours (docs/EXPERIMENTS.md 7b). So:
 
 * ``ReplyPrefixHead`` (learned, tiny): from the base model's reading of the policy (the reader's gate-layer
-  states), a classifier picks a *template* (or "no prefix rule") and a pointer picks the policy *word* that fills
+  states), a classifier picks a *template* (or "no format rule") and a pointer picks the policy *word* that fills
   it. Templates are learned from training tasks' reference replies (``derive_template``: ``"[Ops] Thanks..."``
-  gives ``"[{w}]"``), so words never seen in training are copied, not memorized.
+  gives ``"[{w}]"``, ``"Thanks. -- Ops"`` gives ``"{reply} -- {w}"``), so words never seen in training are
+  copied, not memorized.
 * ``PrefixCompiler`` (no training): the prefix's tokens t_1..t_K become K rank-1 slots on the last decoder
   layer's ``down_proj``. Slot k's key is a ridge read-out that is ~1 on the base model's own state just before
   t_k (states of a few built-in records followed by the prefix) and ~0 on ordinary reply text; its value is the
   least-squares direction that raises t_k's logit above every other token's (tied embeddings behind the final
   RMSNorm), scaled until t_k wins by a margin on the key records. The adapted layer is the last one, so its
   output changes no state the keys read: once t_1..t_{k-1} are out, slot k sees exactly the state it was built on.
+  A sign-off (``PrefixCompiler.signoff``) is built the same way, with slot 0 keyed on the base model's own
+  sentence ends instead of the answer start, and a last slot for the end of turn: the reply is signed after its
+  first sentence, like the tasks' reference replies.
 
-Limits (measured, docs/EXPERIMENTS.md 8): only rules about how a reply *starts*; a sign-off rule has no common
-reply prefix, so it gets no template and no adapter; a template kind never seen in training cannot be named.
+Limits (measured, docs/EXPERIMENTS.md 8-9): a template kind never seen in training cannot be named; a sign-off
+is missed when the reply's first sentence runs past the tokens a reader allows it.
 """
 from __future__ import annotations
 
@@ -34,6 +39,7 @@ from torch import nn
 HEAD_FILE = "reply_prefix.safetensors"
 HEAD_CONFIG = "reply_prefix.json"
 SLOT = "{w}"
+REPLY = "{reply}"  # a sign-off template: the reply, then the sign-off
 _WORD = re.compile(r"[A-Za-z][A-Za-z0-9]*")
 
 
@@ -43,24 +49,67 @@ def policy_words(text: str) -> list[tuple[str, int, int]]:
 
 
 def derive_template(policy: str, answers: Sequence[str]) -> tuple[str, str] | None:
-    """The reply-prefix template a free-text task's reference replies share, with the policy word that fills it
-    replaced by ``{w}``: replies "Noted: Thanks ..." / "Noted: We ..." under a policy naming 'Noted' give
-    ``("{w}:", "Noted")``. The prefix ends after the word and the punctuation glued to it. None if the replies
-    share no prefix starting with (at most 8 characters before) a word of the policy (e.g. a sign-off rule)."""
+    """The reply-format template a free-text task's reference replies share, with the policy word that fills it
+    replaced by ``{w}``, or None.
+
+    A shared *prefix* comes first: replies "Noted: Thanks ..." / "Noted: We ..." under a policy naming 'Noted'
+    give ``("{w}:", "Noted")``; the prefix ends after the word and the punctuation glued to it, and must start
+    at most 8 characters before the word. Otherwise a shared *sign-off*: replies "Thanks. -- Desk" / "We will.
+    -- Desk" give ``("{reply} -- {w}", "Desk")`` (``{reply}`` stands for the reply itself); the sign-off starts
+    at the punctuation run before the word and must end at most 8 characters after it."""
     if len(answers) < 2:
         return None
+    return _shared_prefix(policy, answers) or _shared_signoff(policy, answers)
+
+
+def _word_in(policy: str, text: str) -> list[re.Match]:
+    """Whole-word occurrences of the policy's words in `text`."""
+    return [m for word, _, _ in policy_words(policy)
+            for m in re.finditer(rf"(?<![A-Za-z0-9]){re.escape(word)}(?![A-Za-z0-9])", text)]
+
+
+def _shared_prefix(policy: str, answers: Sequence[str]) -> tuple[str, str] | None:
     common = os.path.commonprefix([a.lstrip() for a in answers])
-    best = None
-    for word, _, _ in policy_words(policy):
-        m = re.search(rf"(?<![A-Za-z0-9]){re.escape(word)}(?![A-Za-z0-9])", common)
-        if m and (best is None or (m.start(), -len(word)) < (best.start(), -len(best.group(0)))):
-            best = m
-    if best is None or best.start() > 8:
+    found = _word_in(policy, common)
+    if not found:
+        return None
+    best = min(found, key=lambda m: (m.start(), -len(m.group(0))))
+    if best.start() > 8:
         return None
     end = best.end()
     while end < len(common) and not common[end].isspace() and not common[end].isalnum():
         end += 1
     return common[: best.start()] + SLOT + common[best.end(): end], best.group(0)
+
+
+def _shared_signoff(policy: str, answers: Sequence[str]) -> tuple[str, str] | None:
+    common = os.path.commonprefix([a.rstrip()[::-1] for a in answers])[::-1]
+    first = answers[0].rstrip()
+    before = first[: len(first) - len(common)]  # what precedes the shared text in one reply
+    found = _word_in(policy, common)
+    if not found:
+        return None
+    best = max(found, key=lambda m: (m.end(), len(m.group(0))))
+    if len(common) - best.end() > 8:
+        return None
+    start = best.start()
+    while start > 0 and common[start - 1].isspace():
+        start -= 1
+    while start > 0 and not common[start - 1].isspace() and not common[start - 1].isalnum():
+        start -= 1
+    prev = common[start - 1] if start > 0 else before[-1:]
+    if prev and not prev.isspace():
+        start = best.start()  # punctuation glued to the reply ("Thanks. Desk") ends the reply, not the sign-off
+    sep = len(common[:start]) - len(common[:start].rstrip())
+    return REPLY + (common[start - sep: start] or " ") + common[start: best.start()] + SLOT + common[best.end():], \
+        best.group(0)
+
+
+def split_template(filled: str) -> tuple[str, str]:
+    """("prefix", text) for a filled prefix template, ("signoff", text to append) for a sign-off template."""
+    if filled.startswith(REPLY):
+        return "signoff", filled[len(REPLY):]
+    return "prefix", filled
 
 
 def token_spans(tokenizer: Any, ids: Sequence[int]) -> list[tuple[int, int]]:
@@ -71,6 +120,19 @@ def token_spans(tokenizer: Any, ids: Sequence[int]) -> list[tuple[int, int]]:
         spans.append((prev, max(prev, n)))
         prev = max(prev, n)
     return spans
+
+
+_SENTENCE_END = re.compile(r"(?<=[A-Za-z)\"'])[.!?](?=\s|$)")
+
+
+def sentence_ends(tokenizer: Any, ids: Sequence[int]) -> list[int]:
+    """Indices of the tokens after which a sentence of ``tokenizer.decode(ids)`` ends: '.', '!' or '?' after a
+    letter, a bracket or a quote, followed by white space or the end of the text (not "3.5", not "1. ")."""
+    if not ids:
+        return []
+    text = tokenizer.decode(list(ids))
+    stops = [m.end() for m in _SENTENCE_END.finditer(text)]
+    return [i for i, (a, b) in enumerate(token_spans(tokenizer, ids)) if any(a < e <= b for e in stops)]
 
 
 def word_features(h: torch.Tensor, spans: Sequence[tuple[int, int]], words: Sequence[tuple[str, int, int]]
@@ -84,7 +146,7 @@ def word_features(h: torch.Tensor, spans: Sequence[tuple[int, int]], words: Sequ
 
 
 class ReplyPrefixHead(nn.Module):
-    """Policy states -> (template logits [1 + n_templates], word logits [W]). Class 0 means "no prefix rule"."""
+    """Policy states -> (template logits [1 + n_templates], word logits [W]). Class 0 means "no format rule"."""
 
     def __init__(self, hidden_size: int, templates: Sequence[str]):
         super().__init__()
@@ -105,7 +167,8 @@ class ReplyPrefixHead(nn.Module):
 
     @torch.no_grad()
     def predict(self, text: str, h: torch.Tensor, spans: Sequence[tuple[int, int]]) -> str | None:
-        """The prefix this policy demands ("Noted:"), or None when it is not a reply-prefix rule."""
+        """The filled template this policy demands ("Noted:", "{reply} -- Desk"), or None when it is not a
+        reply-format rule (``split_template`` tells prefixes from sign-offs)."""
         words = policy_words(text)
         cls_logits, word_logits = self(h, word_features(h, spans, words))
         c = int(cls_logits.argmax())
@@ -150,12 +213,13 @@ def _builtin_records(n: int, seed: int) -> list[str]:
 
 class PrefixCompiler:
     """Prefix string -> rank-K LoRA factors (A [K, d_in], B [d_out, K]) on the last layer's ``down_proj`` that
-    make greedy replies start with the prefix. The background statistics (the base model's states over its own
-    replies to built-in records) are computed once, on first use (~10-20 s on one CPU thread)."""
+    make greedy replies start with the prefix (``__call__``), or end with a sign-off (``signoff``). The
+    background statistics (the base model's states over its own replies to built-in records) are computed once
+    per kind, on first use (~10-20 s for prefixes, ~60 s for sign-offs on one CPU thread), and cached on disk."""
 
     def __init__(self, model: nn.Module, tokenizer: Any, *, n_background: int = 32, n_keys: int = 8,
                  ridge: float = 1.0, key_weight: float = 20.0, init_scale: float = 40.0, margin: float = 4.0,
-                 max_tokens: int = 16, seed: int = 7):
+                 max_tokens: int = 16, seed: int = 7, signoff_tokens: int = 48):
         from hyperlora.reader import module_name
 
         self.model, self.tokenizer = model, tokenizer
@@ -163,13 +227,20 @@ class PrefixCompiler:
         self.name = module_name(model, self.layer, "down_proj")
         self.ridge, self.key_weight, self.init_scale, self.margin = ridge, key_weight, init_scale, margin
         self.max_tokens, self.n_background, self.n_keys, self.seed = max_tokens, n_background, n_keys, seed
+        self.signoff_tokens = signoff_tokens
         self._stats: dict[str, Any] | None = None
+        self._signoff_stats: dict[str, Any] | None = None
+        self._outputs: dict[str, torch.Tensor] | None = None
         self.margins: torch.Tensor | None = None  # per-token logit margins on the key records, last compile
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def settings(self) -> str:
+    def _prefix_settings(self) -> str:
         return (f"{self.n_background}|{self.n_keys}|{self.ridge}|{self.key_weight}|{self.init_scale}|"
                 f"{self.margin}|{self.max_tokens}|{self.seed}")
+
+    def settings(self) -> str:
+        """Every setting a compiled adapter depends on (part of the served reader's weights id)."""
+        return f"{self._prefix_settings()}|{self.signoff_tokens}"
 
     def _enc(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -199,43 +270,58 @@ class PrefixCompiler:
             hook.remove()
         return out
 
-    def _cache_file(self) -> Path:
-        """Where the background statistics of this model and these settings are kept between processes."""
+    def _cache_file(self, kind: str = "background") -> Path:
+        """Where the `kind` statistics of this model and these settings are kept between processes."""
         import hashlib
 
         from hyperlora.models import cache_dir
 
-        h = hashlib.sha256(self.settings().encode())
+        h = hashlib.sha256((self.settings() if kind == "signoff" else self._prefix_settings()).encode())
         mod = dict(self.model.named_modules())[self.name]
         for t in (mod.weight, self.model.get_input_embeddings().weight, self.model.model.norm.weight):
             h.update(t.detach().float().cpu().numpy().tobytes()[:1 << 20])
             h.update(str(tuple(t.shape)).encode())
-        return cache_dir() / "reply_prefix" / f"background-{h.hexdigest()[:16]}.pt"
+        return cache_dir() / "reply_prefix" / f"{kind}-{h.hexdigest()[:16]}.pt"
+
+    def _load_or_compute(self, kind: str, compute: Any) -> dict[str, Any]:
+        """The `kind` statistics from the disk cache, else from `compute()` (then written to the cache)."""
+        path = self._cache_file(kind)
+        if path.is_file():
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as e:  # a torn or foreign file: recompute and overwrite it
+                warnings.warn(f"ignoring unreadable reply-prefix cache {path}: {e}", stacklevel=3)
+        stats = compute()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            torch.save(stats, tmp)
+            tmp.replace(path)
+        except OSError as e:
+            warnings.warn(f"could not cache reply-prefix statistics at {path}: {e}", stacklevel=3)
+        return stats
 
     def _background(self) -> dict[str, Any]:
+        """Prefix statistics: Gram matrix of ordinary reply states, answer-start states, key prompts."""
         if self._stats is None:
-            path = self._cache_file()
-            if path.is_file():
-                try:
-                    saved = torch.load(path, map_location="cpu", weights_only=True)
-                    self._stats = self._with_output_maps(saved)
-                    return self._stats
-                except Exception as e:  # a torn or foreign file: recompute and overwrite it
-                    warnings.warn(f"ignoring unreadable reply-prefix cache {path}: {e}", stacklevel=2)
-            self._stats = self._with_output_maps(self._compute_background())
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(".tmp")
-                torch.save({k: v for k, v in self._stats.items() if k in ("G", "starts", "key_prompts")}, tmp)
-                tmp.replace(path)
-            except OSError as e:
-                warnings.warn(f"could not cache reply-prefix statistics at {path}: {e}", stacklevel=2)
+            self._stats = self._load_or_compute("background", self._compute_background)
         return self._stats
 
-    def _with_output_maps(self, stats: dict[str, Any]) -> dict[str, Any]:
-        E = self.model.get_input_embeddings().weight.detach().float().cpu()
-        gamma = self.model.model.norm.weight.detach().float().cpu()
-        return {**stats, "E": E, "gamma": gamma, "Minv": torch.linalg.inv(E.T @ E + 1e-3 * torch.eye(E.shape[1]))}
+    def _signoff_background(self) -> dict[str, Any]:
+        """Sign-off statistics: Gram matrix of reply states that end no sentence, sentence-end states, and key
+        sequences (a prompt and the first sentence of the base model's reply)."""
+        if self._signoff_stats is None:
+            self._signoff_stats = self._load_or_compute("signoff", self._compute_signoff_background)
+        return self._signoff_stats
+
+    def _output_maps(self) -> dict[str, torch.Tensor]:
+        """Tied embeddings E, the final RMSNorm's gain and (E^T E + eps)^-1, for least-squares output directions."""
+        if self._outputs is None:
+            E = self.model.get_input_embeddings().weight.detach().float().cpu()
+            gamma = self.model.model.norm.weight.detach().float().cpu()
+            self._outputs = {"E": E, "gamma": gamma,
+                             "Minv": torch.linalg.inv(E.T @ E + 1e-3 * torch.eye(E.shape[1]))}
+        return self._outputs
 
     def _compute_background(self) -> dict[str, Any]:
         """The ridge background (Gram matrix of ordinary reply states), answer-start states, key prompts."""
@@ -252,6 +338,35 @@ class PrefixCompiler:
         rest = torch.cat([torch.cat([x[: n - 1], x[n:]]) for x, n in zip(xs, plen)])
         return {"G": rest.T @ rest, "starts": starts,
                 "key_prompts": [self._enc(prompt_text(self.tokenizer, r)) for r in key_recs]}
+
+    def _compute_signoff_background(self) -> dict[str, Any]:
+        from hyperlora.tasks.prompts import prompt_text
+        from hyperlora.training.scoring import greedy_generate
+
+        recs = _builtin_records(self.n_background + self.n_keys, self.seed)
+        texts = [prompt_text(self.tokenizer, r) for r in recs]
+        replies = greedy_generate(self.model, self.tokenizer, texts, max_new_tokens=self.signoff_tokens,
+                                  batch_size=8, bf16=False)
+        prompts, rids = [self._enc(t) for t in texts], [self._enc(r) for r in replies]
+        xs = self._states([p + r for p, r in zip(prompts, rids)])
+        ends, rest, key_seqs = [], [], []
+        for j, (x, p, r) in enumerate(zip(xs, prompts, rids)):
+            stops = sentence_ends(self.tokenizer, r)
+            if j >= self.n_background:  # key records: the prompt and the reply's first sentence
+                key_seqs.append(p + r[: stops[0] + 1] if stops else p + r)
+                continue
+            n = len(p)
+            is_end = torch.zeros(len(r) + 1, dtype=torch.bool)  # index 0: the answer start
+            is_end[[i + 1 for i in stops]] = True
+            states = x[n - 1:]
+            ends.append(states[is_end])
+            rest.append(states[~is_end])
+        rest_t = torch.cat(rest)
+        ends_t = torch.cat(ends)
+        if len(ends_t) == 0:
+            raise RuntimeError("the base model's replies to the built-in records end no sentence: cannot learn "
+                               "where a sign-off goes")
+        return {"G": rest_t.T @ rest_t, "n_rest": len(rest_t), "ends": ends_t, "key_seqs": key_seqs}
 
     def prefix_ids(self, prefix: str) -> list[int]:
         """The prefix's tokens as they follow the assistant header."""
@@ -282,9 +397,34 @@ class PrefixCompiler:
         self._cache[prefix] = (A, B)
         return A, B
 
+    @torch.no_grad()
+    def signoff(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sign-off text (" -- Desk") -> (A [K, d_in], B [d_out, K]): at the end of a sentence of the reply, emit
+        the text and then the end of turn. Slot 0's key fires at the base model's own sentence ends, so the reply
+        is signed after its first sentence (the shape of the tasks' reference replies, and short enough for a
+        reply read in a few dozen tokens); the others fire after each piece of the sign-off."""
+        from hyperlora.tasks.prompts import end_of_turn
+
+        if not text or not text.strip():
+            raise ValueError("sign-off is empty")
+        key = "\0signoff" + text
+        if key in self._cache:
+            return self._cache[key]
+        st = self._signoff_background()
+        ids = (self._enc(text) + self._enc(end_of_turn(self.tokenizer)))[: self.max_tokens]
+        K = len(ids)
+        seqs = [list(k) + ids for k in st["key_seqs"]]
+        plen = [len(k) for k in st["key_seqs"]]
+        xs = self._states([q[:-1] for q in seqs])
+        Xt = torch.cat([torch.stack([x[n - 1 + k] for k in range(K)]) for x, n in zip(xs, plen)] + [st["ends"]])
+        Yt = torch.cat([torch.eye(K).repeat(len(xs), 1), torch.eye(K)[[0] * len(st["ends"])]])
+        A, B = self._fit(st["G"], Xt, Yt, seqs, plen, ids)
+        self._cache[key] = (A, B)
+        return A, B
+
     def _fit(self, G, Xt, Yt, seqs, plen, ids) -> tuple[torch.Tensor, torch.Tensor]:
         """Ridge keys, then each slot's scale raised until its token wins by ``margin`` on every key record."""
-        st = self._background()
+        st = self._output_maps()
         d, w = Xt.shape[1], self.key_weight
         A = torch.linalg.solve(G + w * Xt.T @ Xt + self.ridge * torch.eye(d), w * Xt.T @ Yt).T     # [K, d_in]
         V = (st["Minv"] @ st["E"][ids].T).T / st["gamma"]

@@ -25,11 +25,45 @@ def test_templates_come_from_the_shared_reply_prefix():
         == ("[{w}]", "Ops")
     assert derive_template('Answer in JSON of the form {"Memo": <your reply>}.',
                            ['{"Memo": "Thanks"}', '{"Memo": "We will"}']) == ('{"{w}":', "Memo")
-    # a sign-off rule: the replies share no prefix, so no template
-    assert derive_template("End every reply with '-- Desk'.", ["Thanks. -- Desk", "We will. -- Desk"]) is None
+    # a sign-off rule: no shared prefix, a shared ending; its punctuation run belongs to the sign-off, the
+    # reply's own full stop does not, and the white space between them is kept
+    assert derive_template("End every reply with '-- Desk'.", ["Thanks. -- Desk", "We will. -- Desk"]) \
+        == ("{reply} -- {w}", "Desk")
+    assert derive_template("Close with '-- Desk'.", ["Thanks.\n-- Desk ", "We will.\n-- Desk"]) \
+        == ("{reply}\n-- {w}", "Desk")
+    assert derive_template("Sign with Desk.", ["Thanks. Desk", "We will. Desk"]) == ("{reply} {w}", "Desk")
+    assert derive_template("Sign with ~Desk~.", ["Thanks. ~Desk~", "Sure. ~Desk~"]) == ("{reply} ~{w}~", "Desk")
+    # a policy word far before the shared ending is no sign-off
+    assert derive_template("Mention Desk.", ["Hi. Desk will call, thank you all", "Yo. Desk will call, thank you all"]) \
+        is None
     # one reply says nothing about what is shared; a word far into the shared text is not a prefix rule
     assert derive_template("Start with 'Ack:'.", ["Ack: hi"]) is None
     assert derive_template("Mention Ack.", ["Dear customer, Ack", "Dear customer, Ack too"]) is None
+
+
+def test_split_template_tells_prefixes_from_signoffs():
+    from hyperlora.reply_prefix import split_template
+
+    assert split_template("Noted:") == ("prefix", "Noted:")
+    assert split_template("{reply} -- Desk") == ("signoff", " -- Desk")
+
+
+def test_sentence_ends_are_found_after_sentences_only(tiny_model):
+    from hyperlora.models import load_base_model
+    from hyperlora.reply_prefix import sentence_ends
+
+    _, tok = load_base_model(tiny_model)
+    text = "We pay 3.5 dollars. Steps: 1. Log in! Done? Yes"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    spans = token_spans(tok, ids)
+    decoded = tok.decode(ids)
+    ends = sentence_ends(tok, ids)
+    # the characters that end a sentence, each inside exactly one returned token: "dollars." "in!" "Done?"
+    want = [decoded.index("dollars.") + 8, decoded.index("in!") + 3, decoded.index("Done?") + 5]
+    assert len(ends) == len(want)
+    for i, e in zip(ends, want):
+        assert spans[i][0] < e <= spans[i][1]
+    assert sentence_ends(tok, []) == []
 
 
 def test_policy_words_and_token_spans_line_up(tiny_model):
@@ -153,6 +187,45 @@ def test_compiled_prefix_wins_every_position_on_its_key_records(roomy_model):
         assert not all(int(base[k].argmax()) == t for k, t in enumerate(ids))  # the base model alone does not
 
 
+def test_a_model_whose_replies_end_no_sentence_cannot_compile_a_signoff(tiny_model):
+    _, _, comp = _compiler(tiny_model)  # random weights: its replies are random tokens (measured: no sentence ends)
+    with pytest.raises(RuntimeError, match="end no sentence"):
+        comp.signoff(" -- Desk")
+
+
+def test_compiled_signoff_follows_sentence_ends_and_then_ends_the_turn(roomy_model, monkeypatch):
+    """A sign-off compiles to slots that emit its tokens and then the end of turn after a sentence of the reply:
+    checked on the key records by an independent forward."""
+    from hyperlora import reply_prefix
+    from hyperlora.tasks.prompts import end_of_turn
+    from hyperlora.training.lora_fn import apply_lora
+
+    # a random model writes no sentences (this one repeats one token): let every sixth token end one. Whether
+    # slot 0 then fires at a real model's sentence ends and not elsewhere is measured on SmolLM2
+    # (docs/EXPERIMENTS.md 9a), not here: these positions carry nothing a key could select on
+    monkeypatch.setattr(reply_prefix, "sentence_ends", lambda tok, ids: list(range(4, len(ids), 6)))
+    model, tok, comp = _compiler(roomy_model, margin=0.2)  # margin: see the prefix test
+    with pytest.raises(ValueError, match="empty"):
+        comp.signoff(" ")
+    A, B = comp.signoff(" -- Desk")
+    ids = (tok(" -- Desk", add_special_tokens=False)["input_ids"]
+           + tok(end_of_turn(tok), add_special_tokens=False)["input_ids"])
+    K = len(ids)
+    assert A.shape == (K, 256) and B.shape == (64, K) and torch.isfinite(A).all() and torch.isfinite(B).all()
+    assert bool((comp.margins >= comp.margin).all()), comp.margins
+    assert comp.signoff(" -- Desk")[0] is A  # cached, apart from the prefix "-- Desk" would be
+    st = comp._signoff_background()
+    assert len(st["key_seqs"]) == comp.n_keys and len(st["ends"]) > 0
+    for p in st["key_seqs"]:
+        seq = torch.tensor([list(p) + ids[:-1]])
+        with apply_lora(model, {comp.name: (A[None], B[None])}, scale=1.0, rows=torch.zeros(1, dtype=torch.long)):
+            logits = model(seq).logits[0, len(p) - 1:].float()
+        for k, t in enumerate(ids):
+            top2 = logits[k].topk(2)
+            assert int(top2.indices[0]) == t, (k, t)
+            assert float(top2.values[0] - top2.values[1]) >= comp.margin - 1e-4  # 1e-4: as in the prefix test
+
+
 def test_background_statistics_are_cached_on_disk_and_a_torn_file_is_recomputed(tiny_model, tmp_path):
     _, _, first = _compiler(tiny_model)
     st = first._background()
@@ -170,6 +243,9 @@ def test_background_statistics_are_cached_on_disk_and_a_torn_file_is_recomputed(
     assert torch.equal(st3["G"], st["G"])
     _, _, other = _compiler(tiny_model, ridge=2.0)
     assert other._cache_file() != path  # other settings, other file
+    _, _, longer = _compiler(tiny_model, signoff_tokens=20)
+    assert longer._cache_file() == path  # prefixes do not depend on the sign-off's reply length ...
+    assert longer._cache_file("signoff") != first._cache_file("signoff")  # ... sign-offs do
 
 
 def test_a_margin_out_of_reach_is_reported(tiny_model):
@@ -180,7 +256,7 @@ def test_a_margin_out_of_reach_is_reported(tiny_model):
 
 
 @pytest.mark.filterwarnings("ignore:reply prefix")  # the tiny model's margins are far below the default target
-def test_served_reader_compiles_prefix_rules_and_leaves_other_policies(tiny_model, tmp_path):
+def test_served_reader_compiles_prefix_rules_and_leaves_other_policies(tiny_model, tmp_path, monkeypatch):
     from hyperlora.reader import ReaderHypernet, ReaderSource
 
     model, tok, feats, reader = _trained_like(tiny_model, seed=6)
@@ -192,7 +268,8 @@ def test_served_reader_compiles_prefix_rules_and_leaves_other_policies(tiny_mode
     served = ReaderHypernet(reader, feats, prefix_head=head, max_rank=8)
     served.compiler.n_background, served.compiler.n_keys = 8, 4
     assert served.weights_id() != plain.weights_id()
-    assert served.reply_prefixes(policies) == ["Start:", "Flag:"]
+    assert served.reply_formats(policies) == ["Start:", "Flag:"]
+    assert served.rules(policies[:1]) == [("prefix", "Start:")]
     got = served.adapters_for_texts(policies[:1])[0]
     A, B = served.compiler("Start:")
     down, o = served.compiler.name, next(n for n in got if n != served.compiler.name)
@@ -203,6 +280,18 @@ def test_served_reader_compiles_prefix_rules_and_leaves_other_policies(tiny_mode
     served0 = ReaderHypernet(reader, feats, prefix_head=none_head)
     for n, (a, b) in served0.adapters_for_texts(policies)[1].items():
         assert torch.equal(a, want[1][n][0]) and torch.equal(b, want[1][n][1])
+    # a sign-off reading serves the compiled sign-off the same way (the random model writes no sentences: see
+    # the sign-off compiler's test)
+    from hyperlora import reply_prefix
+
+    monkeypatch.setattr(reply_prefix, "sentence_ends", lambda tok, ids: list(range(4, len(ids), 6)))
+    signer = ReaderHypernet(reader, feats, prefix_head=_forced_head(32, "{reply} -- {w}", 1), max_rank=8)
+    signer.compiler.n_background, signer.compiler.n_keys = 8, 4
+    assert signer.rules(policies[:1]) == [("signoff", " -- Start")]
+    got = signer.adapters_for_texts(policies[:1])[0]
+    A, B = signer.compiler.signoff(" -- Start")
+    assert torch.equal(got[down][0], A) and torch.equal(got[down][1], B)
+    assert got[o][0].abs().sum() == 0 and got[o][1].abs().sum() == 0
     # a checkpoint directory with a head loads it for eval and serving
     head.save(tmp_path / "r")
     src = ReaderSource.from_dir(tmp_path / "r", model, tok)
@@ -220,7 +309,7 @@ def test_rule_heads_method_trains_both_heads_on_a_reader(tiny_model, tmp_path):
                "--set", "rule_extra_threshold=3", "--set", "held_out_per_family=1", "--threads", "1"])
     assert rc == 0
     res = json.loads((out / "results.json").read_text())
-    assert set(res["templates"]) <= {"{w}:", "[{w}]", '{"{w}":'} and res["templates"]
+    assert set(res["templates"]) <= {"{w}:", "[{w}]", '{"{w}":', "{reply} -- {w}"} and res["templates"]
     assert set(res["eval"]) == {"held_out_combo", "held_out_topic", "held_out_words"}
     for f in ("reply_prefix.safetensors", "threshold_rule.safetensors", "reader.safetensors"):
         assert (out / "final" / f).is_file(), f
