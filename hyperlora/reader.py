@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -102,9 +103,15 @@ class PolicyFeatures:
         return ids[: self.prefix + self.cfg.max_tokens]
 
     @torch.no_grad()
-    def __call__(self, texts: Sequence[str], batch_size: int = 32) -> list[dict[str, torch.Tensor]]:
+    def __call__(self, texts: Sequence[str], batch_size: int = 32, progress: bool = False
+                 ) -> list[dict[str, torch.Tensor]]:
+        """Per text (uncached ones read in batches; ``progress`` shows a bar over them)."""
         todo = [t for t in dict.fromkeys(texts) if t not in self._cache]
         if todo:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(todo), desc="reading policies", unit="text", disable=not progress,
+                       mininterval=5, file=sys.stderr)
             store: dict[str, torch.Tensor] = {}
             mods = dict(self.model.named_modules())
             hooks = [mods[n].register_forward_hook(lambda m, i, o, t=t: store.__setitem__(t, i[0].detach()))
@@ -126,7 +133,9 @@ class PolicyFeatures:
                         for mt in self.names:
                             f[mt] = store[mt][j, self.prefix:n].float().cpu()
                         self._cache[t] = f
+                    bar.update(len(chunk))
             finally:
+                bar.close()
                 for h in hooks:
                     h.remove()
         return [self._cache[t] for t in texts]

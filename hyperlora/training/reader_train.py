@@ -257,7 +257,7 @@ def _read_cached(features: PolicyFeatures, texts: Sequence[str], model_id: str) 
         for i, t in enumerate(uniq):
             features._cache[t] = per[i]
         return
-    features(uniq)
+    features(uniq, progress=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({f"{i}/{k}": v.contiguous() for i, t in enumerate(uniq) for k, v in features._cache[t].items()},
               str(path))

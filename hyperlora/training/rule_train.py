@@ -44,7 +44,7 @@ def build_examples(tasks: Sequence[PolicyTask], features: Any, tokenizer: Any
         for text in [t.policy, *t.paraphrases]:
             texts.append(text)
             meta.append(lab)
-    feats = features(texts)
+    feats = features(texts, progress=True)
     out = []
     for text, lab, f in zip(texts, meta, feats):
         words = policy_words(text)
