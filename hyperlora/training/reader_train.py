@@ -234,7 +234,7 @@ def off_answer_change(session: Session, items: Sequence[Any], adapters: dict, ro
     return ((got - base).pow(2).sum(-1) / base.pow(2).sum(-1).clamp_min(1e-6)).mean()
 
 
-def _read_cached(features: PolicyFeatures, texts: Sequence[str], model_id: str) -> None:
+def read_policies_cached(features: PolicyFeatures, texts: Sequence[str], model_id: str) -> None:
     """features(texts), with the result kept on disk under $HYPERLORA_CACHE/reader/ (reading ~2k policy texts
     costs minutes on a CPU; every run on the same data reuses it)."""
     import hashlib
@@ -324,7 +324,7 @@ def train_reader(session: Session, log: Callable[[str], None] = print, resume: b
     texts = [x for task in data.tasks for x in task.texts()]  # free-text tasks too (format rules)
     texts += [d.tasks[t].policy for d in session.evals.values() for t in d.usable_tasks]
     t0 = time.time()
-    _read_cached(features, texts, str(cfg.base_model or "default"))
+    read_policies_cached(features, texts, str(cfg.base_model or "default"))
     log(f"read {len(set(texts))} policy texts with the base model in {time.time() - t0:.0f} s")
     torch.manual_seed(cfg.seed)
     reader = PolicyReader(rcfg, model.get_input_embeddings().weight, names).to(cfg.device)

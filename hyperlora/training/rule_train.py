@@ -4,11 +4,12 @@ and numeric thresholds (``hyperlora/threshold_rule.py``).
     hyperlora train --config hyperlora/training/configs/rule_heads_cpu.json
 
 Data: the training split's policies of every family (their paraphrases too), labelled from the tasks
-themselves. A free-text task whose reference replies share a prefix built on a policy word is labelled with
+themselves. A free-text task whose reference replies share a prefix or an ending built on a policy word is labelled with
 that template and word (``derive_template``); a two-option task decided by one record number against one
 policy number with its threshold and answers (``derive_threshold``); every other task "no rule". The heads
 read the reader's own gate-layer states of the policy, so the base model runs once per policy text; the
-threshold probe reads the threshold training records once. ~5 min on one thread; the heads train in seconds.
+threshold probe reads the threshold training records once. ~35 min on one thread the first time (reading
+~4,200 policy texts; kept under $HYPERLORA_CACHE/reader/ for the next run); the heads train in seconds.
 The output directory is the reader (copied from ``reader_init``) plus both heads.
 """
 from __future__ import annotations
@@ -211,6 +212,7 @@ def train_rule_heads(cfg: Any, out: Path, log: Callable[[str], None] = print) ->
     from hyperlora.models import load_base_model
     from hyperlora.reader import PolicyFeatures, PolicyReader
     from hyperlora.tasks.generator import SPLITS, generate_tasks
+    from hyperlora.training.reader_train import read_policies_cached
 
     if not cfg.reader_init:
         raise ValueError("--method rule_heads needs reader_init: the trained reader directory to add the heads to")
@@ -229,6 +231,8 @@ def train_rule_heads(cfg: Any, out: Path, log: Callable[[str], None] = print) ->
                               seed=cfg.suite_seed, examples_per_task=cfg.train_examples_per_task, strict=False)
         train += [t for t in more if t.policy not in seen]
     log(f"rule heads: reading {len(train)} training policies and their paraphrases")
+    read_policies_cached(features, [x for t in train for x in (t.policy, *t.paraphrases)],
+                         str(cfg.base_model or "default"))
     examples, templates = build_examples(train, features, tok)
     threshold_labels(train, examples)
     log(f"templates learned from the training replies: {templates}; "
