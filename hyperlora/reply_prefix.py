@@ -105,6 +105,20 @@ def _shared_signoff(policy: str, answers: Sequence[str]) -> tuple[str, str] | No
         best.group(0)
 
 
+_QUOTED = re.compile(r"(?<![A-Za-z0-9])(?:'([^'\n]{1,40})'|\"([^\"\n]{1,40})\")(?![A-Za-z0-9])")  # not "don't"
+
+
+def quoted_literal(policy: str, word: str) -> str | None:
+    """The policy's quoted text that holds `word` and punctuation besides it ('Noted:', '-- Desk', '- Noted'),
+    stripped; None if no quote holds the word, or the quote is the bare word ('Noted', "Memo")."""
+    for m in _QUOTED.finditer(policy):
+        q = (m.group(1) or m.group(2)).strip()
+        if re.search(rf"(?<![A-Za-z0-9]){re.escape(word)}(?![A-Za-z0-9])", q) and q != word \
+                and re.search(r"[^\w\s]", q.replace(word, "")):
+            return q
+    return None
+
+
 def split_template(filled: str) -> tuple[str, str]:
     """("prefix", text) for a filled prefix template, ("signoff", text to append) for a sign-off template."""
     if filled.startswith(REPLY):
@@ -168,13 +182,20 @@ class ReplyPrefixHead(nn.Module):
     @torch.no_grad()
     def predict(self, text: str, h: torch.Tensor, spans: Sequence[tuple[int, int]]) -> str | None:
         """The filled template this policy demands ("Noted:", "{reply} -- Desk"), or None when it is not a
-        reply-format rule (``split_template`` tells prefixes from sign-offs)."""
+        reply-format rule (``split_template`` tells prefixes from sign-offs). Where the policy quotes the exact
+        text around the fill word ("... the bullet '- Noted'"), that text is used verbatim (``quoted_literal``):
+        the learned templates only cover the kinds seen in training."""
         words = policy_words(text)
         cls_logits, word_logits = self(h, word_features(h, spans, words))
         c = int(cls_logits.argmax())
         if c == 0 or not words:
             return None
-        return self.templates[c - 1].replace(SLOT, words[int(word_logits.argmax())][0])
+        word = words[int(word_logits.argmax())][0]
+        template = self.templates[c - 1]
+        literal = quoted_literal(text, word)
+        if literal is not None:
+            return (REPLY + " " + literal) if template.startswith(REPLY) else literal
+        return template.replace(SLOT, word)
 
     def save(self, directory: str | Path, extra: dict[str, Any] | None = None) -> None:
         from safetensors.torch import save_file

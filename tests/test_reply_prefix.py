@@ -48,6 +48,20 @@ def test_split_template_tells_prefixes_from_signoffs():
     assert split_template("{reply} -- Desk") == ("signoff", " -- Desk")
 
 
+def test_quoted_literals_hold_the_word_and_punctuation():
+    from hyperlora.reply_prefix import quoted_literal
+
+    assert quoted_literal("Format your reply as a list starting with the bullet '- Noted'.", "Noted") == "- Noted"
+    assert quoted_literal("Start every reply with 'Noted:'.", "Noted") == "Noted:"
+    assert quoted_literal('Close with " -- Desk " always.', "Desk") == "-- Desk"
+    # a bare quoted word says nothing about the format; a quote without the word is another quote
+    assert quoted_literal("Answer as a bulleted list whose first item is 'Case'.", "Case") is None
+    assert quoted_literal('Return your reply as JSON under the key "Note".', "Note") is None
+    assert quoted_literal("Start with 'Ack:'.", "Noted") is None
+    # an apostrophe is no quote mark
+    assert quoted_literal("Don't answer 'Noted' ones; use 'Ack:' there.", "Ack") == "Ack:"
+
+
 def test_sentence_ends_are_found_after_sentences_only(tiny_model):
     from hyperlora.models import load_base_model
     from hyperlora.reply_prefix import sentence_ends
@@ -102,6 +116,10 @@ def test_head_predicts_template_and_word_and_round_trips(tmp_path):
     spans = [(0, 5), (5, 11), (11, 16), (16, 20), (20, 24)]
     assert _forced_head(8, "[{w}]", 1).predict("Noted is the word", h, spans) == "[Noted]"
     assert _forced_head(8, "[{w}]", 0).predict("Noted is the word", h, spans) is None
+    # a quoted literal around the chosen word is used verbatim, as a prefix or as a sign-off
+    assert _forced_head(8, "[{w}]", 1).predict("Noted replies open with '>> Noted'", h, spans) == ">> Noted"
+    assert _forced_head(8, "{reply} -- {w}", 1).predict("Noted replies end in '~Noted~'", h, spans) \
+        == "{reply} ~Noted~"
     torch.manual_seed(0)
     head = ReplyPrefixHead(8, ["{w}:", "[{w}]"])
     with torch.no_grad():
