@@ -236,7 +236,7 @@ class PrefixCompiler:
     """Prefix string -> rank-K LoRA factors (A [K, d_in], B [d_out, K]) on the last layer's ``down_proj`` that
     make greedy replies start with the prefix (``__call__``), or end with a sign-off (``signoff``). The
     background statistics (the base model's states over its own replies to built-in records) are computed once
-    per kind, on first use (~10-20 s for prefixes, ~60 s for sign-offs on one CPU thread), and cached on disk."""
+    per kind, on first use (~10-20 s for prefixes, ~45 s for sign-offs on one CPU thread), and cached on disk."""
 
     def __init__(self, model: nn.Module, tokenizer: Any, *, n_background: int = 32, n_keys: int = 8,
                  ridge: float = 1.0, key_weight: float = 20.0, init_scale: float = 40.0, margin: float = 4.0,
@@ -361,6 +361,7 @@ class PrefixCompiler:
                 "key_prompts": [self._enc(prompt_text(self.tokenizer, r)) for r in key_recs]}
 
     def _compute_signoff_background(self) -> dict[str, Any]:
+        """The base model's replies to built-in records (``signoff_tokens`` each), split at sentence ends."""
         from hyperlora.tasks.prompts import prompt_text
         from hyperlora.training.scoring import greedy_generate
 
@@ -406,15 +407,7 @@ class PrefixCompiler:
         if prefix in self._cache:
             return self._cache[prefix]
         st = self._background()
-        ids = self.prefix_ids(prefix)
-        K = len(ids)
-        seqs = [p + ids for p in st["key_prompts"]]
-        xs = self._states([s[:-1] for s in seqs])
-        plen = [len(p) for p in st["key_prompts"]]
-        Xt = torch.cat([torch.stack([x[n - 1 + k] for k in range(K)]) for x, n in zip(xs, plen)]
-                       + [st["starts"]])
-        Yt = torch.cat([torch.eye(K).repeat(len(xs), 1), torch.eye(K)[[0] * len(st["starts"])]])
-        A, B = self._fit(st["G"], Xt, Yt, seqs, plen, ids)
+        A, B = self._compile_after(st["key_prompts"], self.prefix_ids(prefix), st["starts"], st["G"])
         self._cache[prefix] = (A, B)
         return A, B
 
@@ -433,15 +426,21 @@ class PrefixCompiler:
             return self._cache[key]
         st = self._signoff_background()
         ids = (self._enc(text) + self._enc(end_of_turn(self.tokenizer)))[: self.max_tokens]
-        K = len(ids)
-        seqs = [list(k) + ids for k in st["key_seqs"]]
-        plen = [len(k) for k in st["key_seqs"]]
-        xs = self._states([q[:-1] for q in seqs])
-        Xt = torch.cat([torch.stack([x[n - 1 + k] for k in range(K)]) for x, n in zip(xs, plen)] + [st["ends"]])
-        Yt = torch.cat([torch.eye(K).repeat(len(xs), 1), torch.eye(K)[[0] * len(st["ends"])]])
-        A, B = self._fit(st["G"], Xt, Yt, seqs, plen, ids)
+        A, B = self._compile_after(st["key_seqs"], ids, st["ends"], st["G"])
         self._cache[key] = (A, B)
         return A, B
+
+    def _compile_after(self, heads: Sequence[Sequence[int]], ids: list[int], slot0_keys: torch.Tensor,
+                       G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slots that emit `ids` in order after each key sequence in `heads`; slot 0 also fires on the states
+        `slot0_keys` (answer starts for a prefix, sentence ends for a sign-off); G is the ridge background."""
+        K = len(ids)
+        seqs = [list(h) + ids for h in heads]
+        plen = [len(h) for h in heads]
+        xs = self._states([q[:-1] for q in seqs])
+        Xt = torch.cat([torch.stack([x[n - 1 + k] for k in range(K)]) for x, n in zip(xs, plen)] + [slot0_keys])
+        Yt = torch.cat([torch.eye(K).repeat(len(xs), 1), torch.eye(K)[[0] * len(slot0_keys)]])
+        return self._fit(G, Xt, Yt, seqs, plen, ids)
 
     def _fit(self, G, Xt, Yt, seqs, plen, ids) -> tuple[torch.Tensor, torch.Tensor]:
         """Ridge keys, then each slot's scale raised until its token wins by ``margin`` on every key record."""
