@@ -352,7 +352,8 @@ def write_chart(rep: dict[str, Any], path: Path) -> Path | None:
                 cell = (rep["families"].get(g) or rep["splits"].get(g) or {}).get(c)
                 v = cell.get("acc") if cell else None
             vals.append(float("nan") if v is None else v)
-        ax.bar([i + (k - (len(conds) - 1) / 2) * w for i in range(len(groups))], vals, w, label=c)
+        ax.bar([i + (k - (len(conds) - 1) / 2) * w for i in range(len(groups))], vals, w,
+               label="oracle_lora (its own policies only)" if c == "oracle_lora" else c)
     if rep.get("chance") is not None:
         ax.axhline(rep["chance"], color="gray", linestyle="--", linewidth=1, label="chance (option tasks)")
     ax.set_xticks(range(len(groups)))
