@@ -62,10 +62,14 @@ def derive_template(policy: str, answers: Sequence[str]) -> tuple[str, str] | No
     return _shared_prefix(policy, answers) or _shared_signoff(policy, answers)
 
 
+def _whole_word(word: str) -> re.Pattern:
+    """`word` not inside a longer alphanumeric run."""
+    return re.compile(rf"(?<![A-Za-z0-9]){re.escape(word)}(?![A-Za-z0-9])")
+
+
 def _word_in(policy: str, text: str) -> list[re.Match]:
     """Whole-word occurrences of the policy's words in `text`."""
-    return [m for word, _, _ in policy_words(policy)
-            for m in re.finditer(rf"(?<![A-Za-z0-9]){re.escape(word)}(?![A-Za-z0-9])", text)]
+    return [m for word, _, _ in policy_words(policy) for m in _whole_word(word).finditer(text)]
 
 
 def _shared_prefix(policy: str, answers: Sequence[str]) -> tuple[str, str] | None:
@@ -113,7 +117,7 @@ def quoted_literal(policy: str, word: str) -> str | None:
     stripped; None if no quote holds the word, or the quote is the bare word ('Noted', "Memo")."""
     for m in _QUOTED.finditer(policy):
         q = (m.group(1) or m.group(2)).strip()
-        if re.search(rf"(?<![A-Za-z0-9]){re.escape(word)}(?![A-Za-z0-9])", q) and q != word \
+        if _whole_word(word).search(q) and q != word \
                 and re.search(r"[^\w\s]", q.replace(word, "")):
             return q
     return None
