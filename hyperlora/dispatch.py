@@ -29,6 +29,8 @@ from typing import Optional, Union
 
 import torch
 
+from hyperlora.precision import cpu_has_native_bf16
+
 __all__ = ["DeviceProfile", "PathCost", "PathChoice", "DEFAULT_PROFILES", "choose_path", "estimate",
            "device_profile", "calibrate", "PATHS"]
 
@@ -329,7 +331,7 @@ def calibrate(device: Union[torch.device, str, None] = None) -> DeviceProfile:
         # GEMM that does fit overstates a CPU's rate on real layers ~3x)
         m, k, n = (4096, 4096, 4096) if gpu else (256, 2048, 512)
         rates = {}
-        for dt in (torch.bfloat16 if (gpu or _cpu_has_fast_bf16()) else torch.float32, torch.float32):
+        for dt in (torch.bfloat16 if (gpu or cpu_has_native_bf16()) else torch.float32, torch.float32):
             a = torch.randn(m, k, device=dev).to(dt)
             b = torch.randn(n, k, device=dev).to(dt)
             rates[dt] = 2 * m * k * n / _best_time(lambda: a @ b.T, dev, 5)
@@ -414,13 +416,6 @@ def _calibrate_ops(dev: torch.device, prof: DeviceProfile) -> DeviceProfile:
     rest = t_many_m - mat_fixed - Pg * segment - act_s
     gather = min(1.0, max(0.02, adapters_s / rest)) if rest > 0 else 1.0
     return dataclasses.replace(prof, materialized_fixed_s=mat_fixed, segment_s=segment, gather_efficiency=gather)
-
-
-def _cpu_has_fast_bf16() -> bool:
-    try:
-        return "avx512_bf16" in open("/proc/cpuinfo").read() or "amx_bf16" in open("/proc/cpuinfo").read()
-    except OSError:
-        return False
 
 
 @functools.lru_cache(maxsize=None)

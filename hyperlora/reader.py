@@ -84,10 +84,14 @@ class PolicyFeatures:
     """The base model's reading of policy texts: per text, its token ids and, at each of its positions, the
     hidden state after `gate_layer` layers and the inputs of the adapted modules. Cached by text."""
 
-    def __init__(self, model: nn.Module, tokenizer: Any, cfg: ReaderConfig):
+    def __init__(self, model: nn.Module, tokenizer: Any, cfg: ReaderConfig, bf16: bool | None = None):
+        """``bf16``: read under bfloat16 autocast on a CPU; None (default) = where the CPU runs bf16 natively."""
+        from hyperlora.precision import use_bf16
         from hyperlora.tasks.prompts import prompt_text
 
         self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
+        dev = next(model.parameters()).device
+        self.bf16 = dev.type == "cpu" and use_bf16(bf16, dev)
         self._cache: dict[str, dict[str, torch.Tensor]] = {}
         a = tokenizer(prompt_text(tokenizer, "alpha beta"), add_special_tokens=False)["input_ids"]
         b = tokenizer(prompt_text(tokenizer, "zzz qqq"), add_special_tokens=False)["input_ids"]
@@ -124,7 +128,7 @@ class PolicyFeatures:
                     ids = torch.full((len(chunk), max(map(len, seqs))), self.tokenizer.pad_token_id or 0)
                     for j, q in enumerate(seqs):  # right padding: causal attention keeps real positions exact
                         ids[j, : len(q)] = torch.tensor(q)
-                    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cpu"):
+                    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.bf16):
                         out = self.model.model(ids.to(dev), output_hidden_states=True)
                     for j, (t, q) in enumerate(zip(chunk, seqs)):
                         n = len(q)

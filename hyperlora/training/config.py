@@ -85,7 +85,7 @@ class TrainConfig:
     eval_every: int = 100
     eval_tasks_per_split: int = 16
     save_every: int = 50
-    bf16: bool = True
+    bf16: bool | None = None               # bfloat16 autocast; None = where the device runs it natively
     threads: int = 1                       # 1 is ~3x faster than 2 on the shared 2-core machine
     seed: int = 0
     device: str = "cpu"

@@ -418,7 +418,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="where in_context / multitask_lora put the policy")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=32, help="greedy tokens for free-text tasks")
-    p.add_argument("--fp32", action="store_true", help="no bfloat16 autocast")
+    p.add_argument("--fp32", action="store_true",
+                   help="no bfloat16 autocast (default: bf16 where the device runs it natively, else float32)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--out", default="benchmarks/results", help="output directory")
     p.add_argument("--name", default="quality", help="output file stem")
@@ -482,7 +483,11 @@ def run(args: argparse.Namespace) -> int:
     multitask = load_lora(mt_path, model) if mt_path is not None else None
     if "multitask_lora" in conds and multitask is None:
         log.warning("no multi-task LoRA found (pass --multitask-lora): skipping multitask_lora")
-    bf16 = not args.fp32
+    from hyperlora.precision import use_bf16
+
+    bf16 = use_bf16(False if args.fp32 else None, next(model.parameters()).device)
+    if hn is not None and getattr(hn, "features", None) is not None and not bf16:
+        hn.features.bf16 = False  # --fp32 (or no native bf16): the policy reader reads in float32 too
     # The oracle adapts the same modules at the same rank as the hypernetwork (q/v rank 8 without one).
     oracle_kw: dict[str, Any] = {}
     if hn is not None and getattr(hn.hypernet, "reads_text", False):

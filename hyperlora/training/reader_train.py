@@ -245,7 +245,7 @@ def read_policies_cached(features: PolicyFeatures, texts: Sequence[str], model_i
 
     uniq = sorted(set(texts))
     h = hashlib.sha256(f"{model_id}|{features.cfg.layer}|{features.cfg.gate_layer}|{features.cfg.max_tokens}|"
-                       f"{sorted(features.names.items())}".encode())
+                       f"{sorted(features.names.items())}|bf16={features.bf16}".encode())
     for t in uniq:
         h.update(t.encode() + b"\x00")
     path = cache_dir() / "reader" / f"{h.hexdigest()[:24]}.safetensors"

@@ -24,6 +24,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from hyperlora.precision import use_bf16
 from hyperlora.reply_prefix import ReplyPrefixHead, derive_template, policy_words, token_spans, word_features
 from hyperlora.tasks.format import PolicyTask
 from hyperlora.threshold_rule import ThresholdHead, context_features, derive_threshold, numbers
@@ -105,7 +106,7 @@ def threshold_probe(model: Any, tokenizer: Any, module: str, tasks: Sequence[Pol
             ids = torch.full((len(enc), max(map(len, enc))), int(tokenizer.pad_token_id or 0))
             for j, e in enumerate(enc):  # right padding: the answer position of each row is exact
                 ids[j, : len(e)] = torch.tensor(e)
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16(None, "cpu")):
                 model.model(ids)
             xs += [store["x"][j, len(e) - 1].float() for j, e in enumerate(enc)]
     finally:

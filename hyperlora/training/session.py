@@ -142,8 +142,11 @@ def build_session(cfg: TrainConfig, *, policy_in_prompt: bool = False, with_trai
                   with_eval: bool = True, log=print) -> Session:
     from hyperlora.models import cache_dir, load_base_model
 
+    from hyperlora.precision import use_bf16
+
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
+    cfg.bf16 = use_bf16(cfg.bf16, cfg.device)  # resolved once: what the run used is what its config records
     model, tok = load_base_model(cfg.base_model)
     model.to(cfg.device)
     n_layers = len(model.model.layers)
