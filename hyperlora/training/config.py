@@ -63,6 +63,8 @@ class TrainConfig:
     contrastive: float = 0.5
     extra_policies_per_family: int = 0     # >0 (needs relabel_per_task): more topic/routing train policies,
                                            # trained only on relabelled cached records
+    extra_word_swap: float = 0.0           # share of those extra policies whose answer words are swapped for
+                                           # training-only words (hyperlora/tasks/word_swap.py)
     relabel_per_task: int = 0              # >0: add that many relabelled records to topic/routing policies
     loss: str = "options"                  # options: softmax over the options' first-token logits
     time_budget_s: float | None = None     # stop after this many seconds of training (then save)
@@ -102,6 +104,10 @@ class TrainConfig:
                 raise ValueError(f"config.{name} must be a positive int, got {v!r}")
         if not 0.0 <= self.emb_dropout < 1.0:
             raise ValueError(f"config.emb_dropout must be in [0, 1), got {self.emb_dropout}")
+        if not 0.0 <= self.extra_word_swap <= 1.0:
+            raise ValueError(f"config.extra_word_swap must be in [0, 1], got {self.extra_word_swap}")
+        if self.extra_word_swap > 0 and self.extra_policies_per_family <= 0:
+            raise ValueError("config.extra_word_swap > 0 needs extra_policies_per_family > 0 (it swaps their words)")
         if not 0.0 <= self.contrastive <= 1.0:
             raise ValueError(f"config.contrastive must be in [0, 1], got {self.contrastive}")
         if self.library_size is not None and (not isinstance(self.library_size, int) or self.library_size <= 0):

@@ -188,6 +188,23 @@ def policy_batch(data: TaskData, cfg, step: int) -> tuple[list[Item], list[str],
     return items, texts, torch.tensor([tasks.index(it.task) for it in items])
 
 
+def swap_some_words(tasks: list, share: float, seed: int, log=print) -> list:
+    """``tasks`` with a seeded ``share`` of them rewritten to training-only answer words (others unchanged)."""
+    import random
+
+    from hyperlora.tasks.word_swap import swap_answer_words
+
+    rng = random.Random(f"word-swap|{seed}")
+    pick = set(rng.sample(range(len(tasks)), round(share * len(tasks))))
+    out, n = [], 0
+    for i, t in enumerate(tasks):
+        s = swap_answer_words(t, rng) if i in pick else None
+        n += s is not None
+        out.append(s or t)
+    log(f"answer words swapped for training-only words in {n} of {len(tasks)} extra policies")
+    return out
+
+
 def relabel_training_data(session: Session, log=print) -> TaskData:
     """The session's training data with `relabel_per_task` relabelled records per topic/routing policy (and
     `extra_policies_per_family` more such policies trained only on relabelled records), added once."""
@@ -206,6 +223,8 @@ def relabel_training_data(session: Session, log=print) -> TaskData:
                     extra += [t for t in generate_tasks(fam, "train", cfg.extra_policies_per_family,
                                                         seed=cfg.suite_seed + 1, examples_per_task=8, strict=False)
                               if t.policy not in own]
+            if cfg.extra_word_swap > 0:
+                extra = swap_some_words(extra, cfg.extra_word_swap, cfg.seed, log)
         augment_with_relabels(data, cfg.relabel_per_task, cfg.seed, log=log, extra_tasks=extra,
                               tokenizer=session.tokenizer)
         data._relabelled = True  # type: ignore[attr-defined]
