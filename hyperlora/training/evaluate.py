@@ -407,7 +407,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--conditions", nargs="+", default=list(CONDITIONS), choices=CONDITIONS)
     p.add_argument("--max-policies", type=int, default=2, help="policies per (split, family) (default 2)")
     p.add_argument("--examples-per-policy", type=int, default=10, help="examples scored per policy (default 10)")
-    p.add_argument("--oracle-policies", type=int, default=1, help="policies per family that get an oracle LoRA")
+    p.add_argument("--oracle-policies", type=int, default=3,
+                   help="policies per family that get an oracle LoRA, taken round-robin over the splits (default 3: "
+                        "one per held-out split; with 1, every oracle is an unseen-combination policy)")
     p.add_argument("--oracle-steps", type=int, default=60, help="training steps per oracle LoRA (batch 8)")
     p.add_argument("--oracle-lr", type=float, default=2e-3, help="oracle LoRA learning rate")
     p.add_argument("--oracle-n-upper", type=int, default=12,
@@ -451,7 +453,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if args.full:
         args.max_policies, args.examples_per_policy = max(args.max_policies, 8), max(args.examples_per_policy, 16)
-        args.oracle_policies = max(args.oracle_policies, 2)
+        args.oracle_policies = max(args.oracle_policies, 3)
     t_start = time.perf_counter()
     if args.tasks:
         tasks = load_tasks(args.tasks)
