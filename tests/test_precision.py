@@ -32,5 +32,9 @@ def test_policy_features_autocast_follows_the_cpu(tiny_model, monkeypatch, nativ
     text = "Answer 'flag' if the message asks for a refund; otherwise answer 'pass'."
     f32 = PolicyFeatures(model, tok, feats.cfg, bf16=False)([text])[0]
     b16 = PolicyFeatures(model, tok, feats.cfg, bf16=True)([text])[0]
-    assert not torch.equal(f32["h"], b16["h"])
-    torch.testing.assert_close(b16["h"], f32["h"], rtol=0.1, atol=0.1)
+    for key in ("h", "o_proj", "down_proj"):
+        assert not torch.equal(f32[key], b16[key])  # autocast really ran
+        # a few bf16 roundings (2^-8 relative each) through the tiny model's 2-3 layers, measured 3.4e-3 of the
+        # tensor's scale at worst (o_proj); 4 roundings of that scale is the bound
+        err = float((b16[key] - f32[key]).abs().max())
+        assert err <= 4 * 2 ** -8 * float(f32[key].abs().max()), (key, err)

@@ -3,7 +3,7 @@
 Why: the generator has 54 answer words for training (36 verdicts, 18 queue names), and the reader copies the
 answer word's token embeddings from the policy. With so few words it learns them, not the copy: held-out policies
 with unseen answer words are at chance for routing and ~51% for topic and conjunction rules (docs/EXPERIMENTS.md
-10a). Swapping the words of some training policies for words from this list shows it many more words.
+10). Swapping the words of some training policies for words from this list shows it many more words.
 
 No word here is a generator word (any split, held-out ones included), a format word, or a word of a topic's
 phrases or records, and none starts with the first token of a held-out answer word ('green' would prime
@@ -26,7 +26,7 @@ TRAIN_ONLY_WORDS: tuple[str, ...] = (
     "shelve", "stamp", "seal", "certify", "validate", "authorize", "ratify",
     "penalize", "mute", "silence", "ping", "nudge", "remind", "prompt", "handoff", "redflag",
     "hotlist", "watchlist", "backlog", "sideline", "bench", "shortlist", "vet", "filter", "sift",
-    "flagged", "cleared", "parked", "yes", "maybe", "ok", "go", "wait", "amber", 
+    "flagged", "cleared", "parked", "yes", "maybe", "ok", "go", "wait", "amber",
     "low", "medium", "high", "critical", "minor", "major", "tier1", "tier2", "normal", "urgentdesk",
     "helpline", "frontline", "backoffice", "intake", "escrow", "ledger", "cashier",
     "payroll", "procurement", "purchasing", "research", "quality", "risk", "governance",
@@ -47,7 +47,7 @@ def swap_answer_words(task: PolicyTask, rng: random.Random, pool: tuple[str, ...
                       ) -> PolicyTask | None:
     """The task with each answer word replaced by a distinct word from ``pool`` (policy, paraphrases, options and
     answers), or None where that cannot be done faithfully: a free-text task, or an answer word that some text
-    of the policy does not quote ('word') exactly once per mention."""
+    of the policy (policy or paraphrase) does not mention in single quotes ('word'), the only form rewritten."""
     if task.is_free_text or not task.examples:
         return None
     words = sorted({o for e in task.examples for o in (e.options or ())})
