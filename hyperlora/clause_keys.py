@@ -85,3 +85,46 @@ def word_tokens(tokenizer: Any, ids: Sequence[int], text: str, start: int, end: 
     if decoded[start:end] != text[start:end]:
         return []
     return tokens_of_span(token_spans(tokenizer, ids), start, end)
+
+
+def _word_pieces(features: Any, text: str) -> list[tuple[Clause, list[int], list[int]]]:
+    """Per clause of ``text``: (clause, the word's token indices in the reader's tokens of the policy, the same in
+    the reader's tokens of the clause alone); clauses whose two tokenizations of the word differ in length are
+    left out (the pieces would not line up)."""
+    cache = features.__dict__.setdefault("_clause_pieces", {})
+    if text not in cache:
+        tok, out = features.tokenizer, []
+        full_ids = features.prompt_ids(text)[features.prefix:]
+        for c in answer_clauses(text) or []:
+            full = word_tokens(tok, full_ids, text, c.start, c.end)
+            own = word_tokens(tok, features.prompt_ids(c.text)[features.prefix:], c.text, *c.word_span)
+            if full and len(full) == len(own):
+                out.append((c, full, own))
+        cache[text] = out
+    return cache[text]
+
+
+def clause_texts(features: Any, texts: Sequence[str]) -> list[str]:
+    """Every clause text ``with_clause_keys`` may read for these policies (to read them ahead, e.g. into a cache)."""
+    return list(dict.fromkeys(c.text for t in texts for c, _, _ in _word_pieces(features, t)))
+
+
+def with_clause_keys(reader: Any, features: Any, texts: Sequence[str], adapters: dict, gates: Any) -> dict:
+    """The reader's ``adapters`` for ``texts`` with the key rows (A) of every answer word the full reading gates
+    positively replaced by that word's rows in its clause read alone; B, the gates and every other row unchanged.
+    Out of place and differentiable (training uses it too). ``gates`` [P, T] is the full reading's."""
+    import torch
+
+    plan = []  # (policy, its token, clause text, the clause's token)
+    for p, text in enumerate(texts):
+        for c, full, own in _word_pieces(features, text):
+            if float(gates[p, full[0]]) > 0:
+                plan += [(p, j, c.text, jc) for j, jc in zip(full, own)]
+    if not plan:
+        return adapters
+    ctexts = list(dict.fromkeys(x[2] for x in plan))
+    cad, _ = reader(features(ctexts))
+    row = {t: q for q, t in enumerate(ctexts)}
+    dev = next(iter(adapters.values()))[0].device
+    pi, ji, qi, jci = (torch.tensor(v, device=dev) for v in zip(*[(p, j, row[t], jc) for p, j, t, jc in plan]))
+    return {n: (a.index_put((pi, ji), cad[n][0][qi, jci]), b) for n, (a, b) in adapters.items()}

@@ -400,7 +400,10 @@ class ReaderHypernet:
         (``hyperlora/threshold_rule.py``); both on ``down_proj``, with a zero rank-1 adapter on the other modules."""
         feats = self.features(list(texts))
         adapters, gates = self.reader(feats)
-        swaps = self.clause_key_rows(texts, feats, gates) if self.reader.cfg.clause_keys else [{}] * len(texts)
+        if self.reader.cfg.clause_keys:
+            from hyperlora.clause_keys import with_clause_keys
+
+            adapters = with_clause_keys(self.reader, self.features, list(texts), adapters, gates)
         out = []
         for p in range(len(texts)):
             g = gates[p].abs()
@@ -410,11 +413,8 @@ class ReaderHypernet:
                 keep = torch.argsort(g, descending=True)[:1]
             keep = keep.sort().values
             k = float(self.reader.cfg.serve_scale)
-            out.append({n: (a[p, keep].float().clone(), (k * b[p][:, keep]).float().contiguous())
+            out.append({n: (a[p, keep].float().contiguous(), (k * b[p][:, keep]).float().contiguous())
                         for n, (a, b) in adapters.items()})
-            for r, j in enumerate(keep.tolist()):
-                for n, row in swaps[p].get(j, {}).items():
-                    out[p][n][0][r] = row
         for p, rule in enumerate(self.rules(texts, feats)):
             if rule is None:
                 continue
@@ -431,36 +431,6 @@ class ReaderHypernet:
             down = self.reader.names["down_proj"]
             out[p] = {n: (A, B) if n == down else (torch.zeros(1, a.shape[1]), torch.zeros(b.shape[0], 1))
                       for n, (a, b) in out[p].items()}
-        return out
-
-    @torch.no_grad()
-    def clause_key_rows(self, texts: Sequence[str], feats: Sequence[dict[str, torch.Tensor]], gates: torch.Tensor
-                        ) -> list[dict[int, dict[str, torch.Tensor]]]:
-        """Per policy: {token index: {module name: key row (A)}} to serve instead of the full reading's, for the
-        tokens of each answer word the full reading gates positively (a routed queue, not the default), taken
-        from that word's clause read alone (``hyperlora/clause_keys.py``). Empty for a policy quoting fewer
-        than 3 answer words, and for a word whose clause tokenizes it into a different number of pieces."""
-        from hyperlora.clause_keys import answer_clauses, word_tokens
-
-        tok = self.features.tokenizer
-        split = [answer_clauses(t) for t in texts]
-        jobs = []  # (policy, full-reading token indices, clause text, clause word span)
-        for p, (text, clauses) in enumerate(zip(texts, split)):
-            for c in clauses or []:
-                full = word_tokens(tok, feats[p]["ids"].tolist(), text, c.start, c.end)
-                if full and float(gates[p, full[0]]) > 0:
-                    jobs.append((p, full, c.text, c.word_span))
-        out: list[dict[int, dict[str, torch.Tensor]]] = [{} for _ in texts]
-        if not jobs:
-            return out
-        cfeats = self.features([j[2] for j in jobs])
-        cad, _ = self.reader(cfeats)
-        for q, (p, full, text, (s, e)) in enumerate(jobs):
-            own = word_tokens(tok, cfeats[q]["ids"].tolist(), text, s, e)
-            if len(own) != len(full):
-                continue
-            for j, jc in zip(full, own):
-                out[p][j] = {n: a[q, jc].float() for n, (a, _) in cad.items()}
         return out
 
     def rules(self, texts: Sequence[str], feats: Sequence[dict[str, torch.Tensor]] | None = None

@@ -107,3 +107,29 @@ def test_served_routing_adapter_takes_routed_keys_from_the_clause_alone(tiny_mod
     on = hn.weights_id()
     reader.cfg.clause_keys = False
     assert ReaderHypernet(reader, feats, max_rank=40, min_gate=0.0).weights_id() != on  # other adapters, other id
+
+
+def test_clause_keys_are_differentiable_and_train(tiny_model, tmp_path, monkeypatch):
+    import json
+
+    from hyperlora.clause_keys import clause_texts, with_clause_keys
+    from tests.test_reader import _reader_args
+    from tests.test_train import _run
+
+    model, tok, feats, reader = _trained_like(tiny_model, seed=5)
+    routing = "Route refunds to 'billing', outages to 'technical', and everything else to 'general'."
+    assert clause_texts(feats, [routing, "Answer 'a' if so; otherwise 'b'."]) == [
+        c.text for c in answer_clauses(routing)]
+    ad, gates = reader(feats([routing]))
+    swapped = with_clause_keys(reader, feats, [routing], ad, gates.detach())
+    n = next(iter(ad))
+    changed = (swapped[n][0] != ad[n][0]).any(-1)[0].nonzero().flatten()
+    assert changed.numel() > 0
+    reader.zero_grad()
+    swapped[n][0][0, changed].sum().backward()  # these rows come from the clause readings only
+    assert reader.U[next(t for t, m in reader.names.items() if m == n)].grad.abs().sum() > 0
+
+    monkeypatch.setenv("HYPERLORA_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    assert _run([*_reader_args(tiny_model, out), "--steps", "2", "--set", "reader_clause_keys=true"]) == 0
+    assert json.loads((out / "final" / "config.json").read_text())["clause_keys"] is True

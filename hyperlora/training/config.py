@@ -44,6 +44,7 @@ class TrainConfig:
     reader_u_reg: float = 1e-3             # pull of the key maps towards the identity
     reader_harm: float = 0.0               # weight of the change the adapter makes away from the answer position
     reader_init: str | None = None         # start from this trained reader directory (fine-tuning)
+    reader_clause_keys: bool = False       # routed answer words' keys from their own clause read alone (clause_keys.py), in training and serving
     rule_extra_threshold: int = 480        # --method rule_heads: extra threshold training policies for its pointers
     reader_tail: float = 0.0               # weight of the CE of the answer's later tokens + end of turn (as eval scores)
     reader_tail_all_options: bool = False  # the tail loss also on every non-gold option's continuation

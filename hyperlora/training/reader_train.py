@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from hyperlora.clause_keys import clause_texts, with_clause_keys
 from hyperlora.reader import PolicyFeatures, PolicyReader, ReaderConfig, module_name
 from hyperlora.training.data import TaskData
 from hyperlora.training.fastpath import stack_cached
@@ -319,13 +320,18 @@ def train_reader(session: Session, log: Callable[[str], None] = print, resume: b
     names = {t: module_name(model, layer, t) for t in READ_MODULES}
     rcfg = ReaderConfig(layer=layer, hidden_size=int(model.config.hidden_size),
                         features={t: int(mods[n].in_features) for t, n in names.items()},
-                        gate_layer=cfg.reader_gate_layer)
+                        gate_layer=cfg.reader_gate_layer, clause_keys=bool(cfg.reader_clause_keys))
     features = PolicyFeatures(model, tok, rcfg)
     texts = [x for task in data.tasks for x in task.texts()]  # free-text tasks too (format rules)
     texts += [d.tasks[t].policy for d in session.evals.values() for t in d.usable_tasks]
     t0 = time.time()
     read_policies_cached(features, texts, str(cfg.base_model or "default"))
     log(f"read {len(set(texts))} policy texts with the base model in {time.time() - t0:.0f} s")
+    if rcfg.clause_keys:  # routing policies' clauses are read alone too (hyperlora/clause_keys.py); own cache file
+        t0 = time.time()
+        ctexts = clause_texts(features, texts)
+        read_policies_cached(features, ctexts, str(cfg.base_model or "default"))
+        log(f"read {len(ctexts)} answer-word clauses with the base model in {time.time() - t0:.0f} s")
     torch.manual_seed(cfg.seed)
     reader = PolicyReader(rcfg, model.get_input_embeddings().weight, names).to(cfg.device)
     reader.set_record_stats(record_features(session, names))
@@ -353,9 +359,14 @@ def train_reader(session: Session, log: Callable[[str], None] = print, resume: b
         log(f"resumed from {out / 'checkpoint'} at step {step} ({elapsed:.0f} s trained)")
     eye = {t: torch.eye(u.shape[0], device=u.device) for t, u in reader.U.items()}
 
+    def read(txts: Sequence[str]):
+        adapters, gates = reader(features(list(txts)))
+        if rcfg.clause_keys:
+            adapters = with_clause_keys(reader, features, list(txts), adapters, gates.detach())
+        return adapters, gates
+
     def generate(txts: Sequence[str]):
-        adapters, _ = reader(features(list(txts)))
-        return adapters, 1.0
+        return read(txts)[0], 1.0
 
     bar = tqdm(total=cfg.steps, initial=step, desc="reader", unit="step", mininterval=5)
     ema: tuple[float, float] | None = None
@@ -376,7 +387,7 @@ def train_reader(session: Session, log: Callable[[str], None] = print, resume: b
         f = _lr_factor(step, cfg.steps, cfg.warmup)
         for g in opt.param_groups:
             g["lr"] = g["base"] * f
-        adapters, gates = reader(features(txts))
+        adapters, gates = read(txts)
         with apply_lora(model, adapters, scale=1.0, rows=rows):
             logits, ans = session.forward_options(session.train_states, items)
         loss = nn.functional.cross_entropy(logits, ans)
