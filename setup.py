@@ -177,7 +177,7 @@ def extensions() -> list[Extension]:
 setup(
     packages=["hyperlora", "hyperlora.ops", "hyperlora.kernels", "hyperlora.tasks", "hyperlora.training",
               "hyperlora.checkpoints"],
-    package_dir={"hyperlora": "hyperlora", "hyperlora.kernels": "kernels"},
+    package_dir={"hyperlora": "hyperlora"},
     package_data={"hyperlora.checkpoints": ["*.json", "**/*.json", "**/*.safetensors", "**/*.md"],
                   "hyperlora.tasks": ["data/*.jsonl"]},
     ext_modules=extensions(),
