@@ -20,8 +20,6 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 MIN_WORDS = 3
-# a quoted answer word: the quote is not inside a word ("customer's" is no quote), no line break inside
-_QUOTED = re.compile(r"(?<![A-Za-z0-9])(['\"])([^'\"\n]{1,40}?)\1(?![A-Za-z0-9])")
 _CLAUSE_END = re.compile(r"[;,.]")
 _AND = re.compile(r"\band\b")
 
@@ -49,24 +47,27 @@ def answer_clauses(policy: str, min_words: int = MIN_WORDS) -> list[Clause] | No
     The cut between two consecutive quoted words is after the last ';', ',' or '.' between them, else before
     the last 'and' between them, else right before the second quote. The first clause keeps the policy's
     preamble ("Route tickets about X to 'a',"); the last one runs to the end ("and everything else to 'c'.")."""
-    quotes = list(_QUOTED.finditer(policy))
-    words = [m.group(2).strip() for m in quotes]
+    from hyperlora.reply_prefix import quoted_spans
+
+    quotes = quoted_spans(policy)  # (word, start, end) inside the quotes
+    words = [w.strip() for w, _, _ in quotes]
     if len(quotes) < min_words or len(set(words)) != len(words) or not all(words):
         return None
     cuts = []
-    for a, b in zip(quotes, quotes[1:]):
-        between = policy[a.end():b.start()]
+    for (_, _, a_end), (_, b_start, _) in zip(quotes, quotes[1:]):
+        a_end, b_start = a_end + 1, b_start - 1  # outside the quote characters
+        between = policy[a_end:b_start]
         ends = [m.end() for m in _CLAUSE_END.finditer(between)]
         ands = [m.start() for m in _AND.finditer(between)]
-        cuts.append(a.end() + (ends[-1] if ends else ands[-1] if ands else len(between)))
+        cuts.append(a_end + (ends[-1] if ends else ands[-1] if ands else len(between)))
     starts, stops = [0] + cuts, cuts + [len(policy)]
     out = []
-    for s, e, m in zip(starts, stops, quotes):
+    for s, e, (word, w_start, w_end) in zip(starts, stops, quotes):
         raw = policy[s:e]
         text = raw.strip()
         if not text:
             return None
-        out.append(Clause(text, m.group(2), m.start(2), m.end(2), s + len(raw) - len(raw.lstrip())))
+        out.append(Clause(text, word, w_start, w_end, s + len(raw) - len(raw.lstrip())))
     return out
 
 

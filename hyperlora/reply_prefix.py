@@ -112,11 +112,21 @@ def _shared_signoff(policy: str, answers: Sequence[str]) -> tuple[str, str] | No
 _QUOTED = re.compile(r"(?<![A-Za-z0-9])(?:'([^'\n]{1,40})'|\"([^\"\n]{1,40})\")(?![A-Za-z0-9])")  # not "don't"
 
 
+def quoted_spans(text: str) -> list[tuple[str, int, int]]:
+    """(content, start, end) of each single- or double-quoted run of 1-40 characters, the span being the content's
+    inside the quotes; an apostrophe inside a word ("don't", "customer's") opens no quote."""
+    out = []
+    for m in _QUOTED.finditer(text):
+        g = 1 if m.group(1) is not None else 2
+        out.append((m.group(g), m.start(g), m.end(g)))
+    return out
+
+
 def quoted_literal(policy: str, word: str) -> str | None:
     """The policy's quoted text that holds `word` and punctuation besides it ('Noted:', '-- Desk', '- Noted'),
     stripped; None if no quote holds the word, or the quote is the bare word ('Noted', "Memo")."""
-    for m in _QUOTED.finditer(policy):
-        q = (m.group(1) or m.group(2)).strip()
+    for content, _, _ in quoted_spans(policy):
+        q = content.strip()
         if _whole_word(word).search(q) and q != word \
                 and re.search(r"[^\w\s]", q.replace(word, "")):
             return q
