@@ -24,7 +24,7 @@ import sysconfig
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
@@ -175,11 +175,12 @@ def extensions() -> list[Extension]:
 
 
 setup(
-    packages=["hyperlora", "hyperlora.ops", "hyperlora.kernels", "hyperlora.tasks", "hyperlora.training",
-              "hyperlora.checkpoints"],
+    packages=find_packages(include=["hyperlora", "hyperlora.*"]),
     package_dir={"hyperlora": "hyperlora"},
-    package_data={"hyperlora.checkpoints": ["*.json", "**/*.json", "**/*.safetensors", "**/*.md"],
-                  "hyperlora.tasks": ["data/*.jsonl"]},
+    # checkpoints/ is data only (weights, configs, reports), not a package
+    package_data={"hyperlora": ["checkpoints/*.json", "checkpoints/*.safetensors", "checkpoints/*/*.json",
+                                "checkpoints/*/*.safetensors", "checkpoints/*/*.md"],
+                  "hyperlora.tasks": ["data/*.jsonl"], "hyperlora.training": ["configs/*.json"]},
     ext_modules=extensions(),
     cmdclass={"build_ext": CudaBuildExt},
 )

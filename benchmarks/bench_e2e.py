@@ -53,10 +53,10 @@ def llama_1024(layers: int):
 
 def smollm2(quick: bool):
     try:
-        from hyperlora.models import load_base_model
+        from hyperlora.modeling.base_model import load_base_model
 
         model, _ = load_base_model(None)
-        return model.eval(), "SmolLM2-135M-Instruct (hyperlora.models, dequantized Q4_1 GGUF)"
+        return model.eval(), "SmolLM2-135M-Instruct (hyperlora.modeling.base_model, dequantized Q4_1 GGUF)"
     except Exception as exc:  # fall back to the architecture with random weights, and say so
         from transformers import LlamaConfig, LlamaForCausalLM
 

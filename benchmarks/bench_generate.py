@@ -28,8 +28,8 @@ from pathlib import Path
 
 import torch
 
-from hyperlora.hypernet import HyperNetwork, HyperNetworkConfig
-from hyperlora.pool import AdapterPool
+from hyperlora.hypernets.t2l.hypernet import HyperNetwork, HyperNetworkConfig
+from hyperlora.adapters.pool import AdapterPool
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/_machine.py, however this file is loaded
 from _machine import machine_info  # noqa: E402
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     pool = AdapterPool(hn.targets(), max_adapters=max(Ps), max_rank=args.max_rank, dtype=dtype, device=device)
     encoders = {}
     if not args.no_encoder:
-        from hyperlora.encoder import PolicyEncoder
+        from hyperlora.hypernets.t2l.minilm import PolicyEncoder
 
         encoders["encoder"] = PolicyEncoder(device=device)
         encoders["encoder[bf16]"] = PolicyEncoder(device=device, dtype=torch.bfloat16)

@@ -5,7 +5,7 @@ For one LoRA-served layer (d_in = d_out = hidden) and a batch of P distinct gene
   base          the layer's own GEMM (x @ W.T), for scale
   materialized  hyperlora.ops.add_lora on adapters materialized from the same latents (one pool slot each)
   latent        hyperlora.ops.latent_lora on the head and the per-slot latents
-  auto          hyperlora.dispatch.choose_path + the path it picks
+  auto          hyperlora.ops.path_choice.choose_path + the path it picks
 and reports which path auto picked, the cost model's estimates, and `regret` = time of the picked path /
 time of the better path (same measurements; 1.00 = auto picked the faster one).
 
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from hyperlora import dispatch
+from hyperlora.ops import path_choice as dispatch
 from hyperlora.ops.latent_lora import latent_lora, materialize_adapters
 from hyperlora.ops.metadata import build_meta
 
@@ -224,7 +224,7 @@ def run_e2e(args, device: torch.device, dtype: torch.dtype) -> list[dict]:
     import hashlib
 
     import hyperlora
-    from hyperlora.models import load_base_model
+    from hyperlora.modeling.base_model import load_base_model
 
     model, _ = load_base_model(dtype=dtype)
     model.to(device)

@@ -12,15 +12,15 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "ops": ("hyperlora.ops", None),
-    "PolicyEncoder": ("hyperlora.encoder", "PolicyEncoder"),
-    "HyperNetwork": ("hyperlora.hypernet", "HyperNetwork"),
-    "HyperNetworkConfig": ("hyperlora.hypernet", "HyperNetworkConfig"),
-    "AdapterPool": ("hyperlora.pool", "AdapterPool"),
-    "PoolFullError": ("hyperlora.pool", "PoolFullError"),
-    "attach": ("hyperlora.runtime", "attach"),
-    "Runtime": ("hyperlora.runtime", "Runtime"),
-    "BackendUnavailableError": ("hyperlora.backends", "BackendUnavailableError"),
-    "available_backends": ("hyperlora.backends", "available_backends"),
+    "PolicyEncoder": ("hyperlora.hypernets.t2l.minilm", "PolicyEncoder"),
+    "HyperNetwork": ("hyperlora.hypernets.t2l.hypernet", "HyperNetwork"),
+    "HyperNetworkConfig": ("hyperlora.hypernets.t2l.hypernet", "HyperNetworkConfig"),
+    "AdapterPool": ("hyperlora.adapters.pool", "AdapterPool"),
+    "PoolFullError": ("hyperlora.adapters.pool", "PoolFullError"),
+    "attach": ("hyperlora.runtime.runtime", "attach"),
+    "Runtime": ("hyperlora.runtime.runtime", "Runtime"),
+    "BackendUnavailableError": ("hyperlora.ops.backends", "BackendUnavailableError"),
+    "available_backends": ("hyperlora.ops.backends", "available_backends"),
 }
 
 __all__ = ["__version__", *_LAZY]

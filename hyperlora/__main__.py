@@ -1,6 +1,6 @@
 """`python -m hyperlora` is the `hyperlora` command."""
 import sys
 
-from hyperlora.cli import main
+from hyperlora.cli.main import main
 
 sys.exit(main())

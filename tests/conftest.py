@@ -1,5 +1,9 @@
 """Test-wide settings. TRITON_INTERPRET must be set before any @triton.jit function is defined."""
 import os
+import sys
+
+# the shared fixtures (eval_helpers.py, runtime_helpers.py) live beside this file, imported by name
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 # Without a GPU, Triton kernels can only run in the interpreter; with one, they run for real.
 try:

@@ -11,7 +11,7 @@ EMB = 16
 
 def tiny_tokenizer():
     """Byte-level tokenizer (256 byte symbols, no merges) + <|im_start|>, <|im_end|>; ChatML template unset,
-    so ``hyperlora.tasks.prompts`` uses its plain ChatML rendering."""
+    so ``hyperlora.modeling.prompts`` uses its plain ChatML rendering."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -44,7 +44,7 @@ def tiny_llama(tok, seed: int = 0, layers: int = 2):
 
 def tiny_hypernet(model, seed: int = 1, rank: int = 4, b_std: float = 0.3):
     """A small q/v HyperNetwork whose B head is random (a fresh one writes zero adapters)."""
-    from hyperlora.hypernet import HyperNetwork
+    from hyperlora.hypernets.t2l.hypernet import HyperNetwork
 
     torch.manual_seed(seed)
     hn = HyperNetwork.for_model(model, rank=rank, target_modules=("q_proj", "v_proj"), latent_dim=6,

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hyperlora.backends import triton_interpreting
+from hyperlora.ops.backends import triton_interpreting
 
 __all__ = ["add_lora_triton", "pick_config"]
 

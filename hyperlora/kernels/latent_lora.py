@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hyperlora.backends import triton_interpreting
+from hyperlora.ops.backends import triton_interpreting
 
 __all__ = ["latent_lora_triton", "launch_config", "LaunchConfig"]
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from hyperlora.backends import resolve_backend
+from hyperlora.ops.backends import resolve_backend
 
 __all__ = ["generate_lora", "generate_lora_reference"]
 
@@ -151,7 +151,7 @@ def _run(pool_a: torch.Tensor, pool_b: torch.Tensor, z: torch.Tensor, w_a: torch
 
         generate_lora_triton(pool_a, pool_b, z32, wa32, wb32, sl, sc)
     elif backend == "cuda":
-        from hyperlora import _cuda
+        from hyperlora.ops import _cuda
 
         ext = _cuda.extension()
         L, S, R_max, d_in = pool_a.shape

@@ -27,7 +27,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from hyperlora.backends import available_backends, resolve_backend
+from hyperlora.ops.backends import available_backends, resolve_backend
 from hyperlora.ops._autocast import no_autocast
 
 __all__ = ["latent_lora", "latent_lora_reference", "materialize_adapters", "SUPPORTED_BACKENDS"]
@@ -172,7 +172,7 @@ def _run_triton(y: Tensor, x: Tensor, w_a: Tensor, w_b: Tensor, z: Tensor, slots
 
 def _run_cuda(y: Tensor, x: Tensor, w_a: Tensor, w_b: Tensor, z: Tensor, slots: Tensor,
               scales: Optional[Tensor]) -> None:
-    from hyperlora._cuda import dtype_code, extension, stream_handle
+    from hyperlora.ops._cuda import dtype_code, extension, stream_handle
 
     if x.dtype not in _KERNEL_DTYPES:
         raise TypeError(f"latent_lora: the cuda backend supports float16/bfloat16/float32, not {x.dtype}; "

@@ -4,7 +4,7 @@
     suite = generate_suite(seed=0)          # {"train": [...], "held_out_combo": [...], ...}
     save_tasks(suite["held_out_topic"], "ho.jsonl"); tasks = load_tasks("ho.jsonl")
 
-The prompt format shared by training, evaluation and the demo is in ``hyperlora.tasks.prompts``.
+The prompt format shared by training, evaluation and the demo is in ``hyperlora.modeling.prompts``.
 """
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from hyperlora.training.data import Item, TaskData, sample_batch
-from hyperlora.training.lora_fn import apply_lora
+from hyperlora.adapters.functional import apply_lora
 from hyperlora.training.session import Session
 
 

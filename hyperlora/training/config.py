@@ -34,7 +34,7 @@ class TrainConfig:
     hidden_dim: int = 256
     task_proj_dim: int = 64
     trunk_layers: int = 2
-    encoder: str = "minilm"                # minilm | base_mean | base_attn (hyperlora.policy_encoders)
+    encoder: str = "minilm"                # minilm | base_mean | base_attn (hyperlora.hypernets.t2l.text_encoders)
     encoder_layer: int = 15
     encoder_queries: int = 4
     # policy reader (--method reader, hyperlora/reader.py)

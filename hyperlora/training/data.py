@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import torch
 
 from hyperlora.tasks.format import PolicyTask
-from hyperlora.tasks.prompts import prompt_text
+from hyperlora.modeling.prompts import prompt_text
 
 
 @dataclass

@@ -17,11 +17,11 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from hyperlora.clause_keys import clause_texts, with_clause_keys
-from hyperlora.reader import PolicyFeatures, PolicyReader, ReaderConfig, module_name
+from hyperlora.hypernets.reader.clause_keys import clause_texts, with_clause_keys
+from hyperlora.hypernets.reader.reader import PolicyFeatures, PolicyReader, ReaderConfig, module_name
 from hyperlora.training.data import TaskData
-from hyperlora.training.fastpath import stack_cached
-from hyperlora.training.lora_fn import apply_lora
+from hyperlora.modeling.layer_split import stack_cached
+from hyperlora.adapters.functional import apply_lora
 from hyperlora.training.session import Session
 
 READ_MODULES = ("o_proj", "down_proj")
@@ -94,7 +94,7 @@ class _TeacherForced:
                  log: Callable[[str], None]):
         from types import SimpleNamespace
 
-        from hyperlora.models import cache_dir
+        from hyperlora.modeling.base_model import cache_dir
         from hyperlora.training.session import cached_states
 
         self.ids, self.prompt_len = ids, prompt_len
@@ -144,7 +144,7 @@ class Continuations(_TeacherForced):
 
     def __init__(self, session: Session, data: TaskData, per_task: int = 8, log: Callable[[str], None] = print,
                  all_options: bool = False):
-        from hyperlora.tasks.prompts import target_text
+        from hyperlora.modeling.prompts import target_text
 
         tok = session.tokenizer
         self.index: dict[tuple[int, int], list[int]] = {}  # (task, record) -> sequences, the gold answer's first
@@ -184,7 +184,7 @@ class FreeTextReplies(_TeacherForced):
     learns format rules ("start every reply with 'Noted:'") from the CE of the whole reference reply."""
 
     def __init__(self, session: Session, data: TaskData, per_task: int = 6, log: Callable[[str], None] = print):
-        from hyperlora.tasks.prompts import prompt_text, target_text
+        from hyperlora.modeling.prompts import prompt_text, target_text
 
         tok = session.tokenizer
         self.by_task: dict[int, list[int]] = {}
@@ -242,7 +242,7 @@ def read_policies_cached(features: PolicyFeatures, texts: Sequence[str], model_i
 
     from safetensors.torch import load_file, save_file
 
-    from hyperlora.models import cache_dir
+    from hyperlora.modeling.base_model import cache_dir
 
     uniq = sorted(set(texts))
     h = hashlib.sha256(f"{model_id}|{features.cfg.layer}|{features.cfg.gate_layer}|{features.cfg.max_tokens}|"

@@ -3,7 +3,7 @@ reproduce a library of per-policy LoRAs from their policy texts, and build such 
 
 Library layout (one subdirectory per policy; files and hidden entries in DIR are ignored)::
 
-    DIR/<name>/adapter_config.json        PEFT LoRA config   } read and validated by hyperlora.peft_io.read_peft
+    DIR/<name>/adapter_config.json        PEFT LoRA config   } read and validated by hyperlora.adapters.peft_io.read_peft
     DIR/<name>/adapter_model.safetensors  lora_A / lora_B     }
     DIR/<name>/policy.txt                 the policy text (UTF-8; surrounding whitespace stripped)
 
@@ -29,7 +29,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from hyperlora.hypernet import HyperNetwork
+from hyperlora.hypernets.t2l.hypernet import HyperNetwork
 
 __all__ = ["POLICY_FILE", "LibraryEntry", "load_library", "delta_sq_error", "LibraryTargets", "build_library",
            "train_reconstruct", "init_from", "run_reconstruct"]
@@ -68,7 +68,7 @@ def load_library(directory: str | Path, targets: dict[str, tuple[int, int]],
     validated by `read_peft`; its modules must be among `targets` with their shapes (a module it leaves out
     is a zero update there). Raises FileNotFoundError / ValueError naming the subdirectory and the fix.
     """
-    from hyperlora.peft_io import read_peft
+    from hyperlora.adapters.peft_io import read_peft
 
     root = Path(directory)
     if not root.is_dir():
@@ -219,8 +219,8 @@ def build_library(model: nn.Module, tokenizer: Any, tasks: Sequence[Any], out_di
     Tasks without any labelled example are skipped with a log line. Returns the entry directories."""
     from tqdm import tqdm
 
-    from hyperlora.peft_io import write_peft
-    from hyperlora.training.eval_adapters import train_policy_lora
+    from hyperlora.adapters.peft_io import write_peft
+    from hyperlora.evaluation.sources import train_policy_lora
 
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -269,7 +269,7 @@ def build_library(model: nn.Module, tokenizer: Any, tasks: Sequence[Any], out_di
 def init_from(hn: HyperNetwork, enc: Any, directory: str | Path, log: Callable[[str], None] = print) -> None:
     """Copy the weights of a saved hypernetwork (and its trainable encoder) into `hn` / `enc`, e.g. to start
     SFT from a reconstruction run's `<out>/final`. Raises ValueError naming what differs."""
-    from hyperlora.policy_encoders import ENCODER_CONFIG, ENCODER_WEIGHTS
+    from hyperlora.hypernets.t2l.text_encoders import ENCODER_CONFIG, ENCODER_WEIGHTS
 
     d = Path(directory)
     src = HyperNetwork.from_pretrained(d)
@@ -311,7 +311,7 @@ def train_reconstruct(session: Any, library_dir: str | Path, log: Callable[[str]
     normalized loss and relative errors on the training entries and the `library_holdout` held-out ones."""
     from tqdm import tqdm
 
-    from hyperlora.policy_encoders import PolicyTextEncoder
+    from hyperlora.hypernets.t2l.text_encoders import PolicyTextEncoder
     from hyperlora.training.sft import _lr_at, build_hypernet, optimizer_and_state, save_training_state
 
     cfg = session.cfg

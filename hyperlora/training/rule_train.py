@@ -24,10 +24,10 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from hyperlora.precision import use_bf16
-from hyperlora.reply_prefix import ReplyPrefixHead, derive_template, policy_words, token_spans, word_features
+from hyperlora.ops.precision import use_bf16
+from hyperlora.hypernets.reader.rules.reply_format import ReplyPrefixHead, derive_template, policy_words, token_spans, word_features
 from hyperlora.tasks.format import PolicyTask
-from hyperlora.threshold_rule import ThresholdHead, context_features, derive_threshold, numbers
+from hyperlora.hypernets.reader.rules.threshold import ThresholdHead, context_features, derive_threshold, numbers
 
 
 def _label(task: PolicyTask) -> tuple[str, str] | None:
@@ -84,7 +84,7 @@ def threshold_probe(model: Any, tokenizer: Any, module: str, tasks: Sequence[Pol
                     log: Callable[[str], None] = print) -> torch.Tensor:
     """Ridge read-out (no intercept: LoRA has none) of log(deciding number) from `module`'s input at the answer
     position of the threshold training tasks' records (no adapter)."""
-    from hyperlora.tasks.prompts import prompt_text
+    from hyperlora.modeling.prompts import prompt_text
 
     recs, vals = [], []
     for t in tasks:
@@ -210,8 +210,8 @@ def prefix_accuracy(head: ReplyPrefixHead, tasks: Sequence[PolicyTask], features
 
 
 def train_rule_heads(cfg: Any, out: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
-    from hyperlora.models import load_base_model
-    from hyperlora.reader import PolicyFeatures, PolicyReader
+    from hyperlora.modeling.base_model import load_base_model
+    from hyperlora.hypernets.reader.reader import PolicyFeatures, PolicyReader
     from hyperlora.tasks.generator import SPLITS, generate_tasks
     from hyperlora.training.reader_train import read_policies_cached
 

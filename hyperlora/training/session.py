@@ -17,7 +17,7 @@ import torch
 from hyperlora.tasks.format import PolicyTask
 from hyperlora.training.config import TrainConfig
 from hyperlora.training.data import Item, TaskData, build_task_data, collate_options
-from hyperlora.training.fastpath import LayerSplit, cache_lower, continue_states, stack_cached
+from hyperlora.modeling.layer_split import LayerSplit, cache_lower, continue_states, stack_cached
 
 
 def load_train_tasks(cfg: TrainConfig) -> list[PolicyTask]:
@@ -140,9 +140,9 @@ class Session:
 
 def build_session(cfg: TrainConfig, *, policy_in_prompt: bool = False, with_train: bool = True,
                   with_eval: bool = True, log=print) -> Session:
-    from hyperlora.models import cache_dir, load_base_model
+    from hyperlora.modeling.base_model import cache_dir, load_base_model
 
-    from hyperlora.precision import use_bf16
+    from hyperlora.ops.precision import use_bf16
 
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)

@@ -18,10 +18,10 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from hyperlora.hypernet import HyperNetwork
-from hyperlora.policy_encoders import PolicyTextEncoder
+from hyperlora.hypernets.t2l.hypernet import HyperNetwork
+from hyperlora.hypernets.t2l.text_encoders import PolicyTextEncoder
 from hyperlora.training.data import Item, TaskData, sample_batch, spread_over_families
-from hyperlora.training.lora_fn import adapters_from_generated, apply_lora
+from hyperlora.adapters.functional import adapters_from_generated, apply_lora
 from hyperlora.training.session import Session
 
 

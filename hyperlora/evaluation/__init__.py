@@ -1,0 +1,1 @@
+"""Evaluation: option scoring, adapter sources for each condition, the held-out evaluation and its report."""

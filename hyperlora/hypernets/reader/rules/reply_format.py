@@ -1,0 +1,499 @@
+"""Reply-format rules: how a reply starts ("Start every reply with 'Noted:'", "Put the tag [Ops] at the very
+start") or how it ends ("End every reply with the sign-off '-- Desk'"). Read which format a policy demands, and
+compile it into a last-layer adapter that makes replies follow it.
+
+Why a separate path: the policy reader (``hyperlora/reader.py``) raises the logit of an answer word at the
+answer position. A format rule needs 2-6 exact tokens in order (``[``, ``Help``, ``desk``, ``]``), each at its own
+position, and a copied embedding also raises its neighbours (docs/EXPERIMENTS.md 7b). So:
+
+* ``ReplyPrefixHead`` (learned, tiny): from the base model's reading of the policy (the reader's gate-layer
+  states), a classifier picks a *template* (or "no format rule") and a pointer picks the policy *word* that fills
+  it. Templates are learned from training tasks' reference replies (``derive_template``: ``"[Ops] Thanks..."``
+  gives ``"[{w}]"``, ``"Thanks. -- Ops"`` gives ``"{reply} -- {w}"``), so words never seen in training are
+  copied, not memorized.
+* ``PrefixCompiler`` (no training): the prefix's tokens t_1..t_K become K rank-1 slots on the last decoder
+  layer's ``down_proj``. Slot k's key is a ridge read-out that is ~1 on the base model's own state just before
+  t_k (states of a few built-in records followed by the prefix) and ~0 on ordinary reply text; its value is the
+  least-squares direction that raises t_k's logit above every other token's (tied embeddings behind the final
+  RMSNorm), scaled until t_k wins by a margin on the key records. The adapted layer is the last one, so its
+  output changes no state the keys read: once t_1..t_{k-1} are out, slot k sees exactly the state it was built on.
+  A sign-off (``PrefixCompiler.signoff``) is built the same way, with slot 0 keyed on the base model's own
+  sentence ends instead of the answer start, and a last slot for the end of turn: the reply is signed after its
+  first sentence, like the tasks' reference replies.
+
+Limits (measured, docs/EXPERIMENTS.md 8-9): a template kind never seen in training cannot be named; a sign-off
+is missed when the reply's first sentence runs past the tokens a reader allows it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+HEAD_FILE = "reply_prefix.safetensors"
+HEAD_CONFIG = "reply_prefix.json"
+SLOT = "{w}"
+REPLY = "{reply}"  # a sign-off template: the reply, then the sign-off
+_WORD = re.compile(r"[A-Za-z][A-Za-z0-9]*")
+
+
+def policy_words(text: str) -> list[tuple[str, int, int]]:
+    """Candidate fill words of a policy: (word, start, end) for each alphanumeric run starting with a letter."""
+    return [(m.group(0), m.start(), m.end()) for m in _WORD.finditer(text)]
+
+
+def derive_template(policy: str, answers: Sequence[str]) -> tuple[str, str] | None:
+    """The reply-format template a free-text task's reference replies share, with the policy word that fills it
+    replaced by ``{w}``, or None.
+
+    A shared *prefix* comes first: replies "Noted: Thanks ..." / "Noted: We ..." under a policy naming 'Noted'
+    give ``("{w}:", "Noted")``; the prefix ends after the word and the punctuation glued to it, and must start
+    at most 8 characters before the word. Otherwise a shared *sign-off*: replies "Thanks. -- Desk" / "We will.
+    -- Desk" give ``("{reply} -- {w}", "Desk")`` (``{reply}`` stands for the reply itself); the sign-off starts
+    at the punctuation run before the word and must end at most 8 characters after it."""
+    if len(answers) < 2:
+        return None
+    return _shared_prefix(policy, answers) or _shared_signoff(policy, answers)
+
+
+def _whole_word(word: str) -> re.Pattern:
+    """`word` not inside a longer alphanumeric run."""
+    return re.compile(rf"(?<![A-Za-z0-9]){re.escape(word)}(?![A-Za-z0-9])")
+
+
+def _word_in(policy: str, text: str) -> list[re.Match]:
+    """Whole-word occurrences of the policy's words in `text`."""
+    return [m for word, _, _ in policy_words(policy) for m in _whole_word(word).finditer(text)]
+
+
+def _shared_prefix(policy: str, answers: Sequence[str]) -> tuple[str, str] | None:
+    common = os.path.commonprefix([a.lstrip() for a in answers])
+    found = _word_in(policy, common)
+    if not found:
+        return None
+    best = min(found, key=lambda m: (m.start(), -len(m.group(0))))
+    if best.start() > 8:
+        return None
+    end = best.end()
+    while end < len(common) and not common[end].isspace() and not common[end].isalnum():
+        end += 1
+    return common[: best.start()] + SLOT + common[best.end(): end], best.group(0)
+
+
+def _shared_signoff(policy: str, answers: Sequence[str]) -> tuple[str, str] | None:
+    common = os.path.commonprefix([a.rstrip()[::-1] for a in answers])[::-1]
+    first = answers[0].rstrip()
+    before = first[: len(first) - len(common)]  # what precedes the shared text in one reply
+    found = _word_in(policy, common)
+    if not found:
+        return None
+    best = max(found, key=lambda m: (m.end(), len(m.group(0))))
+    if len(common) - best.end() > 8:
+        return None
+    start = best.start()
+    while start > 0 and common[start - 1].isspace():
+        start -= 1
+    while start > 0 and not common[start - 1].isspace() and not common[start - 1].isalnum():
+        start -= 1
+    prev = common[start - 1] if start > 0 else before[-1:]
+    if prev and not prev.isspace():
+        start = best.start()  # punctuation glued to the reply ("Thanks. Desk") ends the reply, not the sign-off
+    sep = len(common[:start]) - len(common[:start].rstrip())
+    return REPLY + (common[start - sep: start] or " ") + common[start: best.start()] + SLOT + common[best.end():], \
+        best.group(0)
+
+
+_QUOTED = re.compile(r"(?<![A-Za-z0-9])(?:'([^'\n]{1,40})'|\"([^\"\n]{1,40})\")(?![A-Za-z0-9])")  # not "don't"
+
+
+def quoted_spans(text: str) -> list[tuple[str, int, int]]:
+    """(content, start, end) of each single- or double-quoted run of 1-40 characters, the span being the content's
+    inside the quotes; an apostrophe inside a word ("don't", "customer's") opens no quote."""
+    out = []
+    for m in _QUOTED.finditer(text):
+        g = 1 if m.group(1) is not None else 2
+        out.append((m.group(g), m.start(g), m.end(g)))
+    return out
+
+
+def quoted_literal(policy: str, word: str) -> str | None:
+    """The policy's quoted text that holds `word` and punctuation besides it ('Noted:', '-- Desk', '- Noted'),
+    stripped; None if no quote holds the word, or the quote is the bare word ('Noted', "Memo")."""
+    for content, _, _ in quoted_spans(policy):
+        q = content.strip()
+        if _whole_word(word).search(q) and q != word \
+                and re.search(r"[^\w\s]", q.replace(word, "")):
+            return q
+    return None
+
+
+def split_template(filled: str) -> tuple[str, str]:
+    """("prefix", text) for a filled prefix template, ("signoff", text to append) for a sign-off template."""
+    if filled.startswith(REPLY):
+        return "signoff", filled[len(REPLY):]
+    return "prefix", filled
+
+
+def token_spans(tokenizer: Any, ids: Sequence[int]) -> list[tuple[int, int]]:
+    """Character span of each token in ``tokenizer.decode(ids)`` (by incremental decoding)."""
+    spans, prev = [], 0
+    for i in range(len(ids)):
+        n = len(tokenizer.decode(list(ids[: i + 1])))
+        spans.append((prev, max(prev, n)))
+        prev = max(prev, n)
+    return spans
+
+
+_SENTENCE_END = re.compile(r"(?<=[A-Za-z)\"'])[.!?](?=\s|$)")
+
+
+def sentence_ends(tokenizer: Any, ids: Sequence[int]) -> list[int]:
+    """Indices of the tokens after which a sentence of ``tokenizer.decode(ids)`` ends: '.', '!' or '?' after a
+    letter, a bracket or a quote, followed by white space or the end of the text (not "3.5", not "1. ")."""
+    if not ids:
+        return []
+    text = tokenizer.decode(list(ids))
+    stops = [m.end() for m in _SENTENCE_END.finditer(text)]
+    return [i for i, (a, b) in enumerate(token_spans(tokenizer, ids)) if any(a < e <= b for e in stops)]
+
+
+def word_features(h: torch.Tensor, spans: Sequence[tuple[int, int]], words: Sequence[tuple[str, int, int]]
+                  ) -> torch.Tensor:
+    """[W, d]: per word, the mean state of the tokens overlapping its characters."""
+    out = torch.zeros(len(words), h.shape[-1])
+    for w, (_, s, e) in enumerate(words):
+        idx = [i for i, (a, b) in enumerate(spans) if a < e and b > s]
+        out[w] = h[idx].mean(0) if idx else 0.0
+    return out
+
+
+class ReplyPrefixHead(nn.Module):
+    """Policy states -> (template logits [1 + n_templates], word logits [W]). Class 0 means "no format rule"."""
+
+    def __init__(self, hidden_size: int, templates: Sequence[str]):
+        super().__init__()
+        if any(SLOT not in t for t in templates):
+            raise ValueError(f"every template must contain {SLOT!r}: {list(templates)}")
+        self.templates = list(templates)
+        self.norm = nn.LayerNorm(hidden_size)
+        self.cls = nn.Linear(hidden_size, 1 + len(self.templates))
+        self.ptr = nn.Linear(2 * hidden_size, 1)
+
+    def forward(self, h: torch.Tensor, words: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """h [T, d] policy token states; words [W, d] word features (``word_features``)."""
+        hn = self.norm(h)
+        pooled = hn.mean(0)
+        wn = self.norm(words) if len(words) else words.new_zeros(0, h.shape[-1])
+        word_logits = self.ptr(torch.cat([wn, pooled.expand(len(wn), -1)], -1)).squeeze(-1)
+        return self.cls(pooled), word_logits
+
+    @torch.no_grad()
+    def predict(self, text: str, h: torch.Tensor, spans: Sequence[tuple[int, int]]) -> str | None:
+        """The filled template this policy demands ("Noted:", "{reply} -- Desk"), or None when it is not a
+        reply-format rule (``split_template`` tells prefixes from sign-offs). Where the policy quotes the exact
+        text around the fill word ("... the bullet '- Noted'"), that text is used verbatim (``quoted_literal``):
+        the learned templates only cover the kinds seen in training."""
+        words = policy_words(text)
+        cls_logits, word_logits = self(h, word_features(h, spans, words))
+        c = int(cls_logits.argmax())
+        if c == 0 or not words:
+            return None
+        word = words[int(word_logits.argmax())][0]
+        template = self.templates[c - 1]
+        literal = quoted_literal(text, word)
+        if literal is not None:
+            return (REPLY + " " + literal) if template.startswith(REPLY) else literal
+        return template.replace(SLOT, word)
+
+    def save(self, directory: str | Path, extra: dict[str, Any] | None = None) -> None:
+        from safetensors.torch import save_file
+
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / HEAD_CONFIG).write_text(json.dumps({"templates": self.templates, "hidden_size": self.norm.normalized_shape[0],
+                                                 **(extra or {})}, indent=2) + "\n")
+        save_file({k: v.detach().cpu().float().contiguous() for k, v in self.state_dict().items()}, str(d / HEAD_FILE))
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "ReplyPrefixHead | None":
+        """The head saved in a reader directory, or None if it has none."""
+        from safetensors.torch import load_file
+
+        d = Path(directory)
+        if not (d / HEAD_FILE).is_file():
+            return None
+        cfg = json.loads((d / HEAD_CONFIG).read_text())
+        head = cls(int(cfg["hidden_size"]), cfg["templates"])
+        head.load_state_dict(load_file(str(d / HEAD_FILE)))
+        return head.eval()
+
+
+def _builtin_records(n: int, seed: int) -> list[str]:
+    """Records of every choice family from the built-in generator (offline, deterministic)."""
+    from hyperlora.tasks.generator import generate_tasks
+
+    per = max(1, n // 4)
+    recs: list[str] = []
+    for fam in ("topic", "routing", "conjunction", "threshold"):
+        tasks = generate_tasks(fam, "train", per, seed=seed, examples_per_task=2, strict=False)
+        recs += [t.examples[0].input for t in tasks][:per]
+    return recs[:n]
+
+
+class PrefixCompiler:
+    """Prefix string -> rank-K LoRA factors (A [K, d_in], B [d_out, K]) on the last layer's ``down_proj`` that
+    make greedy replies start with the prefix (``__call__``), or end with a sign-off (``signoff``). The
+    background statistics (the base model's states over its own replies to built-in records) are computed once
+    per kind, on first use (~10-20 s for prefixes, ~45 s for sign-offs on one CPU thread), and cached on disk."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any, *, n_background: int = 32, n_keys: int = 8,
+                 ridge: float = 1.0, key_weight: float = 20.0, init_scale: float = 40.0, margin: float = 4.0,
+                 max_tokens: int = 16, seed: int = 7, signoff_tokens: int = 48):
+        from hyperlora.hypernets.reader.reader import module_name
+
+        self.model, self.tokenizer = model, tokenizer
+        self.layer = int(model.config.num_hidden_layers) - 1
+        self.name = module_name(model, self.layer, "down_proj")
+        self.ridge, self.key_weight, self.init_scale, self.margin = ridge, key_weight, init_scale, margin
+        self.max_tokens, self.n_background, self.n_keys, self.seed = max_tokens, n_background, n_keys, seed
+        self.signoff_tokens = signoff_tokens
+        self._stats: dict[str, Any] | None = None
+        self._signoff_stats: dict[str, Any] | None = None
+        self._outputs: dict[str, torch.Tensor] | None = None
+        self.margins: torch.Tensor | None = None  # per-token logit margins on the key records, last compile
+        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _prefix_settings(self) -> str:
+        return (f"{self.n_background}|{self.n_keys}|{self.ridge}|{self.key_weight}|{self.init_scale}|"
+                f"{self.margin}|{self.max_tokens}|{self.seed}")
+
+    def settings(self) -> str:
+        """Every setting a compiled adapter depends on (part of the served reader's weights id)."""
+        return f"{self._prefix_settings()}|{self.signoff_tokens}"
+
+    def _enc(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _batch(self, seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded ids [N, T] (causal attention keeps every real position exact) and their lengths."""
+        n = torch.tensor([len(s) for s in seqs])
+        ids = torch.full((len(seqs), int(n.max())), int(self.tokenizer.pad_token_id or 0), dtype=torch.long)
+        for j, s in enumerate(seqs):
+            ids[j, : len(s)] = torch.tensor(list(s))
+        return ids, n
+
+    @torch.no_grad()
+    def _states(self, seqs: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        """down_proj inputs of the last layer at every position, per sequence (no adapter)."""
+        mod = dict(self.model.named_modules())[self.name]
+        store: dict[str, torch.Tensor] = {}
+        hook = mod.register_forward_hook(lambda m, i, o: store.__setitem__("x", i[0].detach()))
+        dev = next(self.model.parameters()).device
+        out: list[torch.Tensor] = []
+        try:
+            for s in range(0, len(seqs), 8):
+                ids, n = self._batch(seqs[s:s + 8])
+                self.model.model(ids.to(dev))
+                out += [store["x"][j, : int(n[j])].float().cpu() for j in range(len(n))]
+        finally:
+            hook.remove()
+        return out
+
+    def _cache_file(self, kind: str = "background") -> Path:
+        """Where the `kind` statistics of this model and these settings are kept between processes."""
+        import hashlib
+
+        from hyperlora.modeling.base_model import cache_dir
+
+        h = hashlib.sha256((self.settings() if kind == "signoff" else self._prefix_settings()).encode())
+        mod = dict(self.model.named_modules())[self.name]
+        for t in (mod.weight, self.model.get_input_embeddings().weight, self.model.model.norm.weight):
+            h.update(t.detach().float().cpu().numpy().tobytes()[:1 << 20])
+            h.update(str(tuple(t.shape)).encode())
+        return cache_dir() / "reply_prefix" / f"{kind}-{h.hexdigest()[:16]}.pt"
+
+    def _load_or_compute(self, kind: str, compute: Any) -> dict[str, Any]:
+        """The `kind` statistics from the disk cache, else from `compute()` (then written to the cache)."""
+        path = self._cache_file(kind)
+        if path.is_file():
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as e:  # a torn or foreign file: recompute and overwrite it
+                warnings.warn(f"ignoring unreadable reply-prefix cache {path}: {e}", stacklevel=3)
+        stats = compute()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            torch.save(stats, tmp)
+            tmp.replace(path)
+        except OSError as e:
+            warnings.warn(f"could not cache reply-prefix statistics at {path}: {e}", stacklevel=3)
+        return stats
+
+    def _background(self) -> dict[str, Any]:
+        """Prefix statistics: Gram matrix of ordinary reply states, answer-start states, key prompts."""
+        if self._stats is None:
+            self._stats = self._load_or_compute("background", self._compute_background)
+        return self._stats
+
+    def _signoff_background(self) -> dict[str, Any]:
+        """Sign-off statistics: Gram matrix of reply states that end no sentence, sentence-end states, and key
+        sequences (a prompt and the first sentence of the base model's reply)."""
+        if self._signoff_stats is None:
+            self._signoff_stats = self._load_or_compute("signoff", self._compute_signoff_background)
+        return self._signoff_stats
+
+    def _output_maps(self) -> dict[str, torch.Tensor]:
+        """Tied embeddings E, the final RMSNorm's gain and (E^T E + eps)^-1, for least-squares output directions."""
+        if self._outputs is None:
+            E = self.model.get_input_embeddings().weight.detach().float().cpu()
+            gamma = self.model.model.norm.weight.detach().float().cpu()
+            self._outputs = {"E": E, "gamma": gamma,
+                             "Minv": torch.linalg.inv(E.T @ E + 1e-3 * torch.eye(E.shape[1]))}
+        return self._outputs
+
+    def _compute_background(self) -> dict[str, Any]:
+        """The ridge background (Gram matrix of ordinary reply states), answer-start states, key prompts."""
+        from hyperlora.modeling.prompts import prompt_text
+        from hyperlora.evaluation.scoring import greedy_generate
+
+        recs = _builtin_records(self.n_background + self.n_keys, self.seed)
+        bg_recs, key_recs = recs[: self.n_background], recs[self.n_background:]
+        prompts = [prompt_text(self.tokenizer, r) for r in bg_recs]
+        replies = greedy_generate(self.model, self.tokenizer, prompts, max_new_tokens=16, batch_size=8, bf16=False)
+        plen = [len(self._enc(p)) for p in prompts]
+        xs = self._states([self._enc(p) + self._enc(r) for p, r in zip(prompts, replies)])
+        starts = torch.stack([x[n - 1] for x, n in zip(xs, plen)])       # answer-start states: slot 0's keys
+        rest = torch.cat([torch.cat([x[: n - 1], x[n:]]) for x, n in zip(xs, plen)])
+        return {"G": rest.T @ rest, "starts": starts,
+                "key_prompts": [self._enc(prompt_text(self.tokenizer, r)) for r in key_recs]}
+
+    def _compute_signoff_background(self) -> dict[str, Any]:
+        """The base model's replies to built-in records (``signoff_tokens`` each), split at sentence ends."""
+        from hyperlora.modeling.prompts import prompt_text
+        from hyperlora.evaluation.scoring import greedy_generate
+
+        recs = _builtin_records(self.n_background + self.n_keys, self.seed)
+        texts = [prompt_text(self.tokenizer, r) for r in recs]
+        replies = greedy_generate(self.model, self.tokenizer, texts, max_new_tokens=self.signoff_tokens,
+                                  batch_size=8, bf16=False)
+        prompts, rids = [self._enc(t) for t in texts], [self._enc(r) for r in replies]
+        xs = self._states([p + r for p, r in zip(prompts, rids)])
+        ends, rest, key_seqs = [], [], []
+        for j, (x, p, r) in enumerate(zip(xs, prompts, rids)):
+            stops = sentence_ends(self.tokenizer, r)
+            if j >= self.n_background:  # key records: the prompt and the reply's first sentence
+                key_seqs.append(p + r[: stops[0] + 1] if stops else p + r)
+                continue
+            n = len(p)
+            is_end = torch.zeros(len(r) + 1, dtype=torch.bool)  # index 0: the answer start
+            is_end[[i + 1 for i in stops]] = True
+            states = x[n - 1:]
+            ends.append(states[is_end])
+            rest.append(states[~is_end])
+        rest_t = torch.cat(rest)
+        ends_t = torch.cat(ends)
+        if len(ends_t) == 0:
+            raise RuntimeError("the base model's replies to the built-in records end no sentence: cannot learn "
+                               "where a sign-off goes")
+        return {"G": rest_t.T @ rest_t, "n_rest": len(rest_t), "ends": ends_t, "key_seqs": key_seqs}
+
+    def prefix_ids(self, prefix: str) -> list[int]:
+        """The prefix's tokens as they follow the assistant header."""
+        from hyperlora.modeling.prompts import prompt_text
+
+        head = self._enc(prompt_text(self.tokenizer, "x"))
+        ids = self._enc(prompt_text(self.tokenizer, "x") + prefix)
+        if ids[: len(head)] != head:
+            raise ValueError(f"reply prefix {prefix!r} merges with the assistant header when tokenized")
+        return ids[len(head):][: self.max_tokens]
+
+    @torch.no_grad()
+    def __call__(self, prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if not prefix or not prefix.strip():
+            raise ValueError("reply prefix is empty")
+        if prefix in self._cache:
+            return self._cache[prefix]
+        st = self._background()
+        A, B = self._compile_after(st["key_prompts"], self.prefix_ids(prefix), st["starts"], st["G"])
+        self._cache[prefix] = (A, B)
+        return A, B
+
+    @torch.no_grad()
+    def signoff(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sign-off text (" -- Desk") -> (A [K, d_in], B [d_out, K]): at the end of a sentence of the reply, emit
+        the text and then the end of turn. Slot 0's key fires at the base model's own sentence ends, so the reply
+        is signed after its first sentence (the shape of the tasks' reference replies, and short enough for a
+        reply read in a few dozen tokens); the others fire after each piece of the sign-off."""
+        from hyperlora.modeling.prompts import end_of_turn
+
+        if not text or not text.strip():
+            raise ValueError("sign-off is empty")
+        key = "\0signoff" + text
+        if key in self._cache:
+            return self._cache[key]
+        st = self._signoff_background()
+        ids = (self._enc(text) + self._enc(end_of_turn(self.tokenizer)))[: self.max_tokens]
+        A, B = self._compile_after(st["key_seqs"], ids, st["ends"], st["G"])
+        self._cache[key] = (A, B)
+        return A, B
+
+    def _compile_after(self, heads: Sequence[Sequence[int]], ids: list[int], slot0_keys: torch.Tensor,
+                       G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slots that emit `ids` in order after each key sequence in `heads`; slot 0 also fires on the states
+        `slot0_keys` (answer starts for a prefix, sentence ends for a sign-off); G is the ridge background."""
+        K = len(ids)
+        seqs = [list(h) + ids for h in heads]
+        plen = [len(h) for h in heads]
+        xs = self._states([q[:-1] for q in seqs])
+        Xt = torch.cat([torch.stack([x[n - 1 + k] for k in range(K)]) for x, n in zip(xs, plen)] + [slot0_keys])
+        Yt = torch.cat([torch.eye(K).repeat(len(xs), 1), torch.eye(K)[[0] * len(slot0_keys)]])
+        return self._fit(G, Xt, Yt, seqs, plen, ids)
+
+    def _fit(self, G, Xt, Yt, seqs, plen, ids) -> tuple[torch.Tensor, torch.Tensor]:
+        """Ridge keys, then each slot's scale raised until its token wins by ``margin`` on every key record."""
+        st = self._output_maps()
+        d, w = Xt.shape[1], self.key_weight
+        A = torch.linalg.solve(G + w * Xt.T @ Xt + self.ridge * torch.eye(d), w * Xt.T @ Yt).T     # [K, d_in]
+        V = (st["Minv"] @ st["E"][ids].T).T / st["gamma"]
+        V = V / V.norm(dim=-1, keepdim=True)                                                      # [K, d_out]
+        scale = torch.full((len(ids),), float(self.init_scale))
+        margins = self._margins(seqs, plen, ids, A, (V * scale[:, None]).T)
+        for _ in range(12):  # the final RMSNorm bounds the logits: a margin can saturate below the target
+            low = margins < self.margin
+            if not bool(low.any()):
+                break
+            trial = torch.where(low, scale * 1.5, scale)
+            m = self._margins(seqs, plen, ids, A, (V * trial[:, None]).T)
+            if not bool((m[low] > margins[low] + 1e-3).any()):
+                break
+            scale, margins = trial, m
+        self.margins = margins
+        if bool((margins < self.margin).any()):
+            warnings.warn(f"reply prefix {self.tokenizer.decode(ids)!r}: token margins {margins.tolist()} on the key "
+                          f"records, below the target {self.margin}; replies may not start with it", stacklevel=3)
+        return A.contiguous(), (V * scale[:, None]).T.contiguous()
+
+    def _margins(self, seqs, plen, ids, A, B) -> torch.Tensor:
+        """[K]: the smallest (over key records) logit margin of t_k over the best other token at its position."""
+        from hyperlora.adapters.functional import apply_lora
+
+        dev = next(self.model.parameters()).device
+        K = len(ids)
+        batch, _ = self._batch([s[:-1] for s in seqs])
+        pos = torch.tensor([[n - 1 + k for k in range(K)] for n in plen])            # [N, K]
+        with apply_lora(self.model, {self.name: (A[None].to(dev), B[None].to(dev))}, scale=1.0,
+                        rows=torch.zeros(len(seqs), dtype=torch.long)):
+            h = self.model.model(batch.to(dev)).last_hidden_state
+        h = h[torch.arange(len(seqs))[:, None], pos.to(dev)]                              # [N, K, d]
+        logits = self.model.lm_head(h).float().cpu()
+        tgt = torch.tensor(ids)
+        hit = logits[..., tgt].diagonal(dim1=-2, dim2=-1).clone()                        # [N, K]
+        logits[:, torch.arange(K), tgt] = float("-inf")
+        return (hit - logits.max(-1).values).min(0).values

@@ -1,0 +1,577 @@
+"""The drop-in runtime: attach hyperlora to a Hugging Face causal LM and serve a different policy per row.
+
+    rt = hyperlora.attach(model, hypernet, max_adapters=64, max_rank=64)
+    with rt.policies(["policy text", None, peft_name]):      # one entry per batch row
+        logits = model(input_ids=..., attention_mask=...).logits
+    out = rt.generate(input_ids=..., attention_mask=..., policies=[...], max_new_tokens=16)
+    name = rt.load_peft("path/to/peft_dir");  rt.export_peft("policy text", "out_dir");  rt.detach()
+
+`attach` replaces the targeted Linear / Conv1D modules in place (`hyperlora.runtime.layers`); their parameters keep
+their `state_dict` names. Every adapter lives in one `AdapterPool`: generated ones keyed by a content hash
+of (hypernetwork weights, policy text, rank, scale), PEFT ones by a hash of their validated tensors. A
+`policies()` context resolves each row to a pool slot (generating the misses in one batched hypernetwork
+call), then holds those slots in flight until it exits, so adapters loaded or evicted meanwhile (from this
+thread or another) never change the batch (the failure class of vLLM #47724).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from hyperlora.runtime.layers import (APPLY_MODES, ActiveBatch, LoraLayerMixin, LoraState, PoolViews, is_supported,
+                              set_submodule, shape_of, unwrap_module, wrap_module)
+from hyperlora.adapters.pool import StaleSlotError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["attach", "Runtime", "DEFAULT_TARGET_TYPES"]
+
+# Served when neither target_modules nor a hypernetwork says what to (those present in the model). GPT-2's
+# c_proj covers attn.c_proj and mlp.c_proj, two shapes: the pool keeps them apart as two module types.
+DEFAULT_TARGET_TYPES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                        "c_attn", "c_proj", "c_fc")
+
+Entry = "str | None"
+
+
+def _natural_key(name: str) -> list:
+    import re
+
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def _matches(name: str, module_type: str) -> bool:
+    """`name` ends with the components of `module_type` ('q_proj', or 'attn.c_proj' for GPT-2's split type)."""
+    return name == module_type or name.endswith("." + module_type)
+
+
+def _find_targets(model: nn.Module, types: Sequence[str]) -> dict[str, tuple[int, int]]:
+    """Full name -> (d_in, d_out) of every Linear/Conv1D matching one of `types` (trailing name components)."""
+    wanted = list(dict.fromkeys(types))
+    found: dict[str, tuple[int, int]] = {}
+    linear_types: set[str] = set()
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    for name, module in model.named_modules():
+        if not name:
+            continue
+        ok = is_supported(module) and module is not out_emb
+        if ok:
+            linear_types.add(name.rsplit(".", 1)[-1])
+        if any(_matches(name, t) for t in wanted):
+            if isinstance(module, LoraLayerMixin):
+                raise ValueError(f"{name!r} is already served by a hyperlora runtime: detach() it before attaching again")
+            if not ok:
+                raise ValueError(f"target module {name!r} is a {type(module).__name__}, not an nn.Linear or a "
+                                 f"transformers Conv1D: leave it out of target_modules")
+            found[name] = shape_of(module)
+    missing = [t for t in wanted if not any(_matches(n, t) for n in found)]
+    if missing:
+        raise ValueError(f"target_modules {missing} match no module of this model; its Linear/Conv1D module types "
+                         f"are {sorted(linear_types)}")
+    return {n: found[n] for n in sorted(found, key=_natural_key)}
+
+
+def _model_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype, p.device
+    return torch.float32, torch.device("cpu")
+
+
+@dataclass
+class _PeftAdapter:
+    """A validated PEFT adapter kept on the host so it can be re-written after an eviction."""
+
+    key: str
+    rank: int
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor]]  # full name -> (A [r, d_in], B [d_out, r] scaled)
+    source: str
+
+
+class Runtime:
+    """hyperlora attached to one model. Build it with `hyperlora.attach`; see the module docstring."""
+
+    def __init__(self, model: nn.Module, hypernet: Any, targets: dict[str, tuple[int, int]], *,
+                 max_adapters: int, max_rank: int, apply_mode: str, encoder: Any, dtype: torch.dtype | None):
+        from hyperlora.adapters.pool import AdapterPool
+
+        m_dtype, device = _model_dtype_device(model)
+        self.model = model
+        self.hypernet = hypernet
+        self.apply_mode = apply_mode
+        self._encoder = encoder
+        self.pool = AdapterPool(targets, max_adapters=max_adapters, max_rank=max_rank,
+                                dtype=dtype or m_dtype, device=device)
+        self.state = LoraState()
+        self._lock = threading.RLock()
+        self._originals: dict[str, nn.Module] = {}
+        self._peft: dict[str, _PeftAdapter] = {}
+        self._peft_keys: set[str] = set()
+        self._latents: dict[str, torch.Tensor] = {}  # module type -> z [L, S, K] (latent path only)
+        self._latent_where: dict[str, tuple[str, int]] = {}
+        self._latent_key: dict[int, str] = {}  # slot -> the content key its stored latents belong to
+        self._attached = False
+        self._install(targets)
+        for name in targets:
+            self.model.get_submodule(name).hl_views = PoolViews((self.pool.lora_a(name), self.pool.lora_b(name)))
+        log.info("hyperlora: serving %d modules of %s; adapter pool %d slots x rank %d = %.1f MB (%s)",
+                 len(targets), type(model).__name__, max_adapters, max_rank, self.pool.nbytes() / 1e6, self.pool.dtype)
+
+    # ---- attach / detach ---------------------------------------------------------------------
+
+    def _install(self, targets: dict[str, tuple[int, int]]) -> None:
+        replaced: list[str] = []
+        try:
+            for name in targets:
+                original = self.model.get_submodule(name)
+                layer = wrap_module(original, name, self.state)
+                set_submodule(self.model, name, layer)
+                self._originals[name] = original
+                replaced.append(name)
+        except Exception:
+            for name in replaced:
+                set_submodule(self.model, name, unwrap_module(self.model.get_submodule(name), self._originals.pop(name)))
+            raise
+        self._attached = True
+
+    @property
+    def attached(self) -> bool:
+        return self._attached
+
+    def detach(self) -> nn.Module:
+        """Put the original modules back (with the current parameters) and return the model.
+
+        Refused while a `policies()` context of this runtime is active in this thread."""
+        with self._lock:
+            if not self._attached:
+                return self.model
+            if self.state.batch is not None:
+                raise RuntimeError("detach() inside an active policies() context: exit the context first")
+            for name, original in self._originals.items():
+                layer = self.model.get_submodule(name)
+                set_submodule(self.model, name, unwrap_module(layer, original))
+            self._originals.clear()
+            self._attached = False
+            return self.model
+
+    def _check_attached(self) -> None:
+        if not self._attached:
+            raise RuntimeError("this runtime was detached; call hyperlora.attach(model, ...) again")
+
+    @property
+    def target_names(self) -> list[str]:
+        """Full names of the modules this runtime serves."""
+        return list(self.pool.targets())
+
+    # ---- adapters: generated ----------------------------------------------------------------
+
+    def _encode(self, texts: list[str]) -> torch.Tensor:
+        if self._encoder is None:
+            from hyperlora.hypernets.t2l.minilm import PolicyEncoder
+
+            self._encoder = PolicyEncoder()
+        enc = self._encoder
+        fn = enc.encode if hasattr(enc, "encode") else enc
+        emb = fn(texts)
+        if not isinstance(emb, torch.Tensor) or emb.dim() != 2 or emb.shape[0] != len(texts):
+            raise ValueError(f"the policy encoder must return a tensor [P, E] for P={len(texts)} texts, got "
+                             f"{getattr(emb, 'shape', type(emb).__name__)}")
+        return emb
+
+    def _policy_key(self, text: str) -> str:
+        hn = self.hypernet
+        return self.pool.content_key(hn.weights_id(), text, int(hn.config.rank), float(hn.config.scale))
+
+    def _latent_enabled(self) -> bool:
+        return (self.hypernet is not None and self.apply_mode != "materialized"
+                and not getattr(self.hypernet, "reads_text", False))  # a policy reader has no latent head
+
+    def _store_latents(self, emb: torch.Tensor, slots: list[int], keys: list[str]) -> None:
+        """Keep z [L, S, K] per module type for the latent path (the pool holds only materialized A/B)."""
+        hn = self.hypernet
+        with torch.no_grad():
+            z = hn.latents(emb)
+        idx = torch.as_tensor(slots, dtype=torch.long, device=self.pool.device)
+        for t, zt in z.items():
+            buf = self._latents.get(t)
+            if buf is None:
+                L, K = zt.shape[1], zt.shape[2]
+                buf = self._latents[t] = torch.zeros(L, self.pool.max_adapters, K, dtype=zt.dtype,
+                                                     device=self.pool.device)
+                for li, n in enumerate(hn.module_names(t)):
+                    self._latent_where[n] = (t, li)
+            buf.index_copy_(1, idx, zt.transpose(0, 1).to(buf.device, buf.dtype))
+        self._latent_key.update(zip(slots, keys))
+
+    def _latent_of(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(w_a [R*K, d_in], w_b [d_out, R*K], z [S, K]) of module `name` for the latent path, or None where the
+        hypernetwork does not generate that module (its generated slots hold zeros there)."""
+        where = self._latent_where.get(name)
+        if where is None:
+            return None
+        t, li = where
+        w_a, w_b = self.hypernet.head(t)
+        return w_a, w_b, self._latents[t][li]
+
+    # ---- adapters: PEFT ---------------------------------------------------------------------
+
+    def load_peft(self, path: str | Path, name: str | None = None) -> str:
+        """Load a PEFT LoRA directory and return the name to use in `policies()` (default: the directory name).
+
+        Everything is validated by `hyperlora.adapters.peft_io.read_peft` before the pool is touched (safetensors only,
+        sane config, r <= max_rank, targets served by this runtime, shapes, finite values, no DoRA / bias), so a
+        rejected adapter leaves the pool and every in-flight batch as they were. The adapter is kept on the host
+        too, so it comes back after an eviction.
+        """
+        from hyperlora.adapters.peft_io import read_peft
+
+        self._check_attached()
+        p = Path(path)
+        adapter = read_peft(p, targets=self.pool.targets(), max_rank=self.pool.max_rank)
+        modules = {n: (a.to(torch.float32), b.to(torch.float32)) for n, (a, b) in adapter.modules.items()}
+        rank, key = int(adapter.rank), str(adapter.key)
+        label = name if name is not None else p.resolve().name
+        return self._register(label, _PeftAdapter(key=key, rank=rank, modules=modules, source=str(p)))
+
+    def add_adapter(self, name: str, modules: dict[str, tuple[torch.Tensor, torch.Tensor]], *,
+                    scale: float = 1.0) -> str:
+        """Serve a LoRA adapter given as tensors, like a PEFT one: {full module name: (A [r, d_in], B [d_out, r])},
+        applied as `y += scale * B A x`. Validated (names, shapes, rank <= max_rank, finite) before the pool is
+        touched; returns `name` for `policies()`."""
+        self._check_attached()
+        if not isinstance(modules, dict) or not modules:
+            raise ValueError("modules must be a non-empty dict {module name: (A [r, d_in], B [d_out, r])}")
+        targets = self.pool.targets()
+        checked: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        h = hashlib.sha256(f"tensors:{float(scale).hex()}".encode())
+        for mname, pair in modules.items():
+            if mname not in targets:
+                raise ValueError(f"modules[{mname!r}] is not served by this runtime (e.g. {next(iter(targets))!r}); "
+                                 f"attach with target_modules covering it")
+            if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(isinstance(t, torch.Tensor) for t in pair)):
+                raise TypeError(f"modules[{mname!r}] must be a pair of tensors (A, B)")
+            a, b = (t.detach().to("cpu", torch.float32) for t in pair)
+            d_in, d_out = targets[mname]
+            if a.dim() != 2 or b.dim() != 2 or a.shape[1] != d_in or b.shape[0] != d_out or a.shape[0] != b.shape[1]:
+                raise ValueError(f"modules[{mname!r}]: need A [r, {d_in}] and B [{d_out}, r], got {tuple(a.shape)} and "
+                                 f"{tuple(b.shape)}")
+            if a.shape[0] > self.pool.max_rank:
+                raise ValueError(f"modules[{mname!r}]: rank {a.shape[0]} exceeds max_rank={self.pool.max_rank}")
+            if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+                raise ValueError(f"modules[{mname!r}] holds NaN or Inf values")
+            b = b * float(scale)
+            checked[mname] = (a.contiguous(), b.contiguous())
+            for t in checked[mname]:
+                h.update(mname.encode())
+                h.update(t.numpy().tobytes())
+        rank = max(int(a.shape[0]) for a, _ in checked.values())
+        return self._register(name, _PeftAdapter(key="tensors:" + h.hexdigest(), rank=rank, modules=checked,
+                                                 source="tensors"))
+
+    def _register(self, label: str, ad: _PeftAdapter) -> str:
+        if not isinstance(label, str) or not label.strip():
+            raise ValueError(f"name must be a non-empty str, got {label!r}")
+        with self._lock:
+            self._peft[label] = ad
+            self._peft_keys.add(ad.key)
+            try:
+                self._place_peft(ad)
+            except Exception as exc:  # pool full of in-flight / pinned slots: placed at first use instead
+                from hyperlora.adapters.pool import PoolFullError
+
+                if not isinstance(exc, PoolFullError):
+                    raise
+                log.warning("hyperlora: %s loaded but not placed in the pool yet (%s)", label, exc)
+        return label
+
+    def _place_peft(self, ad: _PeftAdapter) -> int:
+        slot = self.pool.slot_of(ad.key)
+        if slot is not None and ad.key in self.pool:
+            return slot
+        slot = self.pool.allocate(ad.key, ad.rank, 1.0)  # per-module scales are already folded into B
+        self.pool.write(slot, ad.modules)
+        return slot
+
+    @property
+    def peft_names(self) -> list[str]:
+        return list(self._peft)
+
+    def unload_peft(self, name: str) -> None:
+        """Forget a loaded PEFT adapter (its slot is freed when no batch uses it)."""
+        with self._lock:
+            ad = self._peft.pop(name)
+            if not any(a.key == ad.key for a in self._peft.values()):
+                self._peft_keys.discard(ad.key)
+                with contextlib.suppress(KeyError, ValueError):
+                    self.pool.remove(ad.key)
+
+    # ---- resolving a batch ------------------------------------------------------------------
+
+    def _resolve(self, entries: Sequence[Any], stack: contextlib.ExitStack) -> tuple[list[int], list[bool]]:
+        """Row slots for `entries`, every used slot held in flight on `stack`. Generates missing policies."""
+        keys: dict[Any, int] = {}
+        row_slots = [-1] * len(entries)
+        latent_flags = [False] * len(entries)
+        uniq: dict[str, list[int]] = {}
+        for i, e in enumerate(entries):
+            if e is None:
+                continue
+            if not isinstance(e, str):
+                raise TypeError(f"policies[{i}] must be a policy text, a name returned by load_peft, or None; got "
+                                f"{type(e).__name__}")
+            uniq.setdefault(e, []).append(i)
+
+        def hold(slot: int, key: str) -> bool:
+            """Hold `slot` in flight for this batch if it still holds `key` (False if evicted meanwhile)."""
+            try:
+                stack.enter_context(self.pool.in_flight([slot], keys=[key]))
+            except StaleSlotError:
+                return False
+            return True
+
+        texts: list[str] = []
+        for e in uniq:
+            if e in self._peft:
+                ad = self._peft[e]
+                slot = self.pool.get(ad.key)
+                while slot is None or not hold(slot, ad.key):
+                    slot = self._place_peft(ad)
+                keys[e] = slot
+            else:
+                if not e.strip():
+                    raise ValueError("a policy text is empty or whitespace only; use None for the base model")
+                if self.hypernet is None:
+                    raise ValueError(f"{e[:60]!r} is neither a loaded PEFT adapter name ({sorted(self._peft)}) nor "
+                                     f"servable as a policy text: this runtime has no hypernetwork (attach(model, "
+                                     f"hypernet=...))")
+                key = self._policy_key(e)
+                slot = self.pool.get(key)
+                if slot is None or not hold(slot, key):
+                    texts.append(e)
+                    continue
+                keys[e] = slot
+                if self._latent_enabled() and self._latent_key.get(slot) != key:
+                    self._store_latents(self._encode([e]), [slot], [key])
+        if texts:
+            self._generate(texts, keys, hold)
+        for e, rows in uniq.items():
+            for i in rows:
+                row_slots[i] = keys[e]
+                latent_flags[i] = e not in self._peft and self._latent_key.get(keys[e]) == self.pool.key_of(keys[e])
+        return row_slots, latent_flags
+
+    def _generate(self, texts: list[str], keys: dict[Any, int], hold: Callable[[int, str], bool]) -> None:
+        hn = self.hypernet
+        if getattr(hn, "reads_text", False):
+            return self._generate_read(texts, keys, hold)
+        cfg = hn.config
+        new_keys = [self._policy_key(t) for t in texts]
+        slots: list[int] = []
+        try:
+            for k in new_keys:
+                slots.append(self.pool.allocate(k, int(cfg.rank), float(cfg.scale)))
+        except Exception:
+            for k in new_keys[:len(slots)]:
+                self._free_unwritten(k)
+            raise
+        try:
+            emb = self._encode(texts)
+            hn.generate_into_pool(emb, self.pool, slots)
+        except BaseException:
+            for k in new_keys:
+                self._free_unwritten(k)
+            raise
+        if self._latent_enabled():
+            self._store_latents(emb, slots, new_keys)
+        for t, s, k in zip(texts, slots, new_keys):
+            if not hold(s, k):  # only if someone outside this runtime evicted it within microseconds
+                raise RuntimeError(f"the adapter generated for {t[:40]!r} was evicted before its batch started")
+            keys[t] = s
+
+    def _generate_read(self, texts: list[str], keys: dict[Any, int], hold: Callable[[int, str], bool]) -> None:
+        """Policy reader (``reads_text``): its adapters (each with its own rank) are built first, then written
+        into freshly allocated slots, so a failure in the reader leaves the pool untouched."""
+        t0 = time.perf_counter()
+        per_policy = self.hypernet.adapters_for_texts(texts)
+        new_keys = [self._policy_key(t) for t in texts]
+        slots: list[int] = []
+        try:
+            for k, mods in zip(new_keys, per_policy):
+                rank = max(int(a.shape[0]) for a, _ in mods.values())
+                slots.append(self.pool.allocate(k, rank, 1.0))
+            for s, mods in zip(slots, per_policy):
+                self.pool.write(s, mods)
+        except BaseException:
+            for k in new_keys:
+                self._free_unwritten(k)
+            raise
+        log.debug("hyperlora: read %d policies into the pool in %.1f ms", len(texts), 1e3 * (time.perf_counter() - t0))
+        for t, s, k in zip(texts, slots, new_keys):
+            if not hold(s, k):
+                raise RuntimeError(f"the adapter generated for {t[:40]!r} was evicted before its batch started")
+            keys[t] = s
+
+    def _free_unwritten(self, key: str) -> None:
+        """Give back a slot reserved by `allocate` that was never written (an error came in between)."""
+        slot = self.pool.slot_of(key)
+        if slot is not None and self.pool.slot_info(slot)["state"] == "writing":
+            with contextlib.suppress(Exception), self.pool.writing([slot]):
+                raise RuntimeError("abandon")  # writing() frees a slot whose body raised
+
+    def prepare(self, policies: Sequence[Any]) -> list[int]:
+        """Make sure every entry has an adapter in the pool (generating misses in one batch); returns slots."""
+        self._check_attached()
+        with self._lock, contextlib.ExitStack() as stack:
+            slots, _ = self._resolve(list(policies), stack)
+        return slots
+
+    def policies(self, policies: Sequence[Any]) -> contextlib.AbstractContextManager[ActiveBatch]:
+        """Serve one batch: entry i (policy text, `load_peft` name or None) applies to batch row i.
+
+        The adapters' slots are held in flight until the context exits, so nothing loaded or evicted
+        meanwhile can change this batch. Contexts nest (the innermost one is active) and are per thread.
+        """
+        self._check_attached()
+        if isinstance(policies, (str, bytes)) or not isinstance(policies, Sequence):
+            raise TypeError("policies must be a list with one entry (policy text, load_peft name or None) per row")
+        return self._serve(list(policies))
+
+    @contextlib.contextmanager
+    def _serve(self, entries: list[Any]) -> Iterator[ActiveBatch]:
+        with contextlib.ExitStack() as stack:
+            with self._lock:
+                row_slots, latent_flags = self._resolve(entries, stack)
+            dev = self.pool.device
+            batch = ActiveBatch(
+                row_slots=torch.tensor(row_slots, dtype=torch.int64, device=dev),
+                num_slots=self.pool.max_adapters, pool=self.pool, apply_mode=self.apply_mode,
+                latent_rows=torch.tensor(latent_flags, dtype=torch.bool, device=dev) if any(latent_flags) else None,
+                latents=self._latent_of if any(latent_flags) else None,
+                hypernet=self.hypernet)
+            self.state.push(batch)
+            try:
+                yield batch
+            finally:
+                self.state.pop(batch)
+
+    # ---- generation -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 policies: Sequence[Any] | None = None, max_new_tokens: int = 32, *, do_sample: bool = False,
+                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                 seed: int | Sequence[int] | None = None, eos_token_id: int | Sequence[int] | None = None,
+                 pad_token_id: int | None = None) -> torch.Tensor:
+        """Greedy or sampled decoding with a KV cache; returns [B, T + new] (prompt, then new tokens).
+
+        Prompts must be left padded (`attention_mask` zeros only on the left). Each row gets the tokens it would
+        get alone with its policy: positions come from its own mask, and sampling draws from a generator per
+        row seeded with `seed` (one int for every row, or one per row). Rows that reached EOS are padded.
+        """
+        from hyperlora.modeling.decoding import decode
+
+        self._check_attached()
+        ids = input_ids
+        rows = int(ids.shape[0]) if isinstance(ids, torch.Tensor) and ids.dim() == 2 else -1
+        pol = list(policies) if policies is not None else [None] * max(rows, 0)
+        if rows >= 0 and len(pol) != rows:
+            raise ValueError(f"policies has {len(pol)} entries but input_ids has {rows} rows: give one policy "
+                             f"(text, load_peft name or None) per row")
+        with self.policies(pol):
+            return decode(self.model, ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                          temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                          eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+
+    # ---- export ------------------------------------------------------------------------------
+
+    def export_peft(self, policy: str, directory: str | Path) -> Path:
+        """Write the adapter of `policy` (a text, or a `load_peft` name) as a PEFT LoRA directory."""
+        from hyperlora.adapters import peft_io
+
+        self._check_attached()
+        d = Path(directory)
+        if policy in self._peft:
+            ad = self._peft[policy]
+            return peft_io.write_peft(d, ad.modules, rank=ad.rank, lora_alpha=float(ad.rank),
+                                      base_model=self.model)
+        if self.hypernet is None:
+            raise ValueError("export_peft of a policy text needs a hypernetwork (attach(model, hypernet=...))")
+        if getattr(self.hypernet, "reads_text", False):
+            mods = self.hypernet.adapters_for_texts([policy])[0]
+            rank = max(int(a.shape[0]) for a, _ in mods.values())
+            pad = {n: (torch.cat([a, a.new_zeros(rank - a.shape[0], a.shape[1])]),
+                       torch.cat([b, b.new_zeros(b.shape[0], rank - b.shape[1])], 1)) for n, (a, b) in mods.items()}
+            return peft_io.write_peft(d, pad, rank=rank, lora_alpha=float(rank), base_model=self.model)
+        return peft_io.export_policy(self.hypernet, self._encode([policy]), d, base_model=self.model)
+
+    # ---- introspection ----------------------------------------------------------------------
+
+    def stats(self) -> dict:
+        """The pool's counters plus this runtime's PEFT adapters and served modules."""
+        s = self.pool.stats()
+        s.update(peft_adapters=len(self._peft), target_modules=len(self._originals), apply_mode=self.apply_mode)
+        return s
+
+    def __repr__(self) -> str:
+        return (f"Runtime({type(self.model).__name__}, {len(self._originals)} modules, hypernet="
+                f"{'yes' if self.hypernet is not None else 'no'}, apply_mode={self.apply_mode!r}, {self.pool!r})")
+
+
+def attach(model: nn.Module, hypernet: Any = None, *, target_modules: Sequence[str] | None = None,
+           max_adapters: int = 64, max_rank: int = 64, apply_mode: str = "auto", encoder: Any = None,
+           dtype: torch.dtype | None = None) -> Runtime:
+    """Serve many adapters per batch on `model` (a transformers causal LM, Llama family or GPT-2).
+
+    hypernet: a `HyperNetwork` built for this model (policy texts need one); target_modules: module types
+    (last name components) to serve in every layer: default exactly the modules the hypernetwork generates
+    (its types, in its layers), else every Linear of Llama-style attention and MLP blocks (GPT-2: c_attn,
+    c_fc). Pass target_modules to also serve PEFT adapters on modules the hypernetwork does not cover; max_adapters / max_rank: the pool's slots; apply_mode: "auto",
+    "materialized" or "latent"; encoder: a `PolicyEncoder` or any callable list[str] -> Tensor [P, E] (default
+    MiniLM, loaded on first use); dtype: the pool's dtype (default the model's).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module (a transformers causal LM), got {type(model).__name__}")
+    if apply_mode not in APPLY_MODES:
+        raise ValueError(f"apply_mode must be one of {APPLY_MODES}, got {apply_mode!r}")
+    if isinstance(target_modules, str):
+        target_modules = [target_modules]
+    hn_types = list(hypernet.types) if hypernet is not None else []
+    if target_modules is not None:
+        types = list(dict.fromkeys(target_modules))
+    elif hn_types:
+        types = hn_types
+    else:
+        present = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n and is_supported(m)}
+        types = [t for t in DEFAULT_TARGET_TYPES if t in present]
+        if not types:
+            raise ValueError(f"no default target module found in {type(model).__name__}; pass target_modules= "
+                             f"from its Linear module types {sorted(present)}")
+    targets = _find_targets(model, types)
+    if hypernet is not None and target_modules is None:
+        # Serve exactly the modules the hypernetwork writes (e.g. only its layers): wrapping the other layers
+        # of those types would cost a zero update per layer per step and pool memory for nothing.
+        targets = {n: shp for n, shp in targets.items() if n in hypernet.targets()}
+    if hypernet is not None:
+        hn_targets = hypernet.targets()
+        left_out = sorted({t for t in hn_types for n in hypernet.module_names(t) if n not in targets})
+        if left_out:
+            raise ValueError(f"target_modules {types} leave out {left_out}, which the hypernetwork generates; "
+                             f"include them (or pass target_modules=None)")
+        wrong = [n for n, shp in hn_targets.items() if tuple(targets[n]) != tuple(shp)]
+        if wrong:
+            raise ValueError(f"the hypernetwork was built for another model: {wrong[0]!r} is "
+                             f"{hn_targets[wrong[0]]} there and {targets[wrong[0]]} here")
+        if int(hypernet.config.rank) > max_rank:
+            raise ValueError(f"the hypernetwork's rank {hypernet.config.rank} exceeds max_rank={max_rank}; "
+                             f"attach with max_rank >= {hypernet.config.rank}")
+    return Runtime(model, hypernet, targets, max_adapters=max_adapters, max_rank=max_rank, apply_mode=apply_mode,
+                   encoder=encoder, dtype=dtype)

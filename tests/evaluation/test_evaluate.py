@@ -1,0 +1,249 @@
+"""`hyperlora eval`: task selection, shuffled partners, all conditions end to end on a tiny random Llama,
+report files, the CLI on a hand-written task file, and the adapter loaders."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+from eval_helpers import hash_encoder, tiny_hypernet, tiny_llama, tiny_tokenizer  # noqa: E402
+
+from hyperlora.tasks import tiny_suite  # noqa: E402
+from hyperlora.tasks.format import Example, PolicyTask  # noqa: E402
+from hyperlora.evaluation.sources import (HypernetSource, find_hypernet_dir, load_lora,  # noqa: E402
+                                              stack_adapter_sets, train_policy_lora)
+from hyperlora.evaluation.evaluate import (CONDITIONS, evaluate, markdown_table, select_tasks,  # noqa: E402
+                                           shuffled_partners, summarize, write_report)
+from hyperlora.cli.eval import add_arguments, run  # noqa: E402
+from hyperlora.evaluation.scoring import AdapterSet, ScoreRequest, option_logprobs, predict_options  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tm():
+    tok = tiny_tokenizer()
+    return tiny_llama(tok, seed=0), tok
+
+
+def _held_out():
+    return [t for t in tiny_suite() if t.split != "train"]
+
+
+def test_select_tasks_limits_and_oracle_examples_are_disjoint():
+    tasks = _held_out()
+    et = select_tasks(tasks, max_policies=1, examples_per_policy=5, oracle_per_family=2)
+    assert len(et) == len(tasks)  # one per (split, family) in the tiny set
+    assert all(len(e.examples) == 5 for e in et if not e.oracle_train)
+    fams = {}
+    for e in et:
+        if e.oracle_train:
+            fams.setdefault(e.family, []).append(e)
+            scored = {id(x) for x in e.examples}
+            assert not scored & {id(x) for x in e.oracle_train}
+    assert set(fams) == {"topic", "routing", "conjunction", "threshold", "format"}
+    for lst in fams.values():  # round-robin: the two oracle tasks come from different splits
+        assert len(lst) == 2 and lst[0].split != lst[1].split
+    # too few extra examples: the task is halved instead
+    small = [PolicyTask("p", [Example(f"r{i}", ["a", "b"], "ab"[i % 2]) for i in range(6)])]
+    e = select_tasks(small, examples_per_policy=6, oracle_per_family=1)[0]
+    assert len(e.oracle_train) == 3 and len(e.examples) == 3 and e.family == "all" and e.split == "user"
+    with pytest.raises(ValueError, match="max_policies"):
+        select_tasks(tasks, max_policies=0)
+
+
+def test_shuffled_partners_never_self_prefer_same_family():
+    et = select_tasks(_held_out(), max_policies=1, examples_per_policy=2, oracle_per_family=0)
+    part = shuffled_partners(et, seed=3)
+    for i, j in enumerate(part):
+        assert j != i
+        assert et[j].task.policy != et[i].task.policy
+        assert et[j].family == et[i].family
+
+
+def test_train_policy_lora_learns_its_examples(tm):
+    """The oracle trainer must be able to fit one policy's examples (here: memorise 4 records)."""
+    model, tok = tm
+    from hyperlora.modeling.prompts import prompt_text
+
+    exs = [Example(f"Ticket {w}", ["flag", "pass"], a) for w, a in
+           [("refund now", "flag"), ("hello there", "pass"), ("money back", "flag"), ("thanks", "pass")]]
+    reqs = [ScoreRequest(prompt_text(tok, e.input), e.options) for e in exs]
+    ad = train_policy_lora(model, tok, exs, rank=4, steps=40, batch_size=4, lr=2e-2, seed=0, bf16=False)
+    assert ad.count == 1 and all(a.shape[1] == 4 for a, _ in ad.modules.values())
+    reqs1 = [ScoreRequest(r.prompt, r.options, 0) for r in reqs]
+    preds = predict_options(reqs1, option_logprobs(model, tok, reqs1, adapters=ad, bf16=False))
+    assert preds == [e.answer for e in exs]
+    # the model itself was not modified
+    assert not any(p.requires_grad for p in model.parameters())
+    with pytest.raises(ValueError, match="answer"):
+        train_policy_lora(model, tok, [Example("x", check={"regex": "a"})], steps=1)
+
+
+def test_train_policy_lora_cached_lower_layers_equal_full_forward():
+    """Training through cached lower-layer states must give the adapters full forwards give."""
+    tok = tiny_tokenizer()
+    model = tiny_llama(tok, seed=1, layers=3)
+    names = [n for n, _ in model.named_modules() if n.endswith(("q_proj", "v_proj")) and ".layers.0." not in n]
+    exs = [Example(f"Ticket {w}", ["flag", "pass"], a) for w, a in
+           [("refund now", "flag"), ("hello there, a longer one", "pass"), ("money back", "flag")]]
+    kw = dict(rank=2, module_names=names, steps=4, batch_size=3, lr=1e-2, seed=0, bf16=False)
+    fast = train_policy_lora(model, tok, exs, cache_lower=True, **kw)
+    full = train_policy_lora(model, tok, exs, cache_lower=False, **kw)
+    assert set(fast.modules) == set(names)
+    for n in names:
+        assert torch.allclose(fast.modules[n][0], full.modules[n][0], atol=1e-4)
+        assert torch.allclose(fast.modules[n][1], full.modules[n][1], atol=1e-4)
+        assert fast.modules[n][1].abs().max() > 1e-3  # it trained
+    # default targets: q/v of the last n_upper layers only
+    d = train_policy_lora(model, tok, exs, rank=2, n_upper=1, steps=1, batch_size=2, bf16=False)
+    assert sorted(d.modules) == ["model.layers.2.self_attn.q_proj", "model.layers.2.self_attn.v_proj"]
+
+
+def test_stack_adapter_sets_folds_scales_and_pads_ranks(tm):
+    model, _ = tm
+    names = [n for n, _ in model.named_modules() if n.endswith("q_proj")]
+    g = torch.Generator().manual_seed(0)
+
+    def mk(r, sc):
+        return AdapterSet({n: (torch.randn(1, r, 32, generator=g), torch.randn(1, 32, r, generator=g))
+                           for n in names}, sc)
+
+    a, b = mk(2, 2.0), mk(3, 0.5)
+    st = stack_adapter_sets([a, b])
+    n = names[0]
+    A, B = st.modules[n]
+    assert A.shape == (2, 3, 32) and B.shape == (2, 32, 3) and st.scale == 1.0
+    x = torch.randn(5, 32, generator=g)
+    for k, s in enumerate([a, b]):
+        ref = s.scale * (x @ s.modules[n][0][0].T) @ s.modules[n][1][0].T
+        assert torch.allclose((x @ A[k].T) @ B[k].T, ref, atol=1e-5)
+
+
+def _random_multitask(model, seed=4) -> AdapterSet:
+    g = torch.Generator().manual_seed(seed)
+    return AdapterSet({n: (torch.randn(1, 2, m.in_features, generator=g) * 0.3,
+                           torch.randn(1, m.out_features, 2, generator=g) * 0.3)
+                       for n, m in model.named_modules() if n.endswith("v_proj")}, 2.0)
+
+
+def test_evaluate_all_conditions_end_to_end(tm, tmp_path):
+    model, tok = tm
+    et = select_tasks(_held_out(), max_policies=1, examples_per_policy=4, oracle_per_family=1)
+    hn = HypernetSource(tiny_hypernet(model), hash_encoder)
+    calls = []
+
+    def oracle(m, t, exs):
+        calls.append(len(exs))
+        return train_policy_lora(m, t, exs, rank=2, steps=2, batch_size=2, seed=0)
+
+    results, info = evaluate(model, tok, et, hypernet=hn, multitask=_random_multitask(model), oracle_trainer=oracle,
+                             max_new_tokens=4, progress=False)
+    assert set(results) == set(CONDITIONS) and not info["skipped"]
+    assert len(calls) == 5  # one oracle per family
+    n_all = sum(len(e.examples) for e in et)
+    for cond, preds in results.items():
+        n = sum(len(p.golds) for p in preds.values())
+        assert n == (n_all if cond != "oracle_lora" else sum(len(e.examples) for e in et if e.oracle_train))
+        for i, p in preds.items():
+            gold = [e.answer if e.options is not None else "pass" for e in et[i].examples]
+            assert p.golds == gold
+            assert all(pr in (et[i].examples[0].options or ["pass", "fail"]) for pr in p.preds)
+    # with a random hypernetwork the generated and shuffled adapters give different scores
+    gen_scores = [o for p in results["generated"].values() for o in p.outputs]
+    shuf_scores = [o for p in results["generated_shuffled"].values() for o in p.outputs]
+    assert gen_scores != shuf_scores
+    rep = summarize(et, results, info, {"date": "today", "command": "test"})
+    assert set(rep["held_out"]) == set(CONDITIONS)
+    assert set(rep["families"]) == {"topic", "routing", "conjunction", "threshold", "format"}
+    assert set(rep["splits"]) == {"held_out_combo", "held_out_topic", "held_out_words"}
+    assert rep["held_out_n"]["base"] == {"examples": n_all, "policies": len(et)}
+    assert rep["oracle_subset"]["base"]["policies"] == 5
+    for v in rep["held_out"].values():
+        assert 0.0 <= v <= 100.0
+    paths = write_report(rep, et, results, tmp_path)
+    data = json.loads(paths["json"].read_text())
+    assert set(data) >= {"held_out", "families", "splits", "config"}
+    assert paths["png"].stat().st_size > 1000 and paths["png"].read_bytes()[:4] == b"\x89PNG"
+    assert "| **all held-out** |" in paths["md"].read_text()
+    lines = paths["predictions"].read_text().splitlines()
+    assert len(lines) == sum(sum(len(p.golds) for p in r.values()) for r in results.values())
+
+
+def test_missing_ingredients_are_skipped_loudly(tm):
+    model, tok = tm
+    et = select_tasks(_held_out()[:2], max_policies=1, examples_per_policy=2, oracle_per_family=0)
+    results, info = evaluate(model, tok, et, conditions=["base", "generated", "multitask_lora", "oracle_lora"],
+                             progress=False)
+    assert set(results) == {"base"}
+    assert set(info["skipped"]) == {"generated", "multitask_lora", "oracle_lora"}
+    assert "skipped `generated`" in markdown_table(summarize(et, results, info, {}))
+    with pytest.raises(ValueError, match="unknown condition"):
+        evaluate(model, tok, et, conditions=["nope"])
+
+
+def test_cli_on_hand_written_task_file(tm, tmp_path, capsys):
+    """A task file written without the generator (no family/split, 3 options, one free-text task)."""
+    model, tok = tm
+    mdir = tmp_path / "model"
+    model.save_pretrained(mdir)
+    tok.save_pretrained(mdir)
+    f = tmp_path / "mine.jsonl"
+    rows = [
+        {"policy": "Reply 'red', 'green' or 'blue' by the colour named.",
+         "examples": [{"input": f"The car is {c}.", "options": ["blue", "green", "red"], "answer": c}
+                      for c in ["red", "green", "blue"] * 3]},
+        {"policy": "Start every reply with OK.", "examples": [{"input": f"hi {i}", "check": {"regex": "^OK"},
+                                                               "answer": "OK, hello."} for i in range(8)]},
+    ]
+    f.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    # a multi-task LoRA file in the format `hyperlora train --method multitask_lora` writes
+    from safetensors.torch import save_file
+
+    mt = _random_multitask(model)
+    save_file({**{f"{n}.lora_A": a.contiguous() for n, (a, _) in mt.modules.items()},
+               **{f"{n}.lora_B": b.contiguous() for n, (_, b) in mt.modules.items()}},
+              str(tmp_path / "multitask_lora.safetensors"), metadata={"scale": "2.0", "meta": "{}"})
+    loaded = load_lora(tmp_path, model)
+    assert loaded.scale == 2.0 and set(loaded.modules) == set(mt.modules)
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    out = tmp_path / "res"
+    args = p.parse_args(["--tasks", str(f), "--model", str(mdir), "--conditions", "base", "in_context",
+                         "multitask_lora", "oracle_lora", "--multitask-lora", str(tmp_path), "--oracle-steps", "2",
+                         "--examples-per-policy", "4", "--max-new-tokens", "3", "--out", str(out), "--no-progress",
+                         "--fp32"])
+    assert run(args) == 0
+    rep = json.loads((out / "quality.json").read_text())
+    assert set(rep["held_out"]) == {"base", "in_context", "multitask_lora", "oracle_lora"}
+    assert set(rep["families"]) == {"all"} and set(rep["splits"]) == {"user"}
+    assert rep["held_out_n"]["base"] == {"examples": 8, "policies": 2}  # oracle tasks' extra examples unscored
+    assert rep["config"]["n_policies"] == 2 and rep["config"]["multitask_lora"] == str(tmp_path)
+    assert (out / "quality.png").is_file() and (out / "quality.md").is_file()
+    assert "all held-out" in capsys.readouterr().out
+
+
+def test_find_hypernet_dir(tm, tmp_path):
+    model, _ = tm
+    with pytest.raises(FileNotFoundError):
+        find_hypernet_dir(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="no hypernetwork"):
+        find_hypernet_dir(tmp_path)
+    hn = tiny_hypernet(model)
+    hn.save_pretrained(tmp_path / "ckpt" / "v1")
+    assert find_hypernet_dir(tmp_path) == tmp_path / "ckpt" / "v1"
+    assert find_hypernet_dir(tmp_path / "ckpt" / "v1") == tmp_path / "ckpt" / "v1"
+    hn.save_pretrained(tmp_path / "ckpt" / "final")
+    hn.save_pretrained(tmp_path / "ckpt" / "step_9")  # newer, but an intermediate checkpoint
+    assert find_hypernet_dir(tmp_path) == tmp_path / "ckpt" / "final"
+    # generated adapters from a loaded directory equal the in-memory hypernetwork's
+    src = HypernetSource(hn, hash_encoder)
+    from hyperlora.hypernets.t2l.hypernet import HyperNetwork
+
+    src2 = HypernetSource(HyperNetwork.from_pretrained(tmp_path / "ckpt" / "v1", model=model), hash_encoder)
+    a, b = src(["policy one", "policy two"]), src2(["policy one", "policy two"])
+    for n in a.modules:
+        assert torch.equal(a.modules[n][0], b.modules[n][0]) and torch.equal(a.modules[n][1], b.modules[n][1])
+    assert a.count == 2 and a.scale == hn.config.scale
