@@ -43,7 +43,7 @@ _enabled = os.environ.get("HYPERLORA_CPU_KERNEL", "1").strip().lower() not in {"
 def status() -> dict[str, Any]:
     """{"built", "isa", "reason"} of the CPU kernel extension."""
     try:
-        from hyperlora import _cpu  # type: ignore[attr-defined]
+        from hyperlora import _cpu  # type: ignore[attr-defined]  # optional: the compiled CPU kernel
     except ImportError as exc:
         return {"built": False, "isa": None, "reason":
                 f"the CPU kernel extension hyperlora._cpu is not built ({exc}); add_lora uses torch ops on the "
@@ -58,7 +58,7 @@ def available() -> bool:
 
 def isa() -> str:
     """Which build of the kernel runs now: "avx2" or "generic" (call `available()` first)."""
-    from hyperlora import _cpu  # type: ignore[attr-defined]
+    from hyperlora import _cpu  # type: ignore[attr-defined]  # optional: the compiled CPU kernel
 
     return _cpu.isa()
 
@@ -102,7 +102,7 @@ def add_lora_cpu(ys: Sequence[torch.Tensor], x: torch.Tensor, as_: Sequence[torc
     """In place, per slice: ys[i][t] += scale * (x[t] A_i[s,:r]^T) B_i[s,:,:r]^T over the first
     `num_segments` segments of build_meta's metadata (int32 CPU tensors). Call `supports` first.
     Runs on up to `set_threads`'s number of threads, one per >= MIN_BYTES_PER_THREAD of adapters."""
-    from hyperlora import _cpu  # type: ignore[attr-defined]
+    from hyperlora import _cpu  # type: ignore[attr-defined]  # optional: the compiled CPU kernel
 
     code = DTYPE_CODES[x.dtype]
     sc = None if scales is None else scales.to(torch.float32).contiguous()

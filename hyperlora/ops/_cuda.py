@@ -13,7 +13,7 @@ def extension():
     status = cuda_status()
     if not status["built"]:
         raise BackendUnavailableError(status["reason"])
-    from hyperlora import _C  # type: ignore[attr-defined]
+    from hyperlora import _C  # type: ignore[attr-defined]  # optional: the compiled CUDA extension
 
     return _C
 

@@ -23,7 +23,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from hyperlora.ops.backends import available_backends, resolve_backend
+from hyperlora.ops.backends import BackendUnavailableError, available_backends, resolve_backend
 from hyperlora.ops import _cpu_kernel
 from hyperlora.ops._autocast import no_autocast
 from hyperlora.ops.metadata import LoraBatchMeta, build_meta, check_slots
@@ -462,7 +462,7 @@ def _add_lora_impl(ys, x, lora_as, lora_bs, scales, ranks, token_ids, seg_slots,
     if backend == "torch":
         _torch_add_lora(ys, x, lora_as, lora_bs, scales, ranks, *meta_t)
     elif backend == "triton":
-        from hyperlora.kernels.add_lora import add_lora_triton
+        from hyperlora.kernels.add_lora import add_lora_triton  # optional: needs triton
 
         add_lora_triton(ys, x, lora_as, lora_bs, scales, ranks, *meta_t, max_seg_len=max_seg_len,
                         num_segments=num_segments)
@@ -559,8 +559,7 @@ _lora_delta_op.register_autograd(_delta_backward, setup_context=_delta_setup_con
 def _cuda_add_lora(ys, x, as_, bs, scales, ranks, token_ids, seg_slots, seg_starts, seg_counts, num_active,
                    *, max_seg_len: int, num_segments: int) -> None:
     """One extension call per slice (shrink + expand on the current stream); x is re-read per slice."""
-    from hyperlora.ops import _cuda
-    from hyperlora.ops.backends import BackendUnavailableError
+    from hyperlora.ops import _cuda  # optional: the compiled CUDA extension
 
     ext = _cuda.extension()
     if not hasattr(ext, "add_lora"):

@@ -46,7 +46,7 @@ def triton_status() -> dict[str, Any]:
 def cuda_status() -> dict[str, Any]:
     """{"built", "available", "archs", "reason", ...} for the compiled CUDA extension."""
     try:
-        from hyperlora import _C  # type: ignore[attr-defined]
+        from hyperlora import _C  # type: ignore[attr-defined]  # optional: the compiled CUDA extension
     except ImportError as exc:
         return {"built": False, "available": False, "archs": [], "reason":
                 f"the CUDA extension hyperlora._C is not built ({exc}); reinstall with nvcc on PATH or "

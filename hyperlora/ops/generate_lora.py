@@ -147,11 +147,11 @@ def _run(pool_a: torch.Tensor, pool_b: torch.Tensor, z: torch.Tensor, w_a: torch
     sc = (torch.ones(P, dtype=torch.float32, device=z.device) if scales is None
           else scales.to(torch.float32).contiguous())
     if backend == "triton":
-        from hyperlora.kernels.generate_lora import generate_lora_triton
+        from hyperlora.kernels.generate_lora import generate_lora_triton  # optional: needs triton
 
         generate_lora_triton(pool_a, pool_b, z32, wa32, wb32, sl, sc)
     elif backend == "cuda":
-        from hyperlora.ops import _cuda
+        from hyperlora.ops import _cuda  # optional: the compiled CUDA extension
 
         ext = _cuda.extension()
         L, S, R_max, d_in = pool_a.shape

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from hyperlora.ops.backends import available_backends, resolve_backend
 from hyperlora.ops._autocast import no_autocast
+from hyperlora.ops.metadata import LoraBatchMeta
 
 __all__ = ["latent_lora", "latent_lora_reference", "materialize_adapters", "SUPPORTED_BACKENDS"]
 
@@ -165,14 +166,14 @@ def materialize_adapters(z: Tensor, w_a: Tensor, w_b: Tensor) -> tuple[Tensor, T
 # --------------------------------------------------------------------------------------------------
 def _run_triton(y: Tensor, x: Tensor, w_a: Tensor, w_b: Tensor, z: Tensor, slots: Tensor,
                 scales: Optional[Tensor]) -> None:
-    from hyperlora.kernels.latent_lora import latent_lora_triton
+    from hyperlora.kernels.latent_lora import latent_lora_triton  # optional: needs triton
 
     latent_lora_triton(y, x, w_a, w_b, z, slots, scales)
 
 
 def _run_cuda(y: Tensor, x: Tensor, w_a: Tensor, w_b: Tensor, z: Tensor, slots: Tensor,
               scales: Optional[Tensor]) -> None:
-    from hyperlora.ops._cuda import dtype_code, extension, stream_handle
+    from hyperlora.ops._cuda import dtype_code, extension, stream_handle  # optional: the CUDA extension
 
     if x.dtype not in _KERNEL_DTYPES:
         raise TypeError(f"latent_lora: the cuda backend supports float16/bfloat16/float32, not {x.dtype}; "
@@ -284,8 +285,6 @@ def _pick_backend(requested: Optional[str], device: torch.device) -> str:
 
 def _check_meta(meta: object, slots: Tensor, num_slots: int) -> None:
     """TypeError unless `meta` is a LoraBatchMeta; ValueError unless it was built for these slots' sizes."""
-    from hyperlora.ops.metadata import LoraBatchMeta
-
     if not isinstance(meta, LoraBatchMeta):
         raise TypeError(f"latent_lora: meta must be a hyperlora.ops.metadata.LoraBatchMeta "
                         f"(build_meta(slots, S)) or None, got {type(meta).__name__}")

@@ -29,7 +29,13 @@ from typing import Optional, Union
 
 import torch
 
+from hyperlora.ops.metadata import build_meta
 from hyperlora.ops.precision import cpu_has_native_bf16
+
+# The op modules by name: `hyperlora.ops.add_lora` / `.latent_lora` as attributes are the functions (the package
+# re-exports them), and calibration looks the ops up on the modules at call time.
+_add_lora_mod = importlib.import_module("hyperlora.ops.add_lora")
+_latent_lora_mod = importlib.import_module("hyperlora.ops.latent_lora")
 
 __all__ = ["DeviceProfile", "PathCost", "PathChoice", "DEFAULT_PROFILES", "choose_path", "estimate",
            "device_profile", "calibrate", "PATHS"]
@@ -244,10 +250,6 @@ def _time_both(T: int, P: int, d_in: int, d_out: int, R: int, K: int, dtype: tor
                device_key: str) -> Optional[tuple[float, float]]:
     """Median times of add_lora and latent_lora on synthetic inputs of this bucket (P adapters, T tokens spread
     evenly), called alternately with the caches flushed in between, as a forward over many layers sees them."""
-    from hyperlora.ops.add_lora import add_lora
-    from hyperlora.ops.metadata import build_meta
-
-    latent_mod = importlib.import_module("hyperlora.ops.latent_lora")
 
     dev = torch.device(device_key)
     g = torch.Generator().manual_seed(0)
@@ -262,8 +264,8 @@ def _time_both(T: int, P: int, d_in: int, d_out: int, R: int, K: int, dtype: tor
     slots = (torch.arange(T) % P).to(dev, torch.int32)
     meta = build_meta(slots, P)
     flush = torch.empty((96 << 20) // 4 if dev.type == "cpu" else (128 << 20) // 4, device=dev)  # > LLC / L2
-    fns = (lambda: add_lora(y, x, a, b, slots, meta=meta),
-           lambda: latent_mod.latent_lora(y, x, w_a, w_b, z, slots, scales, meta=meta))
+    fns = (lambda: _add_lora_mod.add_lora(y, x, a, b, slots, meta=meta),
+           lambda: _latent_lora_mod.latent_lora(y, x, w_a, w_b, z, slots, scales, meta=meta))
     times: tuple[list[float], list[float]] = ([], [])
     with torch.no_grad():
         for fn in fns:  # warm up (and JIT-compile on a GPU)
@@ -355,9 +357,7 @@ def _calibrate_ops(dev: torch.device, prof: DeviceProfile) -> DeviceProfile:
     at a medium one (its fraction of the dense rates); the materialized op at a tiny shape with 1 and with
     64 distinct adapters (fixed cost, cost per adapter) and with 256 adapters of a 1024-wide layer, cache-cold
     (the rate it reads adapters at, `gather_efficiency`). What the roofline does not explain is overhead."""
-    from hyperlora.ops.latent_lora import latent_lora
-    from hyperlora.ops.metadata import build_meta
-
+    latent_lora = _latent_lora_mod.latent_lora
     g = torch.Generator().manual_seed(0)
 
     def rnd(*shape: int) -> torch.Tensor:
@@ -381,8 +381,7 @@ def _calibrate_ops(dev: torch.device, prof: DeviceProfile) -> DeviceProfile:
     lat_fixed = max(t_lat - e_lat.seconds, 0.0)
     lat_eff = min(1.0, max(0.05, e_lat_m.seconds / max(t_lat_m - lat_fixed, 1e-9)))
     prof = dataclasses.replace(prof, latent_fixed_s=lat_fixed, latent_efficiency=lat_eff)
-    from hyperlora.ops.add_lora import add_lora
-
+    add_lora = _add_lora_mod.add_lora
     a, b = rnd(T, R, d), rnd(T, d, R)
     # 256 adapters of a 1024-wide layer, one token each (decode), cycled through copies that overflow a CPU's
     # last-level cache, as the adapters of a model's successive layers do in a forward pass

@@ -123,9 +123,7 @@ def test_calibration_measures_and_caches(monkeypatch, one_thread):
 
 def test_op_calibration_finds_per_adapter_cost(monkeypatch, one_thread):
     """A stand-in materialized op that sleeps 0.5 ms per distinct adapter: calibration must see ~0.5 ms each."""
-    import sys
     import time as _time
-    import types
 
     from hyperlora.ops.metadata import build_meta
 
@@ -135,9 +133,7 @@ def test_op_calibration_finds_per_adapter_cost(monkeypatch, one_thread):
             _time.sleep(5e-4)
         return y
 
-    fake = types.ModuleType("hyperlora.ops.add_lora")
-    fake.add_lora = add_lora
-    monkeypatch.setitem(sys.modules, "hyperlora.ops.add_lora", fake)
+    monkeypatch.setattr(dispatch._add_lora_mod, "add_lora", add_lora)
     prof = dispatch._calibrate_ops(torch.device("cpu"), DEFAULT_PROFILES["cpu"])
     assert 3e-4 < prof.segment_s < 2e-3, prof
     assert prof.materialized_fixed_s < 5e-3 and 0 < prof.latent_fixed_s < 1e-2 and 0.05 <= prof.latent_efficiency <= 1
@@ -149,7 +145,6 @@ def test_op_calibration_finds_per_adapter_cost(monkeypatch, one_thread):
 def _fake_ops(monkeypatch, mat_s: float, lat_s: float) -> dict:
     """Stand-in add_lora / latent_lora that take known times on a fake clock (sleeps are far too coarse on
     a loaded CI machine); returns their call counters."""
-    import sys
     import types
 
     lat_mod = importlib.import_module("hyperlora.ops.latent_lora")  # the module: hyperlora.ops.latent_lora names the function
@@ -165,9 +160,7 @@ def _fake_ops(monkeypatch, mat_s: float, lat_s: float) -> dict:
         calls["lat"] += 1
         clock[0] += lat_s
 
-    fake = types.ModuleType("hyperlora.ops.add_lora")
-    fake.add_lora = add_lora
-    monkeypatch.setitem(sys.modules, "hyperlora.ops.add_lora", fake)
+    monkeypatch.setattr(dispatch._add_lora_mod, "add_lora", add_lora)
     monkeypatch.setattr(lat_mod, "latent_lora", latent_lora)
     monkeypatch.setattr(dispatch, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
     monkeypatch.setattr(dispatch, "_MEASURED", {})

@@ -24,6 +24,9 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from hyperlora.hypernets.t2l.minilm import PolicyEncoder
+from hyperlora.modeling.layer_split import LayerSplit, pad_right
+
 ENCODER_CONFIG = "policy_encoder.json"
 ENCODER_WEIGHTS = "policy_encoder.safetensors"
 KINDS = ("minilm", "base_mean", "base_attn")
@@ -64,8 +67,6 @@ class PolicyTextEncoder:
         self._minilm = None
         self.module: nn.Module | None = None
         if kind == "minilm":
-            from hyperlora.hypernets.t2l.minilm import PolicyEncoder
-
             self._minilm = PolicyEncoder(cache_size=0)  # our own unbounded cache below: training reuses
             self._vectors: dict[str, torch.Tensor] = {}  # thousands of texts, beyond an LRU's size
             self.dim = int(self._minilm.dim)
@@ -85,8 +86,6 @@ class PolicyTextEncoder:
     @torch.no_grad()
     def token_states(self, texts: Sequence[str]) -> list[torch.Tensor]:
         """Per text: hidden states after `layer` decoder layers, [T, d] float32 (cached by text)."""
-        from hyperlora.modeling.layer_split import LayerSplit, pad_right
-
         todo = [t for t in dict.fromkeys(texts) if t not in self._states]
         if todo:
             split = LayerSplit(self.model, self.layer)
