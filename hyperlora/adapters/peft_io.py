@@ -24,6 +24,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from hyperlora.modeling.targets import linear_shape, matches_type
+
 __all__ = ["VLLM_RANKS", "PeftAdapter", "export_peft", "write_peft", "export_policy", "read_peft", "vllm_problems"]
 
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -62,10 +64,6 @@ def vllm_rank(rank: int) -> int:
     raise ValueError(f"rank {rank} exceeds vLLM's largest LoRA rank {VLLM_RANKS[-1]}")
 
 
-def _suffix_match(name: str, pattern: str) -> bool:
-    return name == pattern or name.endswith("." + pattern)
-
-
 def _conv1d_targets(base_model: nn.Module | None, names: Sequence[str]) -> bool:
     if base_model is None:
         return False
@@ -78,11 +76,9 @@ def _default_target_modules(names: Sequence[str], base_model: nn.Module | None) 
     short = sorted({n.rsplit(".", 1)[-1] for n in names})
     if base_model is None:
         return short
-    from hyperlora.hypernets.t2l.hypernet import linear_shape
-
     covered = set(names)
     extra = [n for n, m in base_model.named_modules()
-             if n and linear_shape(m) is not None and n not in covered and any(_suffix_match(n, s) for s in short)]
+             if n and linear_shape(m) is not None and n not in covered and any(matches_type(n, s) for s in short)]
     return short if not extra else sorted(covered)
 
 
@@ -294,7 +290,7 @@ def read_peft(directory: str | Path, *, targets: dict[str, tuple[int, int]] | No
         _refuse(not any(re.fullmatch(tm, n) for n in names_all),
                 f"{cfg_path}: target_modules regex {tm!r} matches no module of the model")
     elif isinstance(tm, (list, tuple)) and tm:
-        absent = [t for t in tm if not any(_suffix_match(n, str(t)) for n in names_all)]
+        absent = [t for t in tm if not any(matches_type(n, str(t)) for n in names_all)]
         _refuse(bool(absent), f"{cfg_path}: target_modules {absent} are not among the modules served for this model "
                               f"(types {sorted({n.rsplit('.', 1)[-1] for n in names_all})}); attach with those "
                               f"target_modules or use an adapter made for this model")

@@ -28,8 +28,9 @@ import torch
 from torch import nn
 
 from hyperlora.runtime.layers import (APPLY_MODES, ActiveBatch, LoraLayerMixin, LoraState, PoolViews, is_supported,
-                              set_submodule, shape_of, unwrap_module, wrap_module)
+                              set_submodule, unwrap_module, wrap_module)
 from hyperlora.adapters.pool import StaleSlotError
+from hyperlora.modeling.targets import find_targets, matches_type
 
 log = logging.getLogger(__name__)
 
@@ -43,41 +44,20 @@ DEFAULT_TARGET_TYPES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up
 Entry = "str | None"
 
 
-def _natural_key(name: str) -> list:
-    import re
-
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
-
-
-def _matches(name: str, module_type: str) -> bool:
-    """`name` ends with the components of `module_type` ('q_proj', or 'attn.c_proj' for GPT-2's split type)."""
-    return name == module_type or name.endswith("." + module_type)
-
-
 def _find_targets(model: nn.Module, types: Sequence[str]) -> dict[str, tuple[int, int]]:
-    """Full name -> (d_in, d_out) of every Linear/Conv1D matching one of `types` (trailing name components)."""
+    """Full name -> (d_in, d_out) of the modules matching `types`: exactly `find_targets` (the hypernetwork's
+    target set), refused where this runtime cannot serve one (already attached, or not the stock forward)."""
     wanted = list(dict.fromkeys(types))
-    found: dict[str, tuple[int, int]] = {}
-    linear_types: set[str] = set()
-    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     for name, module in model.named_modules():
-        if not name:
-            continue
-        ok = is_supported(module) and module is not out_emb
-        if ok:
-            linear_types.add(name.rsplit(".", 1)[-1])
-        if any(_matches(name, t) for t in wanted):
-            if isinstance(module, LoraLayerMixin):
-                raise ValueError(f"{name!r} is already served by a hyperlora runtime: detach() it before attaching again")
-            if not ok:
-                raise ValueError(f"target module {name!r} is a {type(module).__name__}, not an nn.Linear or a "
-                                 f"transformers Conv1D: leave it out of target_modules")
-            found[name] = shape_of(module)
-    missing = [t for t in wanted if not any(_matches(n, t) for n in found)]
-    if missing:
-        raise ValueError(f"target_modules {missing} match no module of this model; its Linear/Conv1D module types "
-                         f"are {sorted(linear_types)}")
-    return {n: found[n] for n in sorted(found, key=_natural_key)}
+        if name and isinstance(module, LoraLayerMixin) and any(matches_type(name, t) for t in wanted):
+            raise ValueError(f"{name!r} is already served by a hyperlora runtime: detach() it before attaching again")
+    targets = find_targets(model, wanted)
+    for name in targets:
+        module = model.get_submodule(name)
+        if not is_supported(module):
+            raise ValueError(f"target module {name!r} is a {type(module).__name__} with its own forward, not an "
+                             f"nn.Linear or a transformers Conv1D: leave it out of target_modules")
+    return targets
 
 
 def _model_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:

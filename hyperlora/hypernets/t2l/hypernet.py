@@ -21,7 +21,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,10 @@ from typing import Any, Sequence
 
 import torch
 from torch import nn
+
+# Re-exported: the target-module helpers live in hyperlora.modeling.targets (one copy for every layer).
+from hyperlora.modeling.targets import (find_targets, group_by_type, layer_index, linear_shape,  # noqa: F401
+                                        matches_type, module_type_of, type_of_names)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "hypernet.safetensors"
@@ -39,103 +42,9 @@ FORMAT_VERSION = 1
 # Reading target modules from a base model
 # --------------------------------------------------------------------------------------------------
 
-def _natural_key(name: str) -> list[Any]:
-    """Sort key that orders 'layers.10' after 'layers.9'."""
-    return [int(tok) if tok.isdigit() else tok for tok in re.split(r"(\d+)", name)]
-
-
-def module_type_of(name: str) -> str:
-    """The module type of a full module path: its last component ('model.layers.3.self_attn.q_proj' -> 'q_proj')."""
-    return name.rsplit(".", 1)[-1]
-
-
-def linear_shape(module: nn.Module) -> tuple[int, int] | None:
-    """(d_in, d_out) of a linear-like module (nn.Linear, or GPT-2's Conv1D whose weight is [d_in, d_out]); else None."""
-    if isinstance(module, nn.Linear):
-        return int(module.in_features), int(module.out_features)
-    if type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None:
-        w = module.weight
-        if w.dim() == 2:
-            return int(w.shape[0]), int(w.shape[1])
-    return None
-
-
-def find_targets(model: nn.Module, target_modules: Sequence[str]) -> dict[str, tuple[int, int]]:
-    """Full module name -> (d_in, d_out) for every linear-like module whose type is in `target_modules`.
-
-    Names are naturally sorted (layer order). Raises ValueError naming the missing type and the
-    available linear module types if a requested type matches nothing, and if a match is not linear.
-    """
-    if isinstance(target_modules, str):
-        target_modules = [target_modules]
-    wanted = list(dict.fromkeys(target_modules))
-    if not wanted:
-        raise ValueError("target_modules is empty: name at least one module type, e.g. ('q_proj', 'v_proj')")
-    found: dict[str, tuple[int, int]] = {}
-    linear_types: set[str] = set()
-    for name, module in model.named_modules():
-        shape = linear_shape(module)
-        if shape is not None and name:
-            linear_types.add(module_type_of(name))
-        if name and any(matches_type(name, t) for t in wanted):
-            if shape is None:
-                raise ValueError(f"target module {name!r} is a {type(module).__name__}, not a Linear/Conv1D: "
-                                 f"LoRA targets must be linear layers")
-            found[name] = shape
-    missing = [t for t in wanted if not any(matches_type(n, t) for n in found)]
-    if missing:
-        raise ValueError(f"target_modules {missing} match no module of this model; its linear module types are "
-                         f"{sorted(linear_types)}")
-    return {n: found[n] for n in sorted(found, key=_natural_key)}
-
-
-def group_by_type(targets: dict[str, tuple[int, int]]) -> dict[str, list[str]]:
-    """Module type -> its full names in natural (layer) order; every type has one (d_in, d_out).
-
-    The type is a module's last name component ('q_proj'). Where one short name has several shapes (GPT-2's
-    attn.c_proj 768->768 and mlp.c_proj 3072->768), those modules are told apart by more trailing
-    components ('attn.c_proj', 'mlp.c_proj'). Raises ValueError if even full names cannot separate them.
-    """
-    def split(names: list[str], depth: int) -> dict[str, list[str]]:
-        groups: dict[str, list[str]] = {}
-        for n in names:
-            groups.setdefault(".".join(n.split(".")[-depth:]), []).append(n)
-        out: dict[str, list[str]] = {}
-        for key, members in groups.items():
-            shapes = {tuple(targets[n]) for n in members}
-            if len(shapes) == 1:
-                out[key] = members
-            elif depth >= max(len(n.split(".")) for n in members):
-                raise ValueError(f"modules {members[:3]} have several shapes {sorted(shapes)}; a pool buffer and a "
-                                 f"hypernetwork head need one (d_in, d_out) per module type")
-            else:
-                out.update(split(members, depth + 1))
-        return out
-
-    return split(sorted(targets, key=_natural_key), 1)
-
-
-def type_of_names(targets: dict[str, tuple[int, int]]) -> dict[str, str]:
-    """Full module name -> its module type under `group_by_type` (the key of `pool.buffers` / `hn.head`)."""
-    return {n: t for t, names in group_by_type(targets).items() for n in names}
-
-
-def matches_type(name: str, module_type: str) -> bool:
-    """True if full module `name` ends with the components of `module_type` ('attn.c_proj', 'q_proj')."""
-    return name == module_type or name.endswith("." + module_type)
-
-
 def _pkey(module_type: str) -> str:
     """Parameter-dict key of a module type ('attn.c_proj' -> 'attn__c_proj'; parameter names cannot hold dots)."""
     return module_type.replace(".", "__")
-
-
-def _layer_index(name: str, fallback: int) -> int:
-    """The first integer path component of a module name (its layer number), else `fallback`."""
-    for tok in name.split("."):
-        if tok.isdigit():
-            return int(tok)
-    return fallback
 
 
 # --------------------------------------------------------------------------------------------------
@@ -320,7 +229,7 @@ class HyperNetwork(nn.Module):
         types = list(dict.fromkeys(types))
         shapes = {t: list(targets[groups[t][0]]) for t in types}
         names = {t: list(groups[t]) for t in types}
-        layer_idx = {t: [_layer_index(n, i) for i, n in enumerate(groups[t])] for t in types}
+        layer_idx = {t: [layer_index(n, i) for i, n in enumerate(groups[t])] for t in types}
         mcfg = getattr(model, "config", None)
         n_layers = max([max(v) + 1 for v in layer_idx.values()] + [int(getattr(mcfg, "num_hidden_layers", 0) or 0)])
         kw.setdefault("lora_alpha", 2.0 * rank)
