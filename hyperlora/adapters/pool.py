@@ -27,7 +27,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from hyperlora.hypernets.t2l.hypernet import group_by_type
+from hyperlora.modeling.targets import group_by_type
 
 __all__ = ["AdapterPool", "PoolFullError", "StaleSlotError"]
 
