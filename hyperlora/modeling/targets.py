@@ -12,6 +12,7 @@ them) always agree on the same modules in the same order:
     find_targets(model, types)      full name -> (d_in, d_out) of the target modules, natural order
     group_by_type(targets)          module type -> full names, one (d_in, d_out) per type
     type_of_names(targets)          full name -> its module type under group_by_type
+    module_name(model, layer, t)    full name of module type t in decoder layer `layer` (Llama-style)
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ except ImportError:  # pragma: no cover
     _Conv1D = None  # type: ignore[assignment,misc]
 
 __all__ = ["natural_key", "module_type_of", "matches_type", "layer_index", "linear_shape", "find_targets",
-           "group_by_type", "type_of_names"]
+           "group_by_type", "type_of_names", "module_name"]
 
 
 def natural_key(name: str) -> list[Any]:
@@ -138,3 +139,13 @@ def group_by_type(targets: dict[str, tuple[int, int]]) -> dict[str, list[str]]:
 def type_of_names(targets: dict[str, tuple[int, int]]) -> dict[str, str]:
     """Full module name -> its module type under `group_by_type` (the key of `pool.buffers` / `hn.head`)."""
     return {n: t for t, names in group_by_type(targets).items() for n in names}
+
+
+def module_name(model: nn.Module, layer: int, mtype: str) -> str:
+    """Full name of module type `mtype` (e.g. 'o_proj') in decoder layer `layer` of a Llama-style model."""
+    prefix = f"model.layers.{layer}."
+    for name, _ in model.named_modules():
+        if name.startswith(prefix) and name.rsplit(".", 1)[-1] == mtype:
+            return name
+    raise ValueError(f"decoder layer {layer} of this model has no module {mtype!r} (the reader needs a "
+                     f"Llama-style decoder with self_attn.o_proj and mlp.down_proj)")
