@@ -17,6 +17,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from hyperlora.modeling.padding import pad_right
+
 
 def decoder_parts(model: nn.Module) -> tuple[nn.Module, nn.ModuleList, nn.Module, nn.Module, nn.Module]:
     """(embed_tokens, layers, final norm, rotary_emb, lm_head) of a Llama-family causal LM, or a clear error."""
@@ -107,18 +109,6 @@ class LayerSplit:
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
     return torch.cat((-x2, x1), dim=-1)
-
-
-def pad_right(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token id lists -> (ids [N, T_max] right padded, last [N] index of each sequence's final token)."""
-    if not seqs or any(len(s) == 0 for s in seqs):
-        raise ValueError("pad_right needs at least one non-empty sequence, and no empty ones")
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), int(pad_id), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.as_tensor(list(s), dtype=torch.long)
-    last = torch.as_tensor([len(s) - 1 for s in seqs], dtype=torch.long)
-    return ids, last
 
 
 @torch.no_grad()

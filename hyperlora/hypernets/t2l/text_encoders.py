@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from hyperlora.hypernets.t2l.minilm import PolicyEncoder
-from hyperlora.modeling.layer_split import LayerSplit, pad_right
+from hyperlora.modeling.layer_split import LayerSplit
+from hyperlora.modeling.padding import pad_right
 
 ENCODER_CONFIG = "policy_encoder.json"
 ENCODER_WEIGHTS = "policy_encoder.safetensors"
