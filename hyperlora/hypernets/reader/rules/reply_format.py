@@ -36,6 +36,9 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from hyperlora.modeling.capture import InputCapture
+from hyperlora.modeling.padding import pad_ids
+
 HEAD_FILE = "reply_prefix.safetensors"
 HEAD_CONFIG = "reply_prefix.json"
 SLOT = "{w}"
@@ -282,27 +285,19 @@ class PrefixCompiler:
 
     def _batch(self, seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-padded ids [N, T] (causal attention keeps every real position exact) and their lengths."""
-        n = torch.tensor([len(s) for s in seqs])
-        ids = torch.full((len(seqs), int(n.max())), int(self.tokenizer.pad_token_id or 0), dtype=torch.long)
-        for j, s in enumerate(seqs):
-            ids[j, : len(s)] = torch.tensor(list(s))
-        return ids, n
+        ids, _ = pad_ids(seqs, int(self.tokenizer.pad_token_id or 0))
+        return ids, torch.tensor([len(s) for s in seqs])
 
     @torch.no_grad()
     def _states(self, seqs: Sequence[Sequence[int]]) -> list[torch.Tensor]:
         """down_proj inputs of the last layer at every position, per sequence (no adapter)."""
-        mod = dict(self.model.named_modules())[self.name]
-        store: dict[str, torch.Tensor] = {}
-        hook = mod.register_forward_hook(lambda m, i, o: store.__setitem__("x", i[0].detach()))
         dev = next(self.model.parameters()).device
         out: list[torch.Tensor] = []
-        try:
+        with InputCapture(self.model, {"x": self.name}) as store:
             for s in range(0, len(seqs), 8):
                 ids, n = self._batch(seqs[s:s + 8])
                 self.model.model(ids.to(dev))
                 out += [store["x"][j, : int(n[j])].float().cpu() for j in range(len(n))]
-        finally:
-            hook.remove()
         return out
 
     def _cache_file(self, kind: str = "background") -> Path:
