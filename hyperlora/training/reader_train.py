@@ -20,6 +20,7 @@ from torch import nn
 from hyperlora.hypernets.reader.clause_keys import clause_texts, with_clause_keys
 from hyperlora.hypernets.reader.reader import PolicyFeatures, PolicyReader, ReaderConfig, module_name
 from hyperlora.training.data import TaskData
+from hyperlora.modeling.capture import InputCapture
 from hyperlora.modeling.layer_split import stack_cached
 from hyperlora.adapters.functional import apply_lora
 from hyperlora.training.session import Session
@@ -30,10 +31,8 @@ READ_MODULES = ("o_proj", "down_proj")
 @torch.no_grad()
 def record_features(session: Session, names: dict[str, str], every: int = 3) -> dict[str, torch.Tensor]:
     """Inputs of the named modules at the answer position for every `every`-th cached training record."""
-    store: dict[str, torch.Tensor] = {}
-    mods = dict(session.model.named_modules())
-    hooks = [mods[n].register_forward_hook(lambda m, i, o, t=t: store.__setitem__(t, i[0].detach()))
-             for t, n in names.items()]
+    capture = InputCapture(session.model, names)
+    store = capture.inputs
     out: dict[str, list[torch.Tensor]] = {t: [] for t in names}
     idx = list(range(0, len(session.train.records), every))  # type: ignore[union-attr]
     try:
@@ -46,8 +45,7 @@ def record_features(session: Session, names: dict[str, str], every: int = 3) -> 
                 x = store[t]
                 out[t].append(x.reshape(len(chunk), -1, x.shape[-1])[:, -1].float().cpu())
     finally:
-        for hk in hooks:
-            hk.remove()
+        capture.remove()
     return {t: torch.cat(v) for t, v in out.items()}
 
 

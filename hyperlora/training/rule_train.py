@@ -24,6 +24,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from hyperlora.modeling.capture import InputCapture
+from hyperlora.modeling.padding import pad_ids
 from hyperlora.ops.precision import use_bf16
 from hyperlora.hypernets.reader.rules.reply_format import ReplyPrefixHead, derive_template, policy_words, token_spans, word_features
 from hyperlora.tasks.format import PolicyTask
@@ -97,20 +99,18 @@ def threshold_probe(model: Any, tokenizer: Any, module: str, tasks: Sequence[Pol
                     vals.append(math.log(v))
     if len(recs) < 8:
         raise ValueError(f"only {len(recs)} threshold training records: the probe needs threshold tasks")
-    store: dict[str, torch.Tensor] = {}
-    hook = dict(model.named_modules())[module].register_forward_hook(lambda m, i, o: store.__setitem__("x", i[0]))
+    capture = InputCapture(model, {"x": module})
+    store = capture.inputs
     xs = []
     try:
         for s in range(0, len(recs), 32):
             enc = [tokenizer(prompt_text(tokenizer, r), add_special_tokens=False)["input_ids"] for r in recs[s:s + 32]]
-            ids = torch.full((len(enc), max(map(len, enc))), int(tokenizer.pad_token_id or 0))
-            for j, e in enumerate(enc):  # right padding: the answer position of each row is exact
-                ids[j, : len(e)] = torch.tensor(e)
+            ids, _ = pad_ids(enc, int(tokenizer.pad_token_id or 0))  # right padding: each answer position is exact
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16(None, "cpu")):
                 model.model(ids)
             xs += [store["x"][j, len(e) - 1].float() for j, e in enumerate(enc)]
     finally:
-        hook.remove()
+        capture.remove()
     X, y = torch.stack(xs), torch.tensor(vals)
     w = torch.linalg.solve(X.T @ X + ridge * torch.eye(X.shape[1]), X.T @ y)
     log(f"threshold probe: {len(recs)} records, median |error| of log(value) {float((X @ w - y).abs().median()):.3f} (train)")
