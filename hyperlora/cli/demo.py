@@ -30,6 +30,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from hyperlora.modeling.padding import pad_ids
 from hyperlora.modeling.prompts import prompt_text, target_text
 
 # (policy or None, record): every row of the demo batch. One row has no policy (the base model's own answer).
@@ -122,12 +123,7 @@ def choose_options(rt: Any, tokenizer: Any, rows: Sequence[tuple[str | None, str
     if not seqs:
         return choices
     device = next(rt.model.parameters()).device
-    T = max(len(q) for q in seqs)
-    ids = torch.zeros((len(seqs), T), dtype=torch.long)
-    mask = torch.zeros((len(seqs), T), dtype=torch.long)
-    for j, q in enumerate(seqs):
-        ids[j, :len(q)] = torch.tensor(q)
-        mask[j, :len(q)] = 1
+    ids, mask = pad_ids(seqs, 0)
     with rt.policies([served[i] for i in owners]):
         logits = rt.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
     logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1)
