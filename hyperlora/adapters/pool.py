@@ -14,6 +14,15 @@ Entries are keyed by a content hash (`AdapterPool.content_key`): never by a user
 evicted least-recently-used, except pinned slots, slots in flight (`with pool.in_flight(slots):`, ref
 counted) and slots being written. When nothing can be evicted, `PoolFullError`. Every public method is
 thread-safe (one lock for the bookkeeping; tensor writes run outside it on slots reserved for the writer).
+
+A slot's lifecycle is owned by the pool, in one call: `pool.put(key, rank, scale, modules)` validates an
+adapter, then reserves, writes and commits a slot; `with pool.reserve(key, rank, scale) as slot:` (or
+`reserve_many`) reserves slots for a writer that fills the buffers itself (the fused `generate_lora` path,
+`hyperlora.runtime.writing`). On success the slots become ready; on ANY exception in the body (KeyboardInterrupt
+included) they are freed and their keys forgotten, so no slot is ever left "writing". A reservation may evict
+ready LRU slots to make room: an adapter evicted that way is gone from the device even if the write then
+fails (a PEFT adapter is re-written from its host copy on its next use, a generated one regenerated);
+`put` validates before it reserves, so an invalid adapter evicts nothing.
 """
 from __future__ import annotations
 
@@ -97,6 +106,7 @@ class AdapterPool:
         self._scale = [0.0] * S
         self._refs = [0] * S
         self._pinned: set[int] = set()
+        self._reserved: set[int] = set()  # slots held by an open reserve()/reserve_many()
         self._stats = {"hits": 0, "misses": 0, "evictions": 0, "generations": 0, "generation_seconds": 0.0,
                        "writes": 0}
 
@@ -105,9 +115,18 @@ class AdapterPool:
     @staticmethod
     def content_key(hypernet_id: str, policy: str, rank: int, scale: float) -> str:
         """sha256 of (hypernetwork weights id, policy text, rank, scale): changes whenever any of them does."""
+        if not isinstance(policy, str):
+            raise TypeError(f"policy must be a str, got {type(policy).__name__}")
         payload = json.dumps({"hypernet": str(hypernet_id), "policy": policy, "rank": int(rank),
                               "scale": float(scale).hex()}, sort_keys=True, ensure_ascii=False)
-        return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+        try:
+            data = payload.encode("utf-8")
+        except UnicodeEncodeError:
+            bad = next((i for i, c in enumerate(policy) if 0xD800 <= ord(c) <= 0xDFFF), None)
+            where = f"the policy text at character {bad}" if bad is not None else "the hypernetwork id"
+            raise ValueError(f"{where} holds a lone surrogate (not valid Unicode text; JSON \\u escapes can produce "
+                             f"these): fix or drop that character") from None
+        return hashlib.sha256(data).hexdigest()
 
     # ---- layout ------------------------------------------------------------------------------
 
@@ -183,8 +202,9 @@ class AdapterPool:
             return self._slot_key[slot]
 
     def allocate(self, key: str, rank: int, scale: float) -> int:
-        """Reserve a slot for `key` with `rank` (1..max_rank) and `scale`; the caller then writes it
-        (`write`, or `HyperNetwork.generate_into_pool`). A key already present returns its slot.
+        """Low-level: reserve a slot for `key` with `rank` (1..max_rank) and `scale`; the caller must then write
+        it with `write` or inside `writing` (until then the slot is "writing" and never evicted). Prefer `put`
+        or `reserve`, which commit or free the slot in the same call. A key already present returns its slot.
 
         Takes a free slot, else evicts the least recently used slot that is not pinned, in flight or being
         written; raises PoolFullError when there is none.
@@ -209,6 +229,89 @@ class AdapterPool:
             self._lru[key] = slot
             self._set_meta(slot, rank, scale)
             return slot
+
+    @contextlib.contextmanager
+    def reserve_many(self, entries: Sequence[tuple[str, int, float]]) -> Iterator[list[int]]:
+        """Acquire one slot per (key, rank, scale), all or none, for a writer that fills them in the body.
+
+        Keys must be distinct and not in the pool (ValueError otherwise: look them up with `get` first).
+        Takes free slots, else evicts least-recently-used ready slots that are not pinned or in flight;
+        PoolFullError (nothing held) when there are not enough. Inside the body the slots are "writing"
+        (invisible to `get`, never evicted); write them with `write` or into `buffers(...)` directly. On
+        success they are committed (ready); if the body raises anything, every slot is freed and its key
+        forgotten. Adapters evicted to make room stay evicted either way.
+        """
+        checked: list[tuple[str, int, float]] = []
+        for key, rank, scale in entries:
+            if not isinstance(key, str) or not key:
+                raise TypeError(f"key must be a non-empty str (AdapterPool.content_key(...)), got {key!r}")
+            checked.append((key, self._check_rank(rank), self._check_scale(scale)))
+        keys = [k for k, _, _ in checked]
+        if len(set(keys)) != len(keys):
+            raise ValueError("reserve_many: keys must be distinct")
+        slots: list[int] = []
+        with self._lock:
+            for key in keys:
+                if key in self._lru:
+                    what = "ready" if self._state[self._lru[key]] == _READY else "being written"
+                    raise ValueError(f"key {key[:12]}... is already in the pool ({what}): look it up with get() "
+                                     f"instead of reserving it again")
+            try:
+                for key, rank, scale in checked:
+                    slot = self._free_slot()
+                    if slot is None:
+                        slot = self._evict_one()
+                    self._slot_key[slot] = key
+                    self._state[slot] = _WRITING
+                    self._lru[key] = slot
+                    self._set_meta(slot, rank, scale)
+                    self._reserved.add(slot)
+                    slots.append(slot)
+            except BaseException:
+                for slot in slots:
+                    self._reserved.discard(slot)
+                    self._release(slot)
+                raise
+        ok = False
+        try:
+            yield list(slots)
+            ok = True
+        finally:
+            with self._lock:
+                for slot, key in zip(slots, keys):
+                    self._reserved.discard(slot)
+                    if self._slot_key[slot] != key:  # cannot happen: reserved slots are never evicted
+                        continue
+                    if ok:
+                        self._state[slot] = _READY
+                    else:
+                        self._release(slot)
+
+    @contextlib.contextmanager
+    def reserve(self, key: str, rank: int, scale: float) -> Iterator[int]:
+        """`with pool.reserve(key, rank, scale) as slot:` one slot; see `reserve_many` (commit on success, freed
+        with its key on any exception)."""
+        with self.reserve_many([(key, rank, scale)]) as slots:
+            yield slots[0]
+
+    def put(self, key: str, rank: int, scale: float, modules: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> int:
+        """Validate one adapter ({module name: (A [r, d_in], B [d_out, r])}, scale NOT applied), then reserve,
+        write and commit a slot for it in one call; returns the slot. An invalid adapter raises before
+        anything is reserved or evicted. A key already ready returns its slot (refreshing its LRU position)."""
+        rank = self._check_rank(rank)
+        scale = self._check_scale(scale)
+        with self._lock:
+            slot = self._lru.get(key) if isinstance(key, str) else None
+            if slot is not None and self._state[slot] == _READY:
+                if (self._rank[slot], self._scale[slot]) != (rank, scale):
+                    raise ValueError(f"key {key[:12]}... is already in the pool with rank {self._rank[slot]} and "
+                                     f"scale {self._scale[slot]}, not {rank} and {scale}: keys must include them")
+                self._lru.move_to_end(key)
+                return slot
+        checked = self._check_modules(modules, rank, scale, where="put")
+        with self.reserve(key, rank, scale) as slot:
+            self._write_checked(slot, checked)
+        return slot
 
     def _free_slot(self) -> int | None:
         for s in range(self.max_adapters):
@@ -323,9 +426,9 @@ class AdapterPool:
 
     @contextlib.contextmanager
     def writing(self, slots: Sequence[int] | torch.Tensor, keys: Sequence[str | None] | None = None) -> Iterator[list[int]]:
-        """Reserve allocated `slots` for writing (used by `write` and `HyperNetwork.generate_into_pool`).
+        """Reserve allocated `slots` for writing (used by `write` and `hyperlora.runtime.writing`).
 
-        Refuses (ValueError) a free slot, a slot in flight, or repeated slots; with `keys`, also a slot that no
+        Inside a `reserve` / `reserve_many` body the reservation commits or frees its slots, not this. Refuses (ValueError) a free slot, a slot in flight, or repeated slots; with `keys`, also a slot that no
         longer holds its key (StaleSlotError). On success they become ready (visible to `get`); if the body
         raises they are freed, since their content is incomplete.
         """
@@ -345,6 +448,7 @@ class AdapterPool:
                 if self._refs[s] > 0:
                     raise ValueError(f"slot {s} is used by an in-flight batch ({self._refs[s]}): it cannot be "
                                      f"overwritten until that batch finishes")
+            nested = {s for s in lst if s in self._reserved}  # the reservation commits or frees these
             for s in lst:
                 self._state[s] = _WRITING
         ok = False
@@ -354,6 +458,8 @@ class AdapterPool:
         finally:
             with self._lock:
                 for s in lst:
+                    if s in nested:
+                        continue
                     if ok:
                         self._state[s] = _READY
                     elif self._state[s] == _WRITING:
@@ -363,12 +469,26 @@ class AdapterPool:
         """Write one adapter into an allocated slot: {module name: (A [r, d_in], B [d_out, r])}, scale NOT
         applied (the slot's scale is folded into B here). r may differ per module but must not exceed the
         slot's rank. Modules not given are zeroed for this slot. Everything is validated (names, shapes,
-        rank, finiteness) before anything is written."""
-        if not isinstance(modules, dict):
-            raise TypeError(f"modules must be a dict {{module name: (A, B)}}, got {type(modules).__name__}")
+        rank, finiteness of A and of the scaled B in the pool's dtype) before anything is written; a
+        rejected adapter leaves the slot as it was (inside `reserve`, the reservation then frees it).
+        Prefer `put`, which also reserves and commits the slot."""
         with self._lock:
             self._check_slot(slot)
             slot_rank, slot_scale, slot_key = self._rank[slot], self._scale[slot], self._slot_key[slot]
+        checked = self._check_modules(modules, slot_rank, slot_scale, where=f"slot {slot}")
+        with self.writing([slot], keys=[slot_key]):  # refuses a slot re-assigned since validation
+            self._write_checked(slot, checked)
+
+    def validate(self, modules: dict[str, tuple[torch.Tensor, torch.Tensor]], rank: int, scale: float) -> None:
+        """Raise what `put` would raise for this adapter at `rank` and `scale` (names, shapes, rank, NaN/Inf,
+        overflow of the scaled B in the pool's dtype); reserves and writes nothing."""
+        self._check_modules(modules, self._check_rank(rank), self._check_scale(scale), where="the adapter")
+
+    def _check_modules(self, modules: dict[str, tuple[torch.Tensor, torch.Tensor]], slot_rank: int,
+                       slot_scale: float, where: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Validated {name: (A, B * scale)} in the pool's dtype, ready to copy into a slot."""
+        if not isinstance(modules, dict):
+            raise TypeError(f"modules must be a dict {{module name: (A, B)}}, got {type(modules).__name__}")
         checked: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for name, pair in modules.items():
             self._locate(name)
@@ -385,27 +505,34 @@ class AdapterPool:
             if r > self.max_rank:
                 raise ValueError(f"modules[{name!r}]: rank {r} exceeds the pool's max_rank {self.max_rank}")
             if r > slot_rank:
-                raise ValueError(f"modules[{name!r}]: rank {r} exceeds slot {slot}'s rank {slot_rank}; allocate the "
+                raise ValueError(f"modules[{name!r}]: rank {r} exceeds {where}'s rank {slot_rank}; allocate the "
                                  f"slot with the adapter's largest rank")
             if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
                 raise ValueError(f"modules[{name!r}]: A or B holds NaN or Inf; refusing to load it into the pool")
-            checked[name] = (a, b)
-        with self.writing([slot], keys=[slot_key]):  # refuses a slot re-assigned since validation
-            for mtype, names in self._groups.items():
-                a_buf, b_buf = self._a[mtype], self._b[mtype]
-                for li, name in enumerate(names):
-                    if name in checked:
-                        a, b = checked[name]
-                        r = a.shape[0]
-                        a_buf[li, slot, :r].copy_(a.detach())
-                        a_buf[li, slot, r:].zero_()
-                        b_buf[li, slot, :, :r].copy_(b.detach().to(torch.float32) * slot_scale)
-                        b_buf[li, slot, :, r:].zero_()
-                    else:
-                        a_buf[li, slot].zero_()
-                        b_buf[li, slot].zero_()
-            with self._lock:
-                self._stats["writes"] += 1
+            a_w = a.detach().to(self.device, self.dtype)
+            b_w = (b.detach().to(torch.float32) * slot_scale).to(self.device, self.dtype)
+            if not (torch.isfinite(a_w).all() and torch.isfinite(b_w).all()):
+                raise ValueError(f"modules[{name!r}]: A, or B times the scale {slot_scale:g}, overflows the pool's "
+                                 f"{self.dtype} (largest |B| {float(b.detach().abs().max()):.3g}); refusing to load it")
+            checked[name] = (a_w, b_w)
+        return checked
+
+    def _write_checked(self, slot: int, checked: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        for mtype, names in self._groups.items():
+            a_buf, b_buf = self._a[mtype], self._b[mtype]
+            for li, name in enumerate(names):
+                if name in checked:
+                    a, b = checked[name]
+                    r = a.shape[0]
+                    a_buf[li, slot, :r].copy_(a)
+                    a_buf[li, slot, r:].zero_()
+                    b_buf[li, slot, :, :r].copy_(b)
+                    b_buf[li, slot, :, r:].zero_()
+                else:
+                    a_buf[li, slot].zero_()
+                    b_buf[li, slot].zero_()
+        with self._lock:
+            self._stats["writes"] += 1
 
     def zero_slots(self, slots: Sequence[int] | torch.Tensor, module_types: Sequence[str] | None = None) -> None:
         """Zero `slots` in the buffers of `module_types` (default: all). Call inside `writing`."""

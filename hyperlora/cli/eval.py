@@ -117,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
         hn.features.bf16 = False  # --fp32 (or no native bf16): the policy reader reads in float32 too
     # The oracle adapts the same modules at the same rank as the hypernetwork (q/v rank 8 without one).
     oracle_kw: dict[str, Any] = {}
-    if hn is not None and getattr(hn.hypernet, "reads_text", False):
+    if hn is not None and not hn.hypernet.needs_encoder:  # a policy reader (AdapterSource reading texts)
         # A policy reader adapts o_proj/down_proj of one layer; its oracle gets every projection of that layer
         # at rank 8 (what the T2L-style checkpoint's oracle had), so oracle numbers stay comparable.
         layer = int(hn.reader.cfg.layer)

@@ -16,6 +16,7 @@ thread or another) never change the batch (the failure class of vLLM #47724).
 from __future__ import annotations
 
 import contextlib
+import difflib
 import hashlib
 import logging
 import threading
@@ -29,7 +30,12 @@ from torch import nn
 
 from hyperlora.runtime.layers import (APPLY_MODES, ActiveBatch, LoraLayerMixin, LoraState, PoolViews, is_supported,
                               set_submodule, unwrap_module, wrap_module)
-from hyperlora.adapters.pool import StaleSlotError
+from hyperlora.adapters import peft_io
+from hyperlora.adapters.pool import AdapterPool, PoolFullError, StaleSlotError
+from hyperlora.hypernets.source import check_source
+from hyperlora.hypernets.t2l.minilm import PolicyEncoder
+from hyperlora.modeling.decoding import decode
+from hyperlora.runtime.writing import adapter_rank, write_adapters, write_generated
 from hyperlora.modeling.targets import find_targets, matches_type
 
 log = logging.getLogger(__name__)
@@ -40,9 +46,6 @@ __all__ = ["attach", "Runtime", "DEFAULT_TARGET_TYPES"]
 # c_proj covers attn.c_proj and mlp.c_proj, two shapes: the pool keeps them apart as two module types.
 DEFAULT_TARGET_TYPES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
                         "c_attn", "c_proj", "c_fc")
-
-Entry = "str | None"
-
 
 def _find_targets(model: nn.Module, types: Sequence[str]) -> dict[str, tuple[int, int]]:
     """Full name -> (d_in, d_out) of the modules matching `types`: exactly `find_targets` (the hypernetwork's
@@ -82,8 +85,6 @@ class Runtime:
 
     def __init__(self, model: nn.Module, hypernet: Any, targets: dict[str, tuple[int, int]], *,
                  max_adapters: int, max_rank: int, apply_mode: str, encoder: Any, dtype: torch.dtype | None):
-        from hyperlora.adapters.pool import AdapterPool
-
         m_dtype, device = _model_dtype_device(model)
         self.model = model
         self.hypernet = hypernet
@@ -96,6 +97,8 @@ class Runtime:
         self._originals: dict[str, nn.Module] = {}
         self._peft: dict[str, _PeftAdapter] = {}
         self._peft_keys: set[str] = set()
+        self._unloaded: set[str] = set()  # names given to unload_peft (refused as policy texts)
+        self._serving = 0  # policies() contexts open in any thread (detach waits for none)
         self._latents: dict[str, torch.Tensor] = {}  # module type -> z [L, S, K] (latent path only)
         self._latent_where: dict[str, tuple[str, int]] = {}
         self._latent_key: dict[int, str] = {}  # slot -> the content key its stored latents belong to
@@ -130,12 +133,17 @@ class Runtime:
     def detach(self) -> nn.Module:
         """Put the original modules back (with the current parameters) and return the model.
 
-        Refused while a `policies()` context of this runtime is active in this thread."""
+        Refused (RuntimeError, nothing changed) while any `policies()` / `generate` context of this runtime is
+        open, in this thread or another: detaching under a running batch would silently serve it base-model
+        outputs. Exit those contexts (join the threads) first."""
         with self._lock:
             if not self._attached:
                 return self.model
             if self.state.batch is not None:
                 raise RuntimeError("detach() inside an active policies() context: exit the context first")
+            if self._serving:
+                raise RuntimeError(f"detach() while {self._serving} policies() context(s) of this runtime are open "
+                                   f"in other threads: exit the context first (let those batches finish)")
             for name, original in self._originals.items():
                 layer = self.model.get_submodule(name)
                 set_submodule(self.model, name, unwrap_module(layer, original))
@@ -156,8 +164,6 @@ class Runtime:
 
     def _encode(self, texts: list[str]) -> torch.Tensor:
         if self._encoder is None:
-            from hyperlora.hypernets.t2l.minilm import PolicyEncoder
-
             self._encoder = PolicyEncoder()
         enc = self._encoder
         fn = enc.encode if hasattr(enc, "encode") else enc
@@ -172,8 +178,7 @@ class Runtime:
         return self.pool.content_key(hn.weights_id(), text, int(hn.config.rank), float(hn.config.scale))
 
     def _latent_enabled(self) -> bool:
-        return (self.hypernet is not None and self.apply_mode != "materialized"
-                and not getattr(self.hypernet, "reads_text", False))  # a policy reader has no latent head
+        return self.hypernet is not None and self.apply_mode != "materialized" and self.hypernet.supports_latent
 
     def _store_latents(self, emb: torch.Tensor, slots: list[int], keys: list[str]) -> None:
         """Keep z [L, S, K] per module type for the latent path (the pool holds only materialized A/B)."""
@@ -204,26 +209,27 @@ class Runtime:
 
     # ---- adapters: PEFT ---------------------------------------------------------------------
 
-    def load_peft(self, path: str | Path, name: str | None = None) -> str:
+    def load_peft(self, path: str | Path, name: str | None = None, *, replace: bool = False) -> str:
         """Load a PEFT LoRA directory and return the name to use in `policies()` (default: the directory name).
+
+        A name already given to a different adapter is refused (ValueError) unless `replace=True`; loading the
+        same adapter under its name again is a no-op. A load that fails registers nothing and holds no slot.
 
         Everything is validated by `hyperlora.adapters.peft_io.read_peft` before the pool is touched (safetensors only,
         sane config, r <= max_rank, targets served by this runtime, shapes, finite values, no DoRA / bias), so a
         rejected adapter leaves the pool and every in-flight batch as they were. The adapter is kept on the host
         too, so it comes back after an eviction.
         """
-        from hyperlora.adapters.peft_io import read_peft
-
         self._check_attached()
         p = Path(path)
-        adapter = read_peft(p, targets=self.pool.targets(), max_rank=self.pool.max_rank)
+        adapter = peft_io.read_peft(p, targets=self.pool.targets(), max_rank=self.pool.max_rank)
         modules = {n: (a.to(torch.float32), b.to(torch.float32)) for n, (a, b) in adapter.modules.items()}
         rank, key = int(adapter.rank), str(adapter.key)
         label = name if name is not None else p.resolve().name
-        return self._register(label, _PeftAdapter(key=key, rank=rank, modules=modules, source=str(p)))
+        return self._register(label, _PeftAdapter(key=key, rank=rank, modules=modules, source=str(p)), replace)
 
     def add_adapter(self, name: str, modules: dict[str, tuple[torch.Tensor, torch.Tensor]], *,
-                    scale: float = 1.0) -> str:
+                    scale: float = 1.0, replace: bool = False) -> str:
         """Serve a LoRA adapter given as tensors, like a PEFT one: {full module name: (A [r, d_in], B [d_out, r])},
         applied as `y += scale * B A x`. Validated (names, shapes, rank <= max_rank, finite) before the pool is
         touched; returns `name` for `policies()`."""
@@ -255,46 +261,90 @@ class Runtime:
                 h.update(t.numpy().tobytes())
         rank = max(int(a.shape[0]) for a, _ in checked.values())
         return self._register(name, _PeftAdapter(key="tensors:" + h.hexdigest(), rank=rank, modules=checked,
-                                                 source="tensors"))
+                                                 source="tensors"), replace)
 
-    def _register(self, label: str, ad: _PeftAdapter) -> str:
+    def _register(self, label: str, ad: _PeftAdapter, replace: bool = False) -> str:
+        """Validate `ad` against the pool, place it, then register `label`; nothing is registered or held if
+        it fails. A pool with every slot pinned or in flight registers it and places it at first use."""
         if not isinstance(label, str) or not label.strip():
             raise ValueError(f"name must be a non-empty str, got {label!r}")
         with self._lock:
-            self._peft[label] = ad
-            self._peft_keys.add(ad.key)
+            old = self._peft.get(label)
+            if old is not None and old.key != ad.key and not replace:
+                raise ValueError(f"an adapter named {label!r} is already loaded (from {old.source}) and differs from "
+                                 f"this one ({ad.source}): pass name= to load it under another name, or replace=True")
+            self.pool.validate(ad.modules, ad.rank, 1.0)  # e.g. B overflowing the pool's dtype: nothing touched
             try:
                 self._place_peft(ad)
-            except Exception as exc:  # pool full of in-flight / pinned slots: placed at first use instead
-                from hyperlora.adapters.pool import PoolFullError
-
-                if not isinstance(exc, PoolFullError):
-                    raise
+            except PoolFullError as exc:  # pool full of in-flight / pinned slots: placed at first use instead
                 log.warning("hyperlora: %s loaded but not placed in the pool yet (%s)", label, exc)
+            self._peft[label] = ad
+            self._peft_keys.add(ad.key)
+            self._unloaded.discard(label)
+            if old is not None and old.key != ad.key:
+                self._forget_key(old.key)
         return label
 
     def _place_peft(self, ad: _PeftAdapter) -> int:
         slot = self.pool.slot_of(ad.key)
         if slot is not None and ad.key in self.pool:
             return slot
-        slot = self.pool.allocate(ad.key, ad.rank, 1.0)  # per-module scales are already folded into B
-        self.pool.write(slot, ad.modules)
-        return slot
+        return self.pool.put(ad.key, ad.rank, 1.0, ad.modules)  # per-module scales are already folded into B
 
     @property
     def peft_names(self) -> list[str]:
         return list(self._peft)
 
     def unload_peft(self, name: str) -> None:
-        """Forget a loaded PEFT adapter (its slot is freed when no batch uses it)."""
+        """Forget a loaded PEFT adapter: its slot is freed now unless a batch holds it or another name shares it
+        (then it is evicted like any other). The name is then refused as a policy text (KeyError)."""
         with self._lock:
+            if name not in self._peft:
+                raise KeyError(f"no PEFT adapter named {name!r} is loaded; loaded: {sorted(self._peft)}")
             ad = self._peft.pop(name)
-            if not any(a.key == ad.key for a in self._peft.values()):
-                self._peft_keys.discard(ad.key)
-                with contextlib.suppress(KeyError, ValueError):
-                    self.pool.remove(ad.key)
+            self._unloaded.add(name)
+            self._forget_key(ad.key)
+
+    def _forget_key(self, key: str) -> None:
+        if not any(a.key == key for a in self._peft.values()):
+            self._peft_keys.discard(key)
+            with contextlib.suppress(KeyError, ValueError):
+                self.pool.remove(key)
 
     # ---- resolving a batch ------------------------------------------------------------------
+
+    def _entry_kind(self, i: int | None, e: Any) -> str:
+        """"none", "peft" or "text" for one entry (i: its index in policies(), None for export_peft); every
+        problem raises here, before anything is generated, naming the entry."""
+        what = f"policies[{i}]" if i is not None else "policy"
+        if e is None:
+            return "none"
+        if not isinstance(e, str):
+            raise TypeError(f"{what} must be a policy text, a name returned by load_peft, or None; got "
+                            f"{type(e).__name__}")
+        if e in self._peft:
+            return "peft"
+        bad = next((j for j, c in enumerate(e) if 0xD800 <= ord(c) <= 0xDFFF), None)
+        if bad is not None:
+            raise ValueError(f"{what} holds a lone surrogate {e[bad]!r} at character {bad}: not valid Unicode text "
+                             f"(JSON \\u escapes can produce these); fix or drop that character")
+        if not e.strip():
+            raise ValueError(f"{what} is empty or whitespace only; use None for the base model")
+        loaded = sorted(self._peft)
+        if e in self._unloaded:
+            raise KeyError(f"{what} = {e!r} is the name of a PEFT adapter that was unloaded (unload_peft), not a "
+                           f"policy text; load it again, or pass a policy text. Loaded adapters: {loaded}")
+        close = difflib.get_close_matches(e, loaded + sorted(self._unloaded), n=3, cutoff=0.75)
+        if close:
+            raise KeyError(f"{what} = {e!r} is not a loaded adapter name but is close to {close}: a mistyped name? "
+                           f"(a policy text is never close to a name; loaded adapters: {loaded})")
+        if len(e.split()) == 1:
+            raise KeyError(f"{what} = {e!r} is a single word: not a loaded adapter name (loaded: {loaded}) and too "
+                           f"short for a policy text (a policy text has at least two words)")
+        if self.hypernet is None:
+            raise ValueError(f"{what} = {e[:60]!r} is neither a loaded PEFT adapter name ({loaded}) nor servable as "
+                             f"a policy text: this runtime has no hypernetwork (attach(model, hypernet=...))")
+        return "text"
 
     def _resolve(self, entries: Sequence[Any], stack: contextlib.ExitStack) -> tuple[list[int], list[bool]]:
         """Row slots for `entries`, every used slot held in flight on `stack`. Generates missing policies."""
@@ -302,13 +352,12 @@ class Runtime:
         row_slots = [-1] * len(entries)
         latent_flags = [False] * len(entries)
         uniq: dict[str, list[int]] = {}
+        kinds: dict[str, str] = {}
         for i, e in enumerate(entries):
-            if e is None:
-                continue
-            if not isinstance(e, str):
-                raise TypeError(f"policies[{i}] must be a policy text, a name returned by load_peft, or None; got "
-                                f"{type(e).__name__}")
-            uniq.setdefault(e, []).append(i)
+            kind = self._entry_kind(i, e)
+            if kind != "none":
+                uniq.setdefault(e, []).append(i)
+                kinds[e] = kind
 
         def hold(slot: int, key: str) -> bool:
             """Hold `slot` in flight for this batch if it still holds `key` (False if evicted meanwhile)."""
@@ -320,19 +369,13 @@ class Runtime:
 
         texts: list[str] = []
         for e in uniq:
-            if e in self._peft:
+            if kinds[e] == "peft":
                 ad = self._peft[e]
                 slot = self.pool.get(ad.key)
                 while slot is None or not hold(slot, ad.key):
                     slot = self._place_peft(ad)
                 keys[e] = slot
             else:
-                if not e.strip():
-                    raise ValueError("a policy text is empty or whitespace only; use None for the base model")
-                if self.hypernet is None:
-                    raise ValueError(f"{e[:60]!r} is neither a loaded PEFT adapter name ({sorted(self._peft)}) nor "
-                                     f"servable as a policy text: this runtime has no hypernetwork (attach(model, "
-                                     f"hypernet=...))")
                 key = self._policy_key(e)
                 slot = self.pool.get(key)
                 if slot is None or not hold(slot, key):
@@ -341,74 +384,36 @@ class Runtime:
                 keys[e] = slot
                 if self._latent_enabled() and self._latent_key.get(slot) != key:
                     self._store_latents(self._encode([e]), [slot], [key])
-        if texts:
-            self._generate(texts, keys, hold)
+        for t in texts:
+            keys[t] = self._generate_one(t, hold)
         for e, rows in uniq.items():
             for i in rows:
                 row_slots[i] = keys[e]
-                latent_flags[i] = e not in self._peft and self._latent_key.get(keys[e]) == self.pool.key_of(keys[e])
+                latent_flags[i] = kinds[e] == "text" and self._latent_key.get(keys[e]) == self.pool.key_of(keys[e])
         return row_slots, latent_flags
 
-    def _generate(self, texts: list[str], keys: dict[Any, int], hold: Callable[[int, str], bool]) -> None:
-        hn = self.hypernet
-        if getattr(hn, "reads_text", False):
-            return self._generate_read(texts, keys, hold)
-        cfg = hn.config
-        new_keys = [self._policy_key(t) for t in texts]
-        slots: list[int] = []
-        try:
-            for k in new_keys:
-                slots.append(self.pool.allocate(k, int(cfg.rank), float(cfg.scale)))
-        except Exception:
-            for k in new_keys[:len(slots)]:
-                self._free_unwritten(k)
-            raise
-        try:
-            emb = self._encode(texts)
-            hn.generate_into_pool(emb, self.pool, slots)
-        except BaseException:
-            for k in new_keys:
-                self._free_unwritten(k)
-            raise
-        if self._latent_enabled():
-            self._store_latents(emb, slots, new_keys)
-        for t, s, k in zip(texts, slots, new_keys):
-            if not hold(s, k):  # only if someone outside this runtime evicted it within microseconds
-                raise RuntimeError(f"the adapter generated for {t[:40]!r} was evicted before its batch started")
-            keys[t] = s
-
-    def _generate_read(self, texts: list[str], keys: dict[Any, int], hold: Callable[[int, str], bool]) -> None:
-        """Policy reader (``reads_text``): its adapters (each with its own rank) are built first, then written
-        into freshly allocated slots, so a failure in the reader leaves the pool untouched."""
+    def _generate_one(self, text: str, hold: Callable[[int, str], bool]) -> int:
+        """Generate `text`'s adapter into a fresh slot (one call of its own: the same adapter bits whatever
+        else the batch holds) and hold it in flight; returns the slot. The pool frees the slot on any error."""
+        src = self.hypernet
+        key = self._policy_key(text)
         t0 = time.perf_counter()
-        per_policy = self.hypernet.adapters_for_texts(texts)
-        new_keys = [self._policy_key(t) for t in texts]
-        slots: list[int] = []
-        try:
-            for k, mods in zip(new_keys, per_policy):
-                rank = max(int(a.shape[0]) for a, _ in mods.values())
-                slots.append(self.pool.allocate(k, rank, 1.0))
-            for s, mods in zip(slots, per_policy):
-                self.pool.write(s, mods)
-        except BaseException:
-            for k in new_keys:
-                self._free_unwritten(k)
-            raise
-        log.debug("hyperlora: read %d policies into the pool in %.1f ms", len(texts), 1e3 * (time.perf_counter() - t0))
-        for t, s, k in zip(texts, slots, new_keys):
-            if not hold(s, k):
-                raise RuntimeError(f"the adapter generated for {t[:40]!r} was evicted before its batch started")
-            keys[t] = s
-
-    def _free_unwritten(self, key: str) -> None:
-        """Give back a slot reserved by `allocate` that was never written (an error came in between)."""
-        slot = self.pool.slot_of(key)
-        if slot is not None and self.pool.slot_info(slot)["state"] == "writing":
-            with contextlib.suppress(Exception), self.pool.writing([slot]):
-                raise RuntimeError("abandon")  # writing() frees a slot whose body raised
+        emb = self._encode([text]) if src.needs_encoder else None
+        if src.supports_latent:  # a linear latent head: one fused generate_lora launch per module type
+            slot = write_generated(src, emb, self.pool, [key])[0]
+            if self._latent_enabled():
+                self._store_latents(emb, [slot], [key])
+        else:  # adapters built on the host first (a policy reader: its own rank per policy), then put
+            mods = src.adapters_for([text], emb)[0]
+            slot = write_adapters(self.pool, [key], [mods], float(src.config.scale))[0]
+            self.pool.record_generation(1, time.perf_counter() - t0)
+        log.debug("hyperlora: generated %r into slot %d in %.1f ms", text[:40], slot, 1e3 * (time.perf_counter() - t0))
+        if not hold(slot, key):  # only if someone outside this runtime evicted it within microseconds
+            raise RuntimeError(f"the adapter generated for {text[:40]!r} was evicted before its batch started")
+        return slot
 
     def prepare(self, policies: Sequence[Any]) -> list[int]:
-        """Make sure every entry has an adapter in the pool (generating misses in one batch); returns slots."""
+        """Make sure every entry has an adapter in the pool (generating misses); returns their slots."""
         self._check_attached()
         with self._lock, contextlib.ExitStack() as stack:
             slots, _ = self._resolve(list(policies), stack)
@@ -419,6 +424,10 @@ class Runtime:
 
         The adapters' slots are held in flight until the context exits, so nothing loaded or evicted
         meanwhile can change this batch. Contexts nest (the innermost one is active) and are per thread.
+        The model must then be called with exactly len(policies) rows (ValueError otherwise, even when
+        every entry is None). A string that is not a loaded name but equals an unloaded one, is close to a
+        loaded or unloaded name (difflib), or is a single word raises KeyError: names and texts cannot be
+        confused.
         """
         self._check_attached()
         if isinstance(policies, (str, bytes)) or not isinstance(policies, Sequence):
@@ -429,19 +438,25 @@ class Runtime:
     def _serve(self, entries: list[Any]) -> Iterator[ActiveBatch]:
         with contextlib.ExitStack() as stack:
             with self._lock:
+                self._check_attached()  # detach() from another thread may have run since policies()
                 row_slots, latent_flags = self._resolve(entries, stack)
-            dev = self.pool.device
-            batch = ActiveBatch(
-                row_slots=torch.tensor(row_slots, dtype=torch.int64, device=dev),
-                num_slots=self.pool.max_adapters, pool=self.pool, apply_mode=self.apply_mode,
-                latent_rows=torch.tensor(latent_flags, dtype=torch.bool, device=dev) if any(latent_flags) else None,
-                latents=self._latent_of if any(latent_flags) else None,
-                hypernet=self.hypernet)
-            self.state.push(batch)
+                self._serving += 1
             try:
-                yield batch
+                dev = self.pool.device
+                batch = ActiveBatch(
+                    row_slots=torch.tensor(row_slots, dtype=torch.int64, device=dev),
+                    num_slots=self.pool.max_adapters, pool=self.pool, apply_mode=self.apply_mode,
+                    latent_rows=torch.tensor(latent_flags, dtype=torch.bool, device=dev) if any(latent_flags) else None,
+                    latents=self._latent_of if any(latent_flags) else None,
+                    hypernet=self.hypernet)
+                self.state.push(batch)
+                try:
+                    yield batch
+                finally:
+                    self.state.pop(batch)
             finally:
-                self.state.pop(batch)
+                with self._lock:
+                    self._serving -= 1
 
     # ---- generation -------------------------------------------------------------------------
 
@@ -457,8 +472,6 @@ class Runtime:
         get alone with its policy: positions come from its own mask, and sampling draws from a generator per
         row seeded with `seed` (one int for every row, or one per row). Rows that reached EOS are padded.
         """
-        from hyperlora.modeling.decoding import decode
-
         self._check_attached()
         ids = input_ids
         rows = int(ids.shape[0]) if isinstance(ids, torch.Tensor) and ids.dim() == 2 else -1
@@ -474,24 +487,28 @@ class Runtime:
     # ---- export ------------------------------------------------------------------------------
 
     def export_peft(self, policy: str, directory: str | Path) -> Path:
-        """Write the adapter of `policy` (a text, or a `load_peft` name) as a PEFT LoRA directory."""
-        from hyperlora.adapters import peft_io
+        """Write the adapter of `policy` (a text, or a `load_peft` name) as a PEFT LoRA directory.
 
+        `policy` is checked like a `policies()` entry (None, "" or whitespace, a non-str, a lone surrogate, a
+        mistyped or unloaded name: an error, nothing written)."""
         self._check_attached()
+        kind = self._entry_kind(None, policy)
+        if kind == "none":
+            raise ValueError("export_peft needs a policy text or a load_peft name, not None (the base model has "
+                             "no adapter to export)")
         d = Path(directory)
-        if policy in self._peft:
+        if kind == "peft":
             ad = self._peft[policy]
             return peft_io.write_peft(d, ad.modules, rank=ad.rank, lora_alpha=float(ad.rank),
                                       base_model=self.model)
-        if self.hypernet is None:
-            raise ValueError("export_peft of a policy text needs a hypernetwork (attach(model, hypernet=...))")
-        if getattr(self.hypernet, "reads_text", False):
-            mods = self.hypernet.adapters_for_texts([policy])[0]
-            rank = max(int(a.shape[0]) for a, _ in mods.values())
+        src = self.hypernet
+        if not src.needs_encoder:  # a source reading texts: its own rank per policy, padded to one PEFT rank
+            mods = src.adapters_for([policy])[0]
+            rank = adapter_rank(mods)
             pad = {n: (torch.cat([a, a.new_zeros(rank - a.shape[0], a.shape[1])]),
                        torch.cat([b, b.new_zeros(b.shape[0], rank - b.shape[1])], 1)) for n, (a, b) in mods.items()}
             return peft_io.write_peft(d, pad, rank=rank, lora_alpha=float(rank), base_model=self.model)
-        return peft_io.export_policy(self.hypernet, self._encode([policy]), d, base_model=self.model)
+        return peft_io.export_policy(src, self._encode([policy]), d, base_model=self.model)
 
     # ---- introspection ----------------------------------------------------------------------
 
@@ -511,7 +528,8 @@ def attach(model: nn.Module, hypernet: Any = None, *, target_modules: Sequence[s
            dtype: torch.dtype | None = None) -> Runtime:
     """Serve many adapters per batch on `model` (a transformers causal LM, Llama family or GPT-2).
 
-    hypernet: a `HyperNetwork` built for this model (policy texts need one); target_modules: module types
+    hypernet: an `AdapterSource` built for this model (a T2L `HyperNetwork` or a policy reader's `ReaderHypernet`;
+    policy texts need one); target_modules: module types
     (last name components) to serve in every layer: default exactly the modules the hypernetwork generates
     (its types, in its layers), else every Linear of Llama-style attention and MLP blocks (GPT-2: c_attn,
     c_fc). Pass target_modules to also serve PEFT adapters on modules the hypernetwork does not cover; max_adapters / max_rank: the pool's slots; apply_mode: "auto",
@@ -522,6 +540,8 @@ def attach(model: nn.Module, hypernet: Any = None, *, target_modules: Sequence[s
         raise TypeError(f"model must be a torch.nn.Module (a transformers causal LM), got {type(model).__name__}")
     if apply_mode not in APPLY_MODES:
         raise ValueError(f"apply_mode must be one of {APPLY_MODES}, got {apply_mode!r}")
+    if hypernet is not None:
+        check_source(hypernet)  # a HyperNetwork or a ReaderHypernet (hyperlora.hypernets.source.AdapterSource)
     if isinstance(target_modules, str):
         target_modules = [target_modules]
     hn_types = list(hypernet.types) if hypernet is not None else []

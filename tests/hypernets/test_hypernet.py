@@ -8,6 +8,7 @@ import torch
 
 from hyperlora.hypernets.t2l.hypernet import HyperNetwork, HyperNetworkConfig, find_targets
 from hyperlora.adapters.pool import AdapterPool
+from hyperlora.runtime.writing import generate_into_slots
 
 E = 16
 
@@ -265,7 +266,7 @@ def test_generate_into_pool_matches_generate(dtype):
     before = {t: [b.clone() for b in pool.buffers(t)] for t in pool.module_types()}
     slots = [pool.allocate(f"k{i}", 4, s) for i, s in enumerate([0.5, 2.0])]
     e = torch.randn(2, E)
-    hn.generate_into_pool(e, pool, slots)
+    generate_into_slots(hn, e, pool, slots)
     gen = hn.generate(e)
     # bf16 pool: one rounding of the float32 value (half a unit in the last place is 2^-9 relative)
     tol = dict(rtol=4e-3, atol=1e-6) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-6)
@@ -288,24 +289,24 @@ def test_generate_into_pool_refuses_bad_slots():
     hn = make_hn()
     pool = _pool_for(hn)
     with pytest.raises(ValueError, match="not allocated"):
-        hn.generate_into_pool(torch.randn(1, E), pool, [0])
+        generate_into_slots(hn, torch.randn(1, E), pool, [0])
     s = pool.allocate("k", 2, 1.0)
     with pytest.raises(ValueError, match="rank 2.*rank 4"):
-        hn.generate_into_pool(torch.randn(1, E), pool, [s])
+        generate_into_slots(hn, torch.randn(1, E), pool, [s])
     s = pool.allocate("k4", 4, 1.0)
-    hn.generate_into_pool(torch.randn(1, E), pool, [s])
+    generate_into_slots(hn, torch.randn(1, E), pool, [s])
     with pool.in_flight([s]):
         with pytest.raises(ValueError, match="in-flight"):
-            hn.generate_into_pool(torch.randn(1, E), pool, [s])
+            generate_into_slots(hn, torch.randn(1, E), pool, [s])
     small = AdapterPool(hn.targets(), max_adapters=2, max_rank=2)
     with pytest.raises(ValueError, match="max_rank"):
-        hn.generate_into_pool(torch.randn(1, E), small, [0])
+        generate_into_slots(hn, torch.randn(1, E), small, [0])
     other = make_hn(tiny_llama(layers=4))
     with pytest.raises(ValueError, match=r"differ.*model\.layers\.3"):
-        other.generate_into_pool(torch.randn(1, E), pool, [s])
+        generate_into_slots(other, torch.randn(1, E), pool, [s])
     wider = make_hn(tiny_llama(layers=3, hidden=64))
     with pytest.raises(ValueError, match="pool shape"):
-        wider.generate_into_pool(torch.randn(1, 16), pool, [s])
+        generate_into_slots(wider, torch.randn(1, 16), pool, [s])
 
 
 def test_policy_to_pool_flow_hits_cache_and_distinguishes_texts():
@@ -330,7 +331,7 @@ def test_policy_to_pool_flow_hits_cache_and_distinguishes_texts():
         slot = pool.get(key)
         if slot is None:
             slot = pool.allocate(key, hn.config.rank, hn.config.scale)
-            hn.generate_into_pool(enc.encode(text), pool, [slot])
+            generate_into_slots(hn, enc.encode(text), pool, [slot])
         return slot
 
     s1 = serve("Refunds only within 30 days.")
@@ -364,7 +365,7 @@ def test_hypernetwork_on_a_subset_of_layers_zeroes_the_others(tmp_path):
             buf.normal_()
     slot = pool.allocate("k", 2, 1.5)
     e = torch.randn(1, E)
-    hn.generate_into_pool(e, pool, [slot])
+    generate_into_slots(hn, e, pool, [slot])
     gen = hn.generate(e)
     for t in hn.types:
         a, b = pool.buffers(t)

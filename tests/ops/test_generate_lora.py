@@ -13,6 +13,7 @@ import pytest  # noqa: E402
 
 from hyperlora.ops.backends import available_backends  # noqa: E402
 from hyperlora.ops.generate_lora import generate_lora, generate_lora_reference  # noqa: E402
+from hyperlora.runtime.writing import generate_into_slots  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 TRITON_OK = available_backends()["triton"]["available"]
@@ -190,7 +191,7 @@ def test_hypernetwork_generate_into_pool_backend_equals_torch(backend):
     for be in ("torch", backend):
         pool = AdapterPool(hn.targets(), max_adapters=3, max_rank=4, device=DEV)
         slots = [pool.allocate(f"k{i}", 2, 0.7) for i in range(2)]
-        hn.generate_into_pool(emb, pool, slots, backend=be)
+        generate_into_slots(hn, emb, pool, slots, backend=be)
         pools.append(pool)
     for t in hn.types:
         for x, y in zip(pools[0].buffers(t), pools[1].buffers(t)):

@@ -34,9 +34,6 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from hyperlora.modeling.capture import InputCapture
-from hyperlora.modeling.padding import pad_ids
-
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "reader.safetensors"
 KIND = "reader"
@@ -120,15 +117,18 @@ class PolicyFeatures:
 
             bar = tqdm(total=len(todo), desc="reading policies", unit="text", disable=not progress,
                        mininterval=5, file=sys.stderr)
-            capture = InputCapture(self.model, self.names)
-            store = capture.inputs
+            store: dict[str, torch.Tensor] = {}
+            mods = dict(self.model.named_modules())
+            hooks = [mods[n].register_forward_hook(lambda m, i, o, t=t: store.__setitem__(t, i[0].detach()))
+                     for t, n in self.names.items()]
             dev = next(self.model.parameters()).device
             try:
                 for s in range(0, len(todo), batch_size):
                     chunk = todo[s:s + batch_size]
                     seqs = [self.prompt_ids(t) for t in chunk]
-                    # right padding: causal attention keeps real positions exact
-                    ids, _ = pad_ids(seqs, self.tokenizer.pad_token_id or 0)
+                    ids = torch.full((len(chunk), max(map(len, seqs))), self.tokenizer.pad_token_id or 0)
+                    for j, q in enumerate(seqs):  # right padding: causal attention keeps real positions exact
+                        ids[j, : len(q)] = torch.tensor(q)
                     with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.bf16):
                         out = self.model.model(ids.to(dev), output_hidden_states=True)
                     for j, (t, q) in enumerate(zip(chunk, seqs)):
@@ -141,7 +141,8 @@ class PolicyFeatures:
                     bar.update(len(chunk))
             finally:
                 bar.close()
-                capture.remove()
+                for h in hooks:
+                    h.remove()
         return [self._cache[t] for t in texts]
 
 
@@ -329,7 +330,9 @@ class ReaderHypernet:
     trained gates are near zero except on answer words, which makes served adapters rank ~2-8 instead of the
     policy's token count."""
 
-    reads_text = True
+    reads_text = True  # kept for callers of the old probe; the runtime reads the AdapterSource members below
+    needs_encoder = False  # AdapterSource: reads the policy texts itself
+    supports_latent = False  # AdapterSource: no latent head (reader rows take the materialized path)
 
     def __init__(self, reader: PolicyReader, features: PolicyFeatures, max_rank: int = 16, min_gate: float = 0.02,
                  prefix_head: Any = None, threshold_head: Any = None):
@@ -389,6 +392,11 @@ class ReaderHypernet:
                 h.update(v.detach().cpu().float().numpy().tobytes())
             self._id = h.hexdigest()[:16]
         return self._id
+
+    def adapters_for(self, texts: Sequence[str], task_emb: torch.Tensor | None = None
+                     ) -> list[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+        """`AdapterSource.adapters_for` (hyperlora.hypernets.source): `adapters_for_texts`; task_emb is unused."""
+        return self.adapters_for_texts(texts)
 
     @torch.no_grad()
     def adapters_for_texts(self, texts: Sequence[str]) -> list[dict[str, tuple[torch.Tensor, torch.Tensor]]]:

@@ -21,7 +21,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -322,85 +321,20 @@ class HyperNetwork(nn.Module):
                     res[p][name] = (a[p, li], b[p, li])
         return res
 
-    # ---- pool --------------------------------------------------------------------------------
+    # ---- AdapterSource (hyperlora.hypernets.source) -----------------------------------------------
 
-    @torch.no_grad()
-    def generate_into_pool(self, task_emb: torch.Tensor, pool: Any, slots: Sequence[int] | torch.Tensor,
-                           scale: float | Sequence[float] | torch.Tensor | None = None,
-                           backend: str | None = None) -> None:
-        """Generate the adapters of P policies and write them straight into `pool` slots (one launch per type).
+    needs_encoder = True  # adapters_for needs the policies' embeddings (the runtime's PolicyEncoder)
+    supports_latent = True  # linear latent head: the latent path and the fused generate_lora pool write
 
-        task_emb [P, E]; slots [P] (allocated in `pool` with this rank, not in flight); scale: one float or [P]
-        (default: the scale each slot was allocated with), folded into B. Pool module types and layers the
-        hypernetwork does not cover are zeroed for these slots (a slot must not apply a previous tenant's
-        weights there). The slots become visible to `pool.get` once the device has finished writing them.
-        Counts one generation per policy and its wall time in `pool.stats()`.
-        """
-        from hyperlora.ops.generate_lora import generate_lora
-
-        t0 = time.perf_counter()
-        e = self._check_task_emb(task_emb)
-        P = e.shape[0]
-        slots_t = torch.as_tensor(slots, dtype=torch.int64).reshape(-1)
-        if slots_t.numel() != P:
-            raise ValueError(f"slots must give one slot per policy: {P} task embeddings, {slots_t.numel()} slots")
-        if self.config.rank > pool.max_rank:
-            raise ValueError(f"the hypernetwork's rank {self.config.rank} exceeds the pool's max_rank {pool.max_rank}; "
-                             f"build the pool with max_rank >= {self.config.rank}")
-        for t in self.types:
-            if t not in pool.module_types():
-                raise ValueError(f"the pool has no buffers for module type {t!r}; build it with "
-                                 f"AdapterPool(hypernet.targets(), ...) or include those modules")
-            missing = sorted(set(self.module_names(t)) - set(pool.module_names(t)))
-            if missing:
-                raise ValueError(f"the pool's {t!r} modules differ from the hypernetwork's: {len(missing)} of the "
-                                 f"hypernetwork's modules (first {missing[0]!r}) have no pool buffer; they were "
-                                 f"built for different base models")
-            if tuple(pool.shape(t)) != tuple(int(d) for d in self.config.module_shapes[t]):
-                raise ValueError(f"module type {t!r}: pool shape {pool.shape(t)} != hypernetwork shape "
-                                 f"{self.config.module_shapes[t]}")
-        keys = []
-        for s in slots_t.tolist():
-            info = pool.slot_info(s)
-            keys.append(info["key"])
-            if info["state"] == "free":
-                raise ValueError(f"slot {s} is not allocated: call pool.allocate(key, rank, scale) first")
-            if info["rank"] != self.config.rank:
-                raise ValueError(f"slot {s} was allocated with rank {info['rank']}, the hypernetwork generates rank "
-                                 f"{self.config.rank}")
-        if scale is None:
-            scales = torch.tensor([pool.slot_info(s)["scale"] for s in slots_t.tolist()], dtype=torch.float32)
-        else:
-            scales = torch.as_tensor(scale, dtype=torch.float32).reshape(-1)
-            if scales.numel() == 1:
-                scales = scales.expand(P).clone()
-        if scales.numel() != P:
-            raise ValueError(f"scale must be one float or one per policy ({P}), got {scales.numel()} values")
-        dev = pool.device
-        with pool.writing(slots_t.tolist(), keys=keys):  # refuses slots re-assigned since the checks above
-            z = self.latents(e)
-            slots_dev = slots_t.to(dev)
-            scales_dev = scales.to(dev)
-            for t in self.types:
-                a_buf, b_buf = pool.buffers(t)
-                w_a, w_b = self.head(t)
-                zt = z[t]
-                pool_names = pool.module_names(t)
-                if pool_names != self.module_names(t):
-                    # the hypernetwork covers only some of the pool's layers: z = 0 (bias coordinate included)
-                    # gives A = B = 0 exactly, so the same launch zeroes the layers it does not generate
-                    pos = torch.tensor([pool_names.index(n) for n in self.module_names(t)], device=zt.device)
-                    full = zt.new_zeros(zt.shape[0], len(pool_names), zt.shape[2])
-                    full[:, pos] = zt
-                    zt = full
-                generate_lora(a_buf, b_buf, zt.to(dev), w_a.detach().to(dev), w_b.detach().to(dev), slots_dev,
-                              scales_dev, backend=backend)
-            others = [t for t in pool.module_types() if t not in self.types]
-            if others:
-                pool.zero_slots(slots_t.tolist(), others)
-            if dev.type == "cuda":  # ready only when written, whichever stream reads them next
-                torch.cuda.current_stream(dev).synchronize()
-        pool.record_generation(P, time.perf_counter() - t0)
+    def adapters_for(self, texts: Sequence[str], task_emb: torch.Tensor | None = None
+                     ) -> list[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+        """`AdapterSource.adapters_for`: per policy {module name: (A [R, d_in], B [d_out, R])}, scale NOT applied,
+        from `task_emb` [P, E] (the embeddings of `texts`; required, this source does not read text)."""
+        if task_emb is None:
+            raise ValueError("HyperNetwork.adapters_for needs task_emb [P, E] (encode the texts first)")
+        if int(task_emb.shape[0]) != len(texts):
+            raise ValueError(f"adapters_for: {len(texts)} texts but {int(task_emb.shape[0])} task embeddings")
+        return self.adapters(task_emb)
 
     # ---- identity, save, load ----------------------------------------------------------------
 
