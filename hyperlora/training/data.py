@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import torch
 
 from hyperlora.tasks.format import PolicyTask
+from hyperlora.modeling.padding import pad_ids
 from hyperlora.modeling.prompts import prompt_text
 
 
@@ -121,10 +122,7 @@ def sample_batch(data: TaskData, rng: random.Random, policies: int, per_policy: 
 
 def collate_options(items: Sequence[Item]) -> tuple[torch.Tensor, torch.Tensor]:
     """(option_ids [N, K_max] padded with -1, answer [N])."""
-    k = max(len(it.option_ids) for it in items)
-    opt = torch.full((len(items), k), -1, dtype=torch.long)
-    for i, it in enumerate(items):
-        opt[i, : len(it.option_ids)] = torch.as_tensor(it.option_ids)
+    opt, _ = pad_ids([it.option_ids for it in items], -1)
     ans = torch.as_tensor([it.answer for it in items], dtype=torch.long)
     return opt, ans
 
