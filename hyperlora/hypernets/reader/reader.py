@@ -34,6 +34,9 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from hyperlora.modeling.capture import InputCapture
+from hyperlora.modeling.padding import pad_ids
+
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "reader.safetensors"
 KIND = "reader"
@@ -117,18 +120,15 @@ class PolicyFeatures:
 
             bar = tqdm(total=len(todo), desc="reading policies", unit="text", disable=not progress,
                        mininterval=5, file=sys.stderr)
-            store: dict[str, torch.Tensor] = {}
-            mods = dict(self.model.named_modules())
-            hooks = [mods[n].register_forward_hook(lambda m, i, o, t=t: store.__setitem__(t, i[0].detach()))
-                     for t, n in self.names.items()]
+            capture = InputCapture(self.model, self.names)
+            store = capture.inputs
             dev = next(self.model.parameters()).device
             try:
                 for s in range(0, len(todo), batch_size):
                     chunk = todo[s:s + batch_size]
                     seqs = [self.prompt_ids(t) for t in chunk]
-                    ids = torch.full((len(chunk), max(map(len, seqs))), self.tokenizer.pad_token_id or 0)
-                    for j, q in enumerate(seqs):  # right padding: causal attention keeps real positions exact
-                        ids[j, : len(q)] = torch.tensor(q)
+                    # right padding: causal attention keeps real positions exact
+                    ids, _ = pad_ids(seqs, self.tokenizer.pad_token_id or 0)
                     with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.bf16):
                         out = self.model.model(ids.to(dev), output_hidden_states=True)
                     for j, (t, q) in enumerate(zip(chunk, seqs)):
@@ -141,8 +141,7 @@ class PolicyFeatures:
                     bar.update(len(chunk))
             finally:
                 bar.close()
-                for h in hooks:
-                    h.remove()
+                capture.remove()
         return [self._cache[t] for t in texts]
 
 
