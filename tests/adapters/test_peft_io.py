@@ -179,8 +179,8 @@ def _rewrite_tensors(tmp_path, fn):
     (lambda t: t.pop("base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"), "needs lora_A and lora_B"),
     (lambda t: t.__setitem__("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight", torch.ones(8, 31)),
      r"needs lora_A \[8, 32\]"),
-    (lambda t: t.__setitem__("base_model.model.model.layers.0.mlp.up_proj.lora_A.weight", torch.ones(8, 32)),
-     "not served for this model"),
+    (lambda t: t.__setitem__("base_model.model.model.layers.5.self_attn.q_proj.lora_A.weight", torch.ones(8, 32)),
+     "not served for this model"),  # wrapped by target_modules (q_proj) but the model has no layer 5
     (lambda t: t.__setitem__("base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector", torch.ones(32)),
      "DoRA magnitude"),
 ])
