@@ -506,12 +506,12 @@ class _TargetRule:
     - exclude_modules (checked first): a str is a regex that must match the whole name; a list excludes a name
       equal to an entry or ending in "." + entry.
     - target_modules: "all-linear" wraps every linear layer but the output head; another str is a regex that must
-      match the whole name (layers_to_transform is then ignored, as PEFT ignores it); a list wraps a name equal to
-      an entry, or ending in "." + entry and, when layers_to_transform is set, whose layer index (the number
-      after `layers_pattern`, else the first numbered segment after the first two components) is in it.
-    - refused where PEFT refuses (layers_pattern with a str target_modules, layers_pattern without
-      layers_to_transform) or where its result depends on the base model (all-linear with layers_to_transform;
-      20+ target_modules, which PEFT condenses, with layers_to_transform on a module named in full)."""
+      match the whole name; a list wraps a name equal to an entry, or ending in "." + entry and, when
+      layers_to_transform is set, whose layer index (the number after `layers_pattern`, else the first
+      numbered segment after the first two components) is in it.
+    - refused where PEFT refuses (layers_to_transform or layers_pattern with a str target_modules,
+      layers_pattern without layers_to_transform) or where its result depends on the base model (20+
+      target_modules, which PEFT condenses to suffixes, with layers_to_transform on a module named in full)."""
 
     def __init__(self, config: dict[str, Any], path: Path, patterns: _Patterns) -> None:
         self.path, self.patterns = path, patterns
@@ -532,10 +532,10 @@ class _TargetRule:
                 "layers_pattern cannot be used when target_modules is a str (PEFT refuses this config)")
         _refuse(bool(lp) and lt is None, path,
                 "layers_pattern is set but layers_to_transform is not (PEFT refuses this config)")
+        _refuse(isinstance(tm, str) and lt is not None, path,
+                "layers_to_transform cannot be used when target_modules is a str (PEFT 0.22 refuses this config; "
+                "older PEFT ignored the layer filter, and on 20+ all-linear layers applied it): list the modules")
         self.using_layers = lt is not None and (len(lt) != 0 if isinstance(lt, list) else True)
-        _refuse(self.all_linear and self.using_layers, path,
-                "target_modules='all-linear' with layers_to_transform: PEFT applies the layer filter only on models "
-                "with 20+ linear layers, so which modules it wraps depends on the model; list the modules instead")
         self.regex = tm if isinstance(tm, str) and not self.all_linear else None
         self.names = set(tm) if isinstance(tm, list) else set()
         self.exclude = ex if ex else None
