@@ -141,8 +141,6 @@ TOPICS: tuple[Topic, ...] = (
        "Please remove sales tax from our invoices.", "Our school is exempt from tax.", seen=False),
 )
 
-TOPIC_BY_NAME = {t.name: t for t in TOPICS}
-
 # Record attributes carried by every customer message / support ticket (used by conjunctions).
 ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "tier": ("VIP", "standard"),
