@@ -17,15 +17,15 @@ functional op `hyperlora::lora_delta` is used instead (torch backend).
 """
 from __future__ import annotations
 
-import os
 from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 
-from hyperlora.ops.backends import BackendUnavailableError, available_backends, resolve_backend
+from hyperlora.ops.backends import BackendUnavailableError
 from hyperlora.ops import _cpu_kernel
 from hyperlora.ops._autocast import no_autocast
+from hyperlora.ops._common import acc_dtype as _acc_dtype, capturing as _capturing, pick_backend as _pick_backend
 from hyperlora.ops.metadata import LoraBatchMeta, build_meta, check_slots
 
 TensorOrTuple = Union[torch.Tensor, Sequence[torch.Tensor]]
@@ -137,16 +137,6 @@ def validate(y: TensorOrTuple, x: torch.Tensor, lora_a: TensorOrTuple, lora_b: T
                 raise ValueError(f"ranks values must be in [0, R={min_r}] (R = lora_a.shape[1]), got min {lo} "
                                  f"and max {hi}")
     return ys, as_, bs
-
-
-def _capturing() -> bool:
-    if torch.compiler.is_compiling():
-        return True
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-
-
-def _acc_dtype(dt: torch.dtype) -> torch.dtype:
-    return torch.float64 if dt == torch.float64 else torch.float32
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -590,21 +580,6 @@ def _cuda_add_lora(ys, x, as_, bs, scales, ranks, token_ids, seg_slots, seg_star
 # ----------------------------------------------------------------------------------------------------
 # public op
 # ----------------------------------------------------------------------------------------------------
-# Automatic choice on a GPU: Triton first. Its semantics are verified in the interpreter on every CI run;
-# the CUDA kernels are compiled in CI but have not yet been executed on a GPU (see docs/KERNELS.md).
-AUTO_GPU_ORDER = ("triton", "cuda")
-
-
-def _pick_backend(backend: Optional[str], device: torch.device) -> str:
-    if backend is None and not os.environ.get("HYPERLORA_BACKEND") and device.type == "cuda":
-        status = available_backends()
-        for name in AUTO_GPU_ORDER:
-            if status[name]["available"]:
-                return name
-        return "torch"
-    return resolve_backend(backend, device, BACKENDS)
-
-
 @torch.compiler.assume_constant_result
 def _resolve(backend: Optional[str], device_type: str) -> str:
     """_pick_backend as a constant for torch.compile (it reads the environment and the extension)."""

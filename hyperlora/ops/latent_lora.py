@@ -21,14 +21,13 @@ custom op `hyperlora::latent_lora` with a fake implementation so `torch.compile`
 """
 from __future__ import annotations
 
-import os
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
-from hyperlora.ops.backends import available_backends, resolve_backend
 from hyperlora.ops._autocast import no_autocast
+from hyperlora.ops._common import acc_dtype as _acc_dtype, capturing as _capturing, pick_backend as _pick_backend
 from hyperlora.ops.metadata import LoraBatchMeta
 
 __all__ = ["latent_lora", "latent_lora_reference", "materialize_adapters", "SUPPORTED_BACKENDS"]
@@ -106,10 +105,6 @@ def _validate(y: Tensor, x: Tensor, w_a: Tensor, w_b: Tensor, z: Tensor, slots: 
 # --------------------------------------------------------------------------------------------------
 # torch reference
 # --------------------------------------------------------------------------------------------------
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
 def latent_lora_reference(y: Tensor, x: Tensor, w_a: Tensor, w_b: Tensor, z: Tensor, slots: Tensor,
                           scales: Optional[Tensor] = None, rows: Optional[Tensor] = None) -> Tensor:
     """Torch implementation (no validation): two dense GEMMs over the rows with slot >= 0.
@@ -237,7 +232,7 @@ def latent_lora(y: Tensor, x: Tensor, w_a: Tensor, w_b: Tensor, z: Tensor, slots
         slots: [T] int32/int64, the slot of each token, -1 = no adapter.
         scales: [S] per-slot scale (alpha / r), None = 1.
         backend: "torch", "triton", "cuda" or None (HYPERLORA_BACKEND, else triton > cuda on a GPU, torch on a
-            CPU; see `_pick_backend` for why triton comes first here).
+            CPU; `hyperlora.ops._common.AUTO_GPU_ORDER` says why triton comes first).
         meta: optional `hyperlora.ops.metadata.LoraBatchMeta` built from these slots once per forward; when
             given, the per-call range check of `slots` (a device sync) is skipped and the torch path takes
             its active rows from it.
@@ -245,10 +240,10 @@ def latent_lora(y: Tensor, x: Tensor, w_a: Tensor, w_b: Tensor, z: Tensor, slots
         y, after `y[t] += scales[s] * B_s A_s x[t]` for every t with s = slots[t] >= 0.
     """
     compiling = torch.compiler.is_compiling()
-    _validate(y, x, w_a, w_b, z, slots, scales, check_values=(meta is None and not compiling))
+    _validate(y, x, w_a, w_b, z, slots, scales, check_values=(meta is None and not _capturing()))
     if meta is not None:
         _check_meta(meta, slots, z.shape[0])
-    name = _pick_backend(backend, x.device)
+    name = _pick_backend(backend, x.device, SUPPORTED_BACKENDS)
     if name != "torch" and x.dtype not in _KERNEL_DTYPES:
         raise TypeError(f"latent_lora: backend {name!r} supports float16/bfloat16/float32, not {x.dtype}; "
                         "use backend='torch'")
@@ -267,20 +262,6 @@ def latent_lora(y: Tensor, x: Tensor, w_a: Tensor, w_b: Tensor, z: Tensor, slots
             return latent_lora_reference(y, x, w_a, w_b, z, slots, scales, rows=rows)
     _IMPLS[name](y, x, w_a, w_b, z, slots, scales)
     return y
-
-
-def _pick_backend(requested: Optional[str], device: torch.device) -> str:
-    """resolve_backend, except that automatic selection on a GPU prefers Triton over the CUDA extension.
-
-    Why: this op's CUDA kernels run on CUDA cores and have only been compiled, never run on a GPU, while the
-    Triton kernels use tensor cores and are tested (in the interpreter) on every shape class. Forcing
-    `backend="cuda"` or HYPERLORA_BACKEND=cuda still selects them.
-    """
-    name = resolve_backend(requested, device, SUPPORTED_BACKENDS)
-    if (name == "cuda" and requested is None and not os.environ.get("HYPERLORA_BACKEND")
-            and available_backends()["triton"]["available"]):
-        return "triton"
-    return name
 
 
 def _check_meta(meta: object, slots: Tensor, num_slots: int) -> None:

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from hyperlora.ops._common import capturing as _capturing
+
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
 
@@ -73,10 +75,6 @@ class LoraBatchMeta:
         return _attach_host_summary(self)
 
 
-def _capturing() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-
-
 def check_slots(slots: torch.Tensor, num_slots: int, name: str = "slots") -> None:
     """ValueError unless `slots` is a 1-D int32/int64 tensor with values in [-1, num_slots)."""
     if not isinstance(slots, torch.Tensor):
@@ -85,7 +83,7 @@ def check_slots(slots: torch.Tensor, num_slots: int, name: str = "slots") -> Non
         raise ValueError(f"{name} must be 1-D [T], got shape {tuple(slots.shape)}")
     if slots.dtype not in _INDEX_DTYPES:
         raise ValueError(f"{name} must be int32 or int64, got {slots.dtype}; convert with {name}.to(torch.int32)")
-    if slots.numel() and not _capturing() and not torch.compiler.is_compiling():
+    if slots.numel() and not _capturing():  # no host sync while compiling or capturing a CUDA graph
         lo, hi = torch.aminmax(slots)
         lo, hi = int(lo), int(hi)
         if lo < -1 or hi >= num_slots:

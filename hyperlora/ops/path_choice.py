@@ -29,6 +29,7 @@ from typing import Optional, Union
 
 import torch
 
+from hyperlora.ops._common import capturing
 from hyperlora.ops.metadata import build_meta
 from hyperlora.ops.precision import cpu_has_native_bf16
 
@@ -226,7 +227,7 @@ def _device_of(device: Union[torch.device, str, None]) -> torch.device:
 def _should_measure(choice: PathChoice, tokens: int) -> bool:
     if tokens == 0 or os.environ.get("HYPERLORA_DISPATCH_MEASURE", "1").strip().lower() in {"0", "false", "no", "off"}:
         return False
-    if torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+    if capturing():
         return False
     m, l = choice.materialized.seconds, choice.latent.seconds
     return max(m, l) < _MEASURE_MAX_S and max(m, l) / max(min(m, l), 1e-12) < _MEASURE_RATIO
