@@ -28,6 +28,16 @@ test: setup
 test-fast: setup
 	TRITON_INTERPRET=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
 
+# The benchmark suite (benchmarks/bench_*.py, pytest-benchmark; outside testpaths, so never part of `make test`).
+# BENCH_SIZE=quick (minutes on a 2-core CPU) or full; BENCH_DEVICE=cpu (GPU-marked benchmarks deselected) or gpu
+# (only those: Triton/CUDA backends; they skip with a reason without CUDA). Results: one JSON in the suite's schema.
+BENCH_SIZE ?= quick
+BENCH_DEVICE ?= cpu
+BENCH_JSON ?= benchmarks/results/bench_$(BENCH_DEVICE)_$(shell date -u +%Y%m%d).json
+bench: setup
+	HF_HUB_OFFLINE=1 BENCH_SIZE=$(BENCH_SIZE) $(PY) -m pytest benchmarks/ -m "$(if $(filter gpu,$(BENCH_DEVICE)),gpu,not gpu)" \
+		--benchmark-json $(BENCH_JSON) $(BENCH_ARGS)
+
 demo: setup
 	HF_HUB_OFFLINE=1 $(VENV)/bin/hyperlora demo
 

@@ -5,61 +5,59 @@ pass of a batch in which row i uses adapter i % n, timed for
 
 * decode  : 64 rows x 1 token, a single-token forward without a KV cache (the LoRA work of a decode step;
             attention over a cache is the same for all three and is left out),
-* prefill : 16 rows x 64 tokens (logits of the last position only, as generation needs),
+* prefill : 16 rows x 64 tokens (quick: 4 rows x 16 tokens; logits of the last position only, as generation needs),
 
 for the base model alone, PEFT (`PeftModel(..., adapter_names=[...])`, its mixed-adapter batch) and hyperlora
-(`with rt.policies([...])`, the same adapter weights loaded with `rt.add_adapter`). Methods are interleaved
-per repetition and the median is reported. Beside the measured overhead over the base model it prints the
-floor implied by bytes and FLOPs: the adapters' roofline time max(bytes / BW, FLOPs / rate) over the base
-model's, with this machine's copy bandwidth and float32 GEMM rate measured in the same run (each distinct
-adapter's A and B read once; base = every Linear weight plus the LM head).
+(`with rt.policies([...])`, the same adapter weights loaded with `rt.add_adapter`), each its own benchmark
+(pytest-benchmark's pedantic mode: a fixed number of rounds of one forward; the three methods of a case share
+a group). Models: a Llama with hidden 1024 and 4 layers (random weights from its config) and SmolLM2-135M
+(the embedded weights; its config with random weights if they fail to load, and extra_info says so).
+Adapters: quick 1 and 64, full 1, 8, 32 and 64.
 
-    python benchmarks/bench_e2e.py --threads 1   # full run (~5 min; one thread: the 2-core box is shared)
-    python benchmarks/bench_e2e.py --quick       # smoke run
+extra_info (hyperlora): max_abs_diff_vs_peft and adapter_effect (the two adapter paths agree and differ
+from the base), bytes and FLOPs of the base forward and of the adapters (each distinct adapter read once;
+base = every Linear weight plus the LM head) and floor_overhead = the adapters' roofline time max(bytes / BW,
+FLOPs / rate) over the base model's, with this machine's copy bandwidth and float32 GEMM rate measured in the
+same session; derived after the run: speedup_vs_peft, over_base (hyperlora / base) and speedup_bound (the
+best speedup over PEFT an adapter path at the floor could reach: peft / (base x (1 + floor_overhead))).
 
-Writes benchmarks/results/e2e_<host>_<date>.json (with machine, date and command).
+    pytest benchmarks/bench_e2e.py                      # quick (a few minutes on one thread)
+    pytest benchmarks/bench_e2e.py --bench-size full    # the old full run (~7 min)
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import datetime
-import json
 import os
-import platform
-import socket
-import statistics
 import sys
-import time
-from pathlib import Path
 
+import pytest
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/_machine.py, however this file is loaded
-from _machine import cpu_model  # noqa: E402
+import hyperlora
+from hyperlora.modeling.base_model import load_base_model
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/_common.py, however this file is loaded
+from _common import bench_size  # noqa: E402
 
 SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RANK, ALPHA = 16, 32
 
 
 def llama_1024(layers: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+    """A Llama with hidden 1024 and `layers` layers, random weights from its config, and its description."""
     cfg = LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=layers,
                       num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=2048)
     torch.manual_seed(0)
     return LlamaForCausalLM(cfg).eval(), f"Llama hidden 1024, {layers} layers, random weights from config"
 
 
-def smollm2(quick: bool):
+def smollm2():
+    """The embedded SmolLM2-135M (or, if it fails to load, its config with random weights), and a description."""
     try:
-        from hyperlora.modeling.base_model import load_base_model
-
         model, _ = load_base_model(None)
         return model.eval(), "SmolLM2-135M-Instruct (hyperlora.modeling.base_model, dequantized Q4_1 GGUF)"
     except Exception as exc:  # fall back to the architecture with random weights, and say so
-        from transformers import LlamaConfig, LlamaForCausalLM
-
         cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                           num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True,
                           max_position_embeddings=8192)
@@ -83,8 +81,7 @@ def make_adapters(model, n: int, seed: int = 0) -> list[dict[str, tuple[torch.Te
 
 def build_peft(model, adapters):
     """A PeftModel (on a copy of `model`) holding every adapter as 'a<i>' with the given weights."""
-    from peft import LoraConfig, get_peft_model
-
+    from peft import LoraConfig, get_peft_model  # optional dependency (the `test` extra)
     from peft.tuners.lora import LoraLayer
 
     cfg = LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=SEVEN, lora_dropout=0.0)
@@ -109,8 +106,7 @@ def build_peft(model, adapters):
 
 
 def build_hyperlora(model, adapters):
-    import hyperlora
-
+    """A copy of `model` with hyperlora attached, holding every adapter as 'a<i>'; (model, runtime)."""
     m = copy.deepcopy(model)
     rt = hyperlora.attach(m, target_modules=SEVEN, max_adapters=max(len(adapters), 1), max_rank=RANK,
                           apply_mode="materialized")
@@ -119,17 +115,7 @@ def build_hyperlora(model, adapters):
     return m, rt
 
 
-def calibrate() -> dict:
-    """This machine's streaming bandwidth (a 256 MB copy: bytes read + written) and float32 GEMM rate, measured
-    with the benchmark's thread count, in the same run (the CPU is shared, so nominal figures mean little)."""
-    src = torch.randn(32 << 20)
-    dst = torch.empty_like(src)
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
-    t = time_all({"copy": lambda: dst.copy_(src), "gemm": lambda: a @ b}, 5)
-    return {"bandwidth": 2 * src.numel() * 4 / t["copy"], "flops": 2 * 1024 ** 3 / t["gemm"]}
-
-
-def floors(model, rows: int, tokens: int, n_adapters: int, machine: dict) -> dict:
+def floors(model, rows: int, tokens: int, n_adapters: int, machine: dict) -> dict:  # machine: bandwidth, flops
     """Bytes and FLOPs of the base forward and of the adapters (each distinct adapter read once), and the
     roofline floor of the adapters' overhead: max(bytes / BW, FLOPs / rate) of the adapters over the base's."""
     el = 4
@@ -152,153 +138,82 @@ def floors(model, rows: int, tokens: int, n_adapters: int, machine: dict) -> dic
             "base_floor_s": base_floor, "adapter_floor_s": ad_floor, "floor_overhead": ad_floor / base_floor}
 
 
-def time_all(fns: dict, reps: int, warm: bool = True) -> dict:
-    """Median seconds of each function; repetitions interleave the functions (fair under a shared CPU)."""
-    if warm:
-        for fn in fns.values():
-            fn()
-    times = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
-def run_model(label: str, model, desc: str, counts: list[int], shapes: dict, reps: dict, machine: dict) -> list[dict]:
-    print(f"\n== {label}: {desc}")
-    t0 = time.perf_counter()
+# ------------------------------------------------------------------------------------------------ pytest-benchmark
+METHODS = ("base", "peft", "hyperlora")
+
+
+def _sizes(size: str) -> tuple[dict[str, tuple[int, int]], list[int], dict[str, int]]:
+    """(shapes {name: (rows, tokens)}, adapter counts, rounds per shape) of a suite size."""
+    if size == "full":
+        return {"decode": (64, 1), "prefill": (16, 64)}, [1, 8, 32, 64], {"decode": 5, "prefill": 5}
+    return {"decode": (64, 1), "prefill": (4, 16)}, [1, 64], {"decode": 5, "prefill": 3}
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if metafunc.definition.name != "test_e2e_cpu":
+        return
+    shapes, counts, _ = _sizes(bench_size(metafunc.config))
+    metafunc.parametrize("e2e_model", ["llama1024", "smollm2"], indirect=True, scope="module")
+    metafunc.parametrize("shape,n,method", [pytest.param(sh, n, m, id=f"{sh}-n{n}-{m}")
+                                            for sh in shapes for n in counts for m in METHODS])
+
+
+@pytest.fixture(scope="module")
+def e2e_model(request: pytest.FixtureRequest, size: str) -> dict:
+    """One model, its adapters, its PEFT copy and its hyperlora copy (built once per model)."""
+    shapes, counts, rounds = _sizes(size)
+    if request.param == "llama1024":
+        model, desc = llama_1024(4)
+    else:
+        model, desc = smollm2()
     adapters = make_adapters(model, max(counts))
-    t1 = time.perf_counter()
-    pm = build_peft(model, adapters)
-    t2 = time.perf_counter()
-    hm, rt = build_hyperlora(model, adapters)
-    t3 = time.perf_counter()
-    print(f"   setup: {max(counts)} adapters (rank {RANK}, {len(SEVEN)} projections) made in {t1 - t0:.1f} s, PEFT "
-          f"model {t2 - t1:.1f} s, hyperlora {t3 - t2:.1f} s")
-    vocab = model.config.vocab_size
-    rows_out = []
-    for shape, (rows, tokens) in shapes.items():
-        g = torch.Generator().manual_seed(1)
-        ids = torch.randint(0, vocab, (rows, tokens), generator=g)
-        mask = torch.ones_like(ids)
-        kw = dict(input_ids=ids, attention_mask=mask, logits_to_keep=1, use_cache=False)
-
-        with torch.no_grad():
-            ref_base = model(**kw).logits
-        done_distinct: dict[int, dict] = {}
-        for n in counts:
-            if min(n, rows) in done_distinct:  # e.g. prefill's 16 rows: 32 and 64 adapters both use 16
-                prev = done_distinct[min(n, rows)]
-                print(f"   {shape:7s} {rows:3d}x{tokens:<3d} n={n:<3d} the same batch as n={prev['adapters']} "
-                      f"({rows} rows, so {min(n, rows)} distinct adapters): not re-measured")
-                rows_out.append({**prev, "adapters": n, "same_batch_as_adapters": prev["adapters"]})
-                continue
-            names = [f"a{i % n}" for i in range(rows)]
-
-            def base():
-                return model(**kw).logits
-
-            def peft():
-                return pm(**kw, adapter_names=names).logits
-
-            def hyper():
-                with rt.policies(names):
-                    return hm(**kw).logits
-
-            with torch.no_grad():
-                # correctness first (these runs are also the warm-up): the two adapter paths agree, and
-                # differ from the base model
-                out_p, out_h = peft(), hyper()
-                diff = (out_p - out_h).abs().max().item()
-                moved = (out_p - ref_base).abs().max().item()
-                t = time_all({"base": base, "peft": peft, "hyperlora": hyper}, reps[shape], warm=False)
-            f = floors(model, rows, tokens, n, machine)
-            rec = {"model": label, "shape": shape, "rows": rows, "tokens": tokens, "adapters": n,
-                   "base_s": t["base"], "peft_s": t["peft"], "hyperlora_s": t["hyperlora"],
-                   "speedup_vs_peft": t["peft"] / t["hyperlora"],
-                   "hyperlora_overhead": t["hyperlora"] / t["base"] - 1, "peft_overhead": t["peft"] / t["base"] - 1,
-                   "max_abs_diff_vs_peft": diff, "adapter_effect": moved, **f}
-            # the best speedup over PEFT any adapter path could reach here: its adapters at the floor
-            rec["speedup_bound"] = t["peft"] / (t["base"] * (1 + f["floor_overhead"]))
-            rows_out.append(rec)
-            done_distinct[min(n, rows)] = rec
-            floor = f["floor_overhead"]
-            print(f"   {shape:7s} {rows:3d}x{tokens:<3d} n={n:<3d} base {t['base'] * 1e3:8.1f} ms | peft "
-                  f"{t['peft'] * 1e3:8.1f} ms | hyperlora {t['hyperlora'] * 1e3:8.1f} ms | x{rec['speedup_vs_peft']:.2f} "
-                  f"vs peft | overhead hl {rec['hyperlora_overhead'] * 100:6.1f}% peft {rec['peft_overhead'] * 100:7.1f}%"
-                  f" | floor {floor * 100:5.1f}% (bytes {f['bytes_overhead'] * 100:.0f}%, flops "
-                  f"{f['flops_overhead'] * 100:.1f}%) | bound x{rec['speedup_bound']:.2f} | max|peft-hl| {diff:.1e}")
-    rt.detach()
-    return rows_out
-
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="small shapes and few repetitions (smoke test)")
-    ap.add_argument("--models", default="llama1024,smollm2", help="comma list: llama1024, smollm2")
-    ap.add_argument("--reps", type=int, default=None, help="timed repetitions per shape (default: decode 5, prefill 2)")
-    ap.add_argument("--shapes", default="decode,prefill", help="comma list: decode, prefill")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    load0 = os.getloadavg()[0]
-    counts = [1, 64] if args.quick else [1, 8, 32, 64]
-    shapes = {"decode": (64, 1), "prefill": (16, 64)} if not args.quick else {"decode": (64, 1), "prefill": (4, 16)}
-    shapes = {k: v for k, v in shapes.items() if k in args.shapes.split(",")}
-    # prefill forwards cost seconds each on this CPU: fewer repetitions there
-    reps = {"decode": args.reps or (2 if args.quick else 5), "prefill": args.reps or 2}
-    results = []
-    t_start = time.perf_counter()
     with torch.no_grad():
-        machine = calibrate()
-    print(f"machine: {machine['bandwidth'] / 1e9:.1f} GB/s copy, {machine['flops'] / 1e9:.1f} GFLOP/s float32 GEMM, "
-          f"{torch.get_num_threads()} thread(s); load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-    for name in args.models.split(","):
-        name = name.strip()
-        if name == "llama1024":
-            model, desc = llama_1024(2 if args.quick else 4)
-        elif name == "smollm2":
-            model, desc = smollm2(args.quick)
+        pm = build_peft(model, adapters)
+        hm, rt = build_hyperlora(model, adapters)
+    yield {"label": request.param, "model": model, "desc": desc, "pm": pm, "hm": hm, "rt": rt,
+           "shapes": shapes, "rounds": rounds}
+    rt.detach()
+
+
+def test_e2e_cpu(benchmark, e2e_model, shape, n, method, cpu_roofline):
+    """One forward of a mixed-adapter batch: the base model, PEFT and hyperlora."""
+    em = e2e_model
+    model, pm, hm, rt = em["model"], em["pm"], em["hm"], em["rt"]
+    rows, tokens = em["shapes"][shape]
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, model.config.vocab_size, (rows, tokens), generator=g)
+    kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), logits_to_keep=1, use_cache=False)
+    names = [f"a{i % n}" for i in range(rows)]
+
+    def base():
+        return model(**kw).logits
+
+    def peft():
+        return pm(**kw, adapter_names=names).logits
+
+    def hyper():
+        with rt.policies(names):
+            return hm(**kw).logits
+
+    fn = {"base": base, "peft": peft, "hyperlora": hyper}[method]
+    machine = {"bandwidth": cpu_roofline["copy_GBps"] * 1e9, "flops": cpu_roofline["gemm_TFLOPs"] * 1e12}
+    f = floors(model, rows, tokens, n, machine)
+    info = {"model": em["label"], "model_desc": em["desc"], "shape": shape, "rows": rows, "tokens": tokens,
+            "adapters": n, "distinct_adapters": min(n, rows), "method": method, "rank": RANK, "lora_alpha": ALPHA,
+            "roofline": cpu_roofline, **f}
+    with torch.no_grad():
+        if method == "hyperlora":  # correctness first (also the warm-up): the two adapter paths agree
+            out_h, out_p, out_b = hyper(), peft(), base()
+            info.update(max_abs_diff_vs_peft=(out_p - out_h).abs().max().item(),
+                        adapter_effect=(out_p - out_b).abs().max().item())
+            info["ratios"] = {"speedup_vs_peft": ["peft", "self"], "over_base": ["self", "base"],
+                              "speedup_bound": ["peft", "base", 1.0 / (1.0 + f["floor_overhead"])]}
         else:
-            raise SystemExit(f"unknown model {name!r}: choose llama1024, smollm2")
-        with torch.no_grad():
-            results += run_model(name, model, desc, counts, shapes, reps, machine)
-        del model
-    total = time.perf_counter() - t_start
-    print(f"\nsummary (speedup of hyperlora over PEFT; targets: >= 2x decode at 64 adapters, >= 1.2x prefill):")
-    for r in results:
-        if r["adapters"] == max(counts):
-            print(f"   {r['model']:10s} {r['shape']:7s} n={r['adapters']}: x{r['speedup_vs_peft']:.2f} (an adapter path "
-                  f"at the bytes/FLOPs floor would give x{r['speedup_bound']:.2f}; hyperlora overhead "
-                  f"{r['hyperlora_overhead'] * 100:.0f}% vs floor {r['floor_overhead'] * 100:.0f}%)")
-    info = {
-        "benchmark": "bench_e2e", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "host": socket.gethostname(), "machine": platform.machine(), "cpu_model": cpu_model(),
-        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-        "python": platform.python_version(), "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-        "decode_note": "64 rows x 1 token, single-token forward without KV cache",
-        "quick": args.quick, "reps": reps, "calibration": machine, "load_average_start": load0,
-        "load_average_end": os.getloadavg()[0], "rank": RANK, "lora_alpha": ALPHA, "seconds": total, "results": results,
-    }
-    try:
-        import peft
-        import transformers
-
-        info.update(peft=peft.__version__, transformers=transformers.__version__)
-    except ImportError:
-        pass
-    out = Path(args.out) if args.out else Path(__file__).parent / "results" / (
-        f"e2e_{'quick_' if args.quick else ''}{'_'.join(shapes) + '_' if len(shapes) == 1 else ''}"
-        f"{socket.gethostname()}_{datetime.date.today().isoformat()}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(info, indent=2) + "\n")
-    print(f"wrote {out} ({total:.0f} s)")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+            fn()
+            if method == "peft":
+                info["ratios"] = {"over_base": ["self", "base"]}
+        benchmark.group = f"e2e cpu {em['label']} {shape} {rows}x{tokens} adapters={n}"
+        benchmark.extra_info.update(info)
+        benchmark.pedantic(fn, rounds=em["rounds"][shape], iterations=1)

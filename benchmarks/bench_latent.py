@@ -9,11 +9,17 @@ For one LoRA-served layer (d_in = d_out = hidden) and a batch of P distinct gene
 and reports which path auto picked, the cost model's estimates, and `regret` = time of the picked path /
 time of the better path (same measurements; 1.00 = auto picked the faster one).
 
-    python benchmarks/bench_latent.py --quick            # CPU, a few minutes on 2 shared cores
-    python benchmarks/bench_latent.py --device cuda       # GPU: full grid, bf16, triton/cuda backends
-    python benchmarks/bench_latent.py --quick --e2e       # plus whole SmolLM2-135M forwards (3+ min on a CPU)
+    pytest benchmarks/bench_latent.py                     # CPU, the quick grid (41 cases), float32
+    pytest benchmarks/bench_latent.py --bench-size full   # the full grid
+    pytest benchmarks/bench_latent.py -m gpu              # GPU, bfloat16, backend auto (cuda > triton)
 
-Prints a table and writes JSON under benchmarks/results/ (machine, date, command, every row).
+Each path of a case is its own benchmark (one pytest-benchmark group per case); extra_info has the case,
+the cost model's pick (auto_path) and estimates, bytes (the cost model's count for that path: GBps) and,
+derived after the run from the medians, latent_speedup (materialized / latent), regret and auto_over_best
+(on the auto benchmark). The whole-model forwards (`--e2e` below) are not part of the suite.
+
+The command line below (`python benchmarks/bench_latent.py --quick [--e2e]`, the old interleaved timing and
+JSON) is kept for tests/ops/test_latent_lora.py::test_bench_latent_smoke, which runs it on a tiny grid.
 """
 from __future__ import annotations
 
@@ -26,14 +32,15 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from hyperlora.ops import path_choice as dispatch
 from hyperlora.ops.latent_lora import latent_lora, materialize_adapters
 from hyperlora.ops.metadata import build_meta
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/_machine.py, however this file is loaded
-from _machine import machine_info  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/_common.py, however this file is loaded
+from _common import bench_size, machine_info, require_backend  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -77,9 +84,12 @@ def time_interleaved(fns, device: torch.device, budget_s: float, max_reps: int) 
     return [statistics.median(t) for t in times]
 
 
-def run_case(hidden: int, rank: int, k: int, policies: int, tpp: int, dtype: torch.dtype, device: torch.device,
-             backend: str | None, budget_s: float, max_reps: int, with_base: bool, cold_bytes: int = 0,
-             seed: int = 0) -> dict:
+def build_case(hidden: int, rank: int, k: int, policies: int, tpp: int, dtype: torch.dtype, device: torch.device,
+               backend: str | None, cold_bytes: int = 0, seed: int = 0) -> dict:
+    """One layer's case: {"fns": {base, materialized, latent, auto}, "choice": the cost model's pick}.
+
+    A model's layers each have their own weights, so a forward pass never finds a layer's adapters (or base
+    weight) in cache: each call takes the next of enough copies of its path's weights to exceed `cold_bytes`."""
     add_lora, _ = _materialized_op()
     g = torch.Generator(device="cpu").manual_seed(seed)
     T = policies * tpp
@@ -104,8 +114,6 @@ def run_case(hidden: int, rank: int, k: int, policies: int, tpp: int, dtype: tor
     y = rnd(T, d)
     w = rnd(d, d, scale=d ** -0.5)
 
-    # A model's layers each have their own weights, so a forward pass never finds a layer's adapters (or
-    # base weight) in cache. Cycle through enough copies of each path's weights to exceed the cache.
     def copies_of(*ts):
         nbytes = sum(t.numel() * t.element_size() for t in ts)
         n = 1 if cold_bytes <= 0 else max(1, min(16, -(-cold_bytes // max(nbytes, 1))))
@@ -136,7 +144,16 @@ def run_case(hidden: int, rank: int, k: int, policies: int, tpp: int, dtype: tor
         c = dispatch.choose_path(T, policies, d, d, rank, k, dtype, device=device)
         (lat if c.path == "latent" else mat)()
 
-    fns = [mat, lat, auto] + ([base] if with_base else [])
+    return {"fns": {"materialized": mat, "latent": lat, "auto": auto, "base": base}, "choice": choice, "tokens": T}
+
+
+def run_case(hidden: int, rank: int, k: int, policies: int, tpp: int, dtype: torch.dtype, device: torch.device,
+             backend: str | None, budget_s: float, max_reps: int, with_base: bool, cold_bytes: int = 0,
+             seed: int = 0) -> dict:
+    """The CLI's row: every path timed round robin (time_interleaved), the pick and its regret."""
+    case = build_case(hidden, rank, k, policies, tpp, dtype, device, backend, cold_bytes, seed)
+    f, choice, T, d = case["fns"], case["choice"], case["tokens"], hidden
+    fns = [f["materialized"], f["latent"], f["auto"]] + ([f["base"]] if with_base else [])
     times = time_interleaved(fns, device, budget_s, max_reps)
     t_mat, t_lat, t_auto = times[:3]
     t_base = times[3] if with_base else None
@@ -184,7 +201,7 @@ def code_version() -> dict:
         except (OSError, subprocess.SubprocessError):
             return ""
 
-    ops = ["hyperlora/ops/add_lora.py", "hyperlora/ops/latent_lora.py", "hyperlora/dispatch.py"]
+    ops = ["hyperlora/ops/add_lora.py", "hyperlora/ops/latent_lora.py", "hyperlora/ops/path_choice.py"]
     return {"head": git("rev-parse", "--short", "HEAD"), "uncommitted": git("status", "--short", "--", *ops).splitlines()}
 
 
@@ -350,6 +367,72 @@ def main(argv: list[str] | None = None) -> int:
         "wall_seconds": round(time.perf_counter() - t0, 1), "summary": summ, "rows": rows, "e2e": e2e}, indent=1))
     print(f"wrote {out}")
     return 0
+
+
+# ------------------------------------------------------------------------------------------------ pytest-benchmark
+PATHS = ("materialized", "latent", "auto", "base")
+
+
+def suite_grid(size: str, cuda: bool) -> list[tuple[int, int, int, int, int]]:
+    """The suite's (hidden, rank, K, policies, tokens per policy) cases: quick = the CLI's --quick grid
+    (with its rank / latent_dim sweep), full = the CLI's default grid."""
+    quick = size == "quick"
+    args = argparse.Namespace(
+        hidden=[576, 1024, 4096], quick=quick, no_sweep=False, rank=[8] if quick else [8, 16],
+        latent_k=[33] if quick else [17, 33], policies=[1, 4, 16, 64, 256, 1024],
+        tokens_per_policy=[1, 16] if quick else [1, 4, 16, 128],
+        max_tokens=4096 if quick else (65536 if cuda else 8192))
+    return grid(args)
+
+
+def _params(size: str, cuda: bool) -> list:
+    out = []
+    for h, r, k, p, tpp in suite_grid(size, cuda):
+        with_base = tpp == 1 or cuda or h <= 1024  # the CLI's rule: large prefill base GEMMs cost seconds on a CPU
+        for m in PATHS if with_base else PATHS[:3]:
+            out.append(pytest.param((h, r, k, p, tpp), m, id=f"h{h}-R{r}-K{k}-P{p}-tpp{tpp}-{m}"))
+    return out
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if metafunc.definition.name in ("test_latent_cpu", "test_latent_gpu"):
+        cuda = metafunc.definition.name == "test_latent_gpu"
+        metafunc.parametrize("case,path", _params(bench_size(metafunc.config), cuda))
+
+
+def _bench(benchmark, case, path: str, device: torch.device, dtype: torch.dtype, cold_mb: int) -> None:
+    h, r, k, p, tpp = case
+    c = build_case(h, r, k, p, tpp, dtype, device, None, cold_bytes=cold_mb << 20)
+    ch, fn = c["choice"], c["fns"][path]
+    benchmark.group = f"latent {device.type} {str(dtype).replace('torch.', '')} h={h} R={r} K={k} P={p} tpp={tpp}"
+    info = dict(hidden=h, rank=r, latent_k=k, policies=p, tokens_per_policy=tpp, tokens=c["tokens"], method=path,
+                device=device.type, cold_mb=cold_mb, auto_path=ch.path, auto_timed=ch.measured is not None,
+                est_materialized_ms=ch.materialized.seconds * 1e3, est_latent_ms=ch.latent.seconds * 1e3,
+                est_materialized_mb=ch.materialized.bytes / 1e6, est_latent_mb=ch.latent.bytes / 1e6)
+    if path == "materialized":
+        info["bytes"] = ch.materialized.bytes
+    elif path == "latent":
+        info.update(bytes=ch.latent.bytes, flops=ch.latent.flops,
+                    ratios={"latent_speedup": ["materialized", "self"]})
+    elif path == "auto":
+        info["ratios"] = {"regret": [ch.path, ["materialized", "latent"]],
+                          "auto_over_best": ["self", ["materialized", "latent"]]}
+    benchmark.extra_info.update(info)
+    with torch.no_grad():
+        fn()
+        benchmark(fn)
+
+
+def test_latent_cpu(benchmark, case, path):
+    """Each path of one LoRA-served layer on the CPU (float32; weights cycled past a 96 MB cache)."""
+    _bench(benchmark, case, path, torch.device("cpu"), torch.float32, 96)
+
+
+@pytest.mark.gpu
+def test_latent_gpu(benchmark, case, path):
+    """Each path on the GPU (bfloat16; weights cycled past 200 MB)."""
+    require_backend("torch", "cuda")
+    _bench(benchmark, case, path, torch.device("cuda"), torch.bfloat16, 200)
 
 
 if __name__ == "__main__":
