@@ -29,6 +29,7 @@ from hyperlora.ops import metadata as _metadata  # build_meta looked up on the m
 from hyperlora.ops.path_choice import choose_path
 from hyperlora.ops.add_lora import add_lora
 from hyperlora.ops.latent_lora import latent_lora
+from hyperlora.modeling.targets import linear_shape, module_type_of
 
 log = logging.getLogger(__name__)
 
@@ -313,13 +314,6 @@ def is_supported(module: nn.Module) -> bool:
     return _base_kind(module) is not None
 
 
-def shape_of(module: nn.Module) -> tuple[int, int]:
-    """(d_in, d_out) of a Linear ([d_out, d_in] weight) or Conv1D ([d_in, d_out] weight)."""
-    kind = _base_kind(module) or ("linear" if isinstance(module, nn.Linear) else "conv1d")
-    w = module.weight
-    return (int(w.shape[1]), int(w.shape[0])) if kind == "linear" else (int(w.shape[0]), int(w.shape[1]))
-
-
 def wrap_module(module: nn.Module, name: str, state: LoraState) -> nn.Module:
     """A LoRA-serving copy of `module` sharing its parameters, buffers and hooks (the original is unchanged).
 
@@ -336,9 +330,9 @@ def wrap_module(module: nn.Module, name: str, state: LoraState) -> nn.Module:
     for k, v in module.__dict__.items():
         d[k] = v.copy() if isinstance(v, (dict, OrderedDict)) else v
     new.__dict__.update(d)
-    d_in, d_out = shape_of(module)
+    d_in, d_out = linear_shape(module)
     new.hl_name = name
-    new.hl_type = name.rsplit(".", 1)[-1]
+    new.hl_type = module_type_of(name)
     new.hl_d_in, new.hl_d_out = d_in, d_out
     new.hl_state = state
     return new
