@@ -36,7 +36,7 @@ from hyperlora.hypernets.source import check_source
 from hyperlora.hypernets.t2l.minilm import PolicyEncoder
 from hyperlora.modeling.decoding import decode
 from hyperlora.runtime.writing import adapter_rank, write_adapters, write_generated
-from hyperlora.modeling.targets import find_targets, matches_type
+from hyperlora.modeling.targets import find_targets, matches_type, module_type_of
 
 log = logging.getLogger(__name__)
 
@@ -550,7 +550,7 @@ def attach(model: nn.Module, hypernet: Any = None, *, target_modules: Sequence[s
     elif hn_types:
         types = hn_types
     else:
-        present = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n and is_supported(m)}
+        present = {module_type_of(n) for n, m in model.named_modules() if n and is_supported(m)}
         types = [t for t in DEFAULT_TARGET_TYPES if t in present]
         if not types:
             raise ValueError(f"no default target module found in {type(model).__name__}; pass target_modules= "
