@@ -486,8 +486,9 @@ class Runtime:
 
     # ---- export ------------------------------------------------------------------------------
 
-    def export_peft(self, policy: str, directory: str | Path) -> Path:
-        """Write the adapter of `policy` (a text, or a `load_peft` name) as a PEFT LoRA directory.
+    def export_peft(self, policy: str, directory: str | Path, *, overwrite: bool = False) -> Path:
+        """Write the adapter of `policy` (a text, or a `load_peft` name) as a PEFT LoRA directory, all-or-nothing
+        (`peft_io.export_peft`: a directory holding another adapter is replaced only with overwrite=True).
 
         `policy` is checked like a `policies()` entry (None, "" or whitespace, a non-str, a lone surrogate, a
         mistyped or unloaded name: an error, nothing written)."""
@@ -500,15 +501,16 @@ class Runtime:
         if kind == "peft":
             ad = self._peft[policy]
             return peft_io.write_peft(d, ad.modules, rank=ad.rank, lora_alpha=float(ad.rank),
-                                      base_model=self.model)
+                                      base_model=self.model, overwrite=overwrite)
         src = self.hypernet
         if not src.needs_encoder:  # a source reading texts: its own rank per policy, padded to one PEFT rank
             mods = src.adapters_for([policy])[0]
             rank = adapter_rank(mods)
             pad = {n: (torch.cat([a, a.new_zeros(rank - a.shape[0], a.shape[1])]),
                        torch.cat([b, b.new_zeros(b.shape[0], rank - b.shape[1])], 1)) for n, (a, b) in mods.items()}
-            return peft_io.write_peft(d, pad, rank=rank, lora_alpha=float(rank), base_model=self.model)
-        return peft_io.export_policy(src, self._encode([policy]), d, base_model=self.model)
+            return peft_io.write_peft(d, pad, rank=rank, lora_alpha=float(rank), base_model=self.model,
+                                      overwrite=overwrite)
+        return peft_io.export_policy(src, self._encode([policy]), d, base_model=self.model, overwrite=overwrite)
 
     # ---- introspection ----------------------------------------------------------------------
 
