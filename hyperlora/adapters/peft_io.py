@@ -40,7 +40,7 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from hyperlora._io import atomic_dir
-from hyperlora.modeling.targets import linear_shape, matches_type
+from hyperlora.modeling.targets import is_conv1d, linear_shape, matches_type
 
 __all__ = ["VLLM_RANKS", "PeftAdapter", "PeftFormatError", "export_peft", "write_peft", "export_policy", "read_peft",
            "vllm_problems"]
@@ -87,7 +87,7 @@ def _conv1d_targets(base_model: nn.Module | None, names: Sequence[str]) -> bool:
     if base_model is None:
         return False
     mods = dict(base_model.named_modules())
-    return any(type(mods.get(n)).__name__ == "Conv1D" for n in names)
+    return any(is_conv1d(mods[n]) for n in names if n in mods)
 
 
 def _default_target_modules(names: Sequence[str], base_model: nn.Module | None) -> list[str]:

@@ -27,7 +27,7 @@ except ImportError:  # pragma: no cover
     _Conv1D = None  # type: ignore[assignment,misc]
 
 __all__ = ["natural_key", "module_type_of", "matches_type", "layer_index", "linear_shape", "find_targets",
-           "group_by_type", "type_of_names", "module_name"]
+           "group_by_type", "type_of_names", "module_name", "is_conv1d"]
 
 
 def natural_key(name: str) -> list[Any]:
@@ -54,7 +54,7 @@ def layer_index(name: str, fallback: int | None = None) -> int | None:
     return fallback
 
 
-def _is_conv1d(module: nn.Module) -> bool:
+def is_conv1d(module: nn.Module) -> bool:
     """transformers' Conv1D (GPT-2; weight [d_in, d_out]), a subclass of it, or a look-alike named Conv1D."""
     if _Conv1D is not None and isinstance(module, _Conv1D):
         return True
@@ -65,7 +65,7 @@ def linear_shape(module: nn.Module) -> tuple[int, int] | None:
     """(d_in, d_out) of a linear-like module (nn.Linear, or GPT-2's Conv1D whose weight is [d_in, d_out]); else None."""
     if isinstance(module, nn.Linear):
         return int(module.in_features), int(module.out_features)
-    if _is_conv1d(module) and getattr(module, "weight", None) is not None:
+    if is_conv1d(module) and getattr(module, "weight", None) is not None:
         w = module.weight
         if w.dim() == 2:
             return int(w.shape[0]), int(w.shape[1])

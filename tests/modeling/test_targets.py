@@ -168,3 +168,17 @@ def test_smollm2_targets_match_the_shipped_hypernetwork():
         assert [targets[n] for n in names] == [tuple(cfg_json["module_shapes"][t])] * len(names)
         assert [layer_index(n) for n in names] == cfg_json["layer_indices"][t]
     check_config_matches_model(HyperNetwork.config_for_model(model, target_modules=cfg_json["target_modules"]), model)
+
+
+def test_gpt2_export_from_an_attached_runtime_sets_fan_in_fan_out(tmp_path):
+    """peft_io told Conv1D apart by its class name, so an attached GPT-2 (LoraConv1D modules) exported
+    fan_in_fan_out=False; it now uses the same Conv1D test as linear_shape."""
+    from runtime_helpers import hash_encoder, tiny_hypernet
+
+    model = tiny_model("gpt2")
+    rt = attach(model, tiny_hypernet(model, default_types("gpt2")), max_adapters=2, max_rank=8, encoder=hash_encoder)
+    try:
+        out = rt.export_peft("be brief", tmp_path / "peft")
+    finally:
+        rt.detach()
+    assert json.loads((out / "adapter_config.json").read_text())["fan_in_fan_out"] is True
