@@ -260,7 +260,6 @@ def test_pool_full_of_in_flight_slots_raises_and_leaves_batch_intact():
 def test_latent_mode_matches_materialized_and_peft_rows_fall_back(tmp_path, monkeypatch):
     import importlib
 
-    import hyperlora.runtime.layers as layers
     from runtime_helpers import make_peft_dir
 
     # the layers call the ops through the names they imported: count the calls there
@@ -298,7 +297,6 @@ def test_latent_mode_matches_materialized_and_peft_rows_fall_back(tmp_path, monk
     assert calls["latent"] == {"latent": n_layers, "add": n_layers}
     torch.testing.assert_close(results["latent"], results["materialized"], rtol=1e-4, atol=1e-4)
     assert torch.equal(results["latent"][1], results["materialized"][1])
-    assert layers.select_apply_path is not None
 
 
 def test_concurrent_threads_each_see_their_own_batch():
