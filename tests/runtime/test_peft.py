@@ -209,3 +209,45 @@ def test_add_adapter_from_tensors_matches_peft_and_validates_first(tmp_path):
         with pytest.raises(ValueError, match=msg):
             rt.add_adapter(what, mods)
         assert what not in rt.peft_names and rt.pool.stats()["used"] == used
+
+
+def test_export_peft_over_another_policy_is_all_or_nothing(tmp_path, monkeypatch):
+    """Issue 19 rows 6-7 through the runtime: exporting policy B over policy A's folder needs overwrite=True; a
+    failure half-way (the config write) leaves A's folder byte for byte; with overwrite=True the folder holds
+    exactly B, which PEFT reproduces."""
+    from peft import PeftModel
+
+    from hyperlora.adapters import peft_io
+
+    model = tiny_model("llama")
+    hn = tiny_hypernet(model, default_types("llama"))
+    rt = hyperlora.attach(model, hn, encoder=hash_encoder, max_adapters=4, max_rank=16, apply_mode="materialized")
+    out = rt.export_peft(POLICY, tmp_path / "exported")
+    (out / "README.md").write_text("policy A\n")
+    snap = {p.name: p.read_bytes() for p in out.iterdir()}
+    other = "Reply in French."
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        rt.export_peft(other, out)
+    real = peft_io._write_file
+
+    def failing(path, data):
+        if path.name == "adapter_config.json":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, data)
+
+    monkeypatch.setattr(peft_io, "_write_file", failing)
+    with pytest.raises(PermissionError):
+        rt.export_peft(other, out, overwrite=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == snap
+    monkeypatch.setattr(peft_io, "_write_file", real)
+    rt.export_peft(other, out, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    ids, mask, _ = padded_batch([6])
+    with rt.policies([other]):
+        ours = forward_logits(model, ids, mask)
+    rt.detach()
+    pm = PeftModel.from_pretrained(copy.deepcopy(model), str(out)).eval()
+    with torch.no_grad():
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        torch.testing.assert_close(pm(input_ids=ids, attention_mask=mask, position_ids=pos).logits, ours,
+                                   rtol=1e-4, atol=1e-4)
