@@ -30,8 +30,10 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from hyperlora.cli.errors import UsageError
 from hyperlora.modeling.padding import pad_ids
 from hyperlora.modeling.prompts import prompt_text, target_text
+from hyperlora.tasks.format import TaskFormatError, load_tasks
 
 # (policy or None, record): every row of the demo batch. One row has no policy (the base model's own answer).
 BUILTIN_ROWS: tuple[tuple[str | None, str], ...] = (
@@ -48,21 +50,36 @@ BUILTIN_ROWS: tuple[tuple[str | None, str], ...] = (
 )
 
 
+def check_policy_text(text: str, where: str) -> str:
+    """A policy given on the command line, checked: non-empty and valid Unicode (bytes that are not UTF-8
+    reach ``sys.argv`` as lone surrogates). Raises ``UsageError`` naming ``where``; returns the text."""
+    if not text.strip():
+        raise UsageError(f"{where}: the policy text is empty")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise UsageError(f"{where}: the policy text is not valid UTF-8 (character {e.start + 1})") from None
+    return text
+
+
 def read_policies_file(path: str | Path) -> list[tuple[str, str | None]]:
     """(policy, record or None) pairs: a JSONL task file gives each task's policy and first record; any other
     file gives one policy per non-empty line (records then come from the built-in rows)."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"--policies-file {str(p)!r} does not exist")
-    text = p.read_text(encoding="utf-8")
+    raw = p.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise TaskFormatError(f"{p}:{line}: not valid UTF-8 (byte {e.start + 1} of the file)") from None
     first = next((ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")), "")
     if first.startswith("{"):
-        from hyperlora.tasks.format import load_tasks
-
         return [(t.policy, t.examples[0].input) for t in load_tasks(p)]
     pols = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
     if not pols:
-        raise ValueError(f"--policies-file {str(p)!r} holds no policies")
+        raise UsageError(f"--policies-file {str(p)!r} holds no policies")
     return [(x, None) for x in pols]
 
 
@@ -221,15 +238,12 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    given: list[tuple[str, str | None]] = [(p, None) for p in args.policy]
+    given: list[tuple[str, str | None]] = [(check_policy_text(p, f"--policy {i + 1}"), None)
+                                           for i, p in enumerate(args.policy)]
     if args.policies_file:
         given += read_policies_file(args.policies_file)
     rows = build_rows(given)
-    try:
-        hn_dir = find_hypernet_dir(args.hypernet)
-    except FileNotFoundError as exc:
-        print(f"hyperlora demo: {exc}", file=sys.stderr)
-        return 2
+    hn_dir = find_hypernet_dir(args.hypernet)  # a missing --hypernet DIR: one line, exit 2 (cli/main.py)
     if hn_dir is None and not args.untrained:
         print("hyperlora demo: no trained hypernetwork found in hyperlora/checkpoints/.\n"
               "  Train one:   hyperlora train --config hyperlora/training/configs/reader_cpu.json\n"

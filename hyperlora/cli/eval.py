@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 import torch
 
+from hyperlora.cli.errors import UsageError
 from hyperlora.tasks.format import Example
 from hyperlora.evaluation.evaluate import (CONDITIONS, HELD_OUT_SPLITS, AdapterSet, evaluate, markdown_table,
                                            select_tasks, summarize, write_report)
@@ -86,16 +87,19 @@ def run(args: argparse.Namespace) -> int:
     else:
         bad = [s for s in args.splits if s not in ("train",) + HELD_OUT_SPLITS]
         if bad:
-            print(f"--splits: unknown {bad}; choose from {['train', *HELD_OUT_SPLITS]}", file=sys.stderr)
-            return 2
+            raise UsageError(f"--splits: unknown {bad}; choose from {['train', *HELD_OUT_SPLITS]}")
         n_ex = args.examples_per_policy + 24  # extra examples train the oracle, never scored
         suite = generate_suite(args.seed, train_per_family=max(args.max_policies, 1) if "train" in args.splits else 1,
                                held_out_per_family=args.max_policies, held_out_examples_per_task=n_ex,
                                examples_per_task=n_ex)
         tasks = [t for s in args.splits for t in suite[s]]
         source = f"generate_suite(seed={args.seed}) splits {args.splits}"
-    etasks = select_tasks(tasks, max_policies=args.max_policies, examples_per_policy=args.examples_per_policy,
-                          oracle_per_family=args.oracle_policies)
+    try:
+        etasks = select_tasks(tasks, max_policies=args.max_policies, examples_per_policy=args.examples_per_policy,
+                              oracle_per_family=args.oracle_policies)
+    except ValueError as exc:  # --max-policies / --examples-per-policy below 1
+        raise UsageError(str(exc)) from exc
+    # oracles that cannot be trained (free text without reference replies) were named by select_tasks, up front
     model, tok = load_base_model(args.model)
     conds = list(dict.fromkeys(args.conditions))
     hn = None

@@ -1,12 +1,20 @@
 """hyperlora: policy text -> LoRA adapters, many adapters served in one forward pass.
 
 Each subcommand lives in its own module with add_arguments() and run() (see COMMANDS).
+
+Exit status: 0 on success, 2 for bad input. Bad input is any of INPUT_ERRORS raised by a command: a task
+file that breaks the format (``TaskFormatError``, naming file:line), a missing or unreadable input file, a bad
+flag, config or ``--set`` value or policy text (``UsageError``). It is reported once, here, as one line on
+stderr (``hyperlora COMMAND: <problem>``) with no traceback. Anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
+
+from hyperlora.cli.errors import UsageError
+from hyperlora.tasks.format import TaskFormatError
 
 # name -> (module, one-line help). Modules import heavy dependencies inside run(), so --help is fast.
 COMMANDS = {
@@ -15,6 +23,16 @@ COMMANDS = {
     "train": ("hyperlora.cli.train", "train a hypernetwork (--method reader: the policy reader; sft: T2L-style) or a baseline LoRA (multitask_lora, oracle_lora)"),
     "eval": ("hyperlora.cli.eval", "held-out policy evaluation against the baselines"),
 }
+
+
+INPUT_ERRORS: tuple[type[BaseException], ...] = (TaskFormatError, UsageError, FileNotFoundError, IsADirectoryError,
+                                                 NotADirectoryError, PermissionError)
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line (line breaks become '; '), or its class name if it has none."""
+    parts = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return "; ".join(parts) or type(exc).__name__
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,7 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "_missing", None):
         print(args._missing, file=sys.stderr)
         return 2
-    return int(args._run(args) or 0)
+    try:
+        return int(args._run(args) or 0)
+    except INPUT_ERRORS as exc:
+        print(f"hyperlora {args.command}: {one_line(exc)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -17,6 +17,9 @@ import argparse
 import json
 from pathlib import Path
 
+from hyperlora.cli.errors import UsageError
+from hyperlora.training.config import TrainConfig  # light (no torch): --list-fields reads its help texts
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="JSON training config (fields of TrainConfig); flags below override it")
@@ -34,27 +37,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--time-budget", type=float, dest="time_budget_s", help="stop training after N seconds")
     parser.add_argument("--no-resume", action="store_true", help="start from scratch even if --out has a checkpoint")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override any config field (JSON value), e.g. --set encoder='\"base_mean\"' --set n_upper=8")
+                        help="override any config field (JSON value), e.g. --set encoder='\"base_mean\"' --set n_upper=8 "
+                             "(--list-fields lists them)")
+    parser.add_argument("--list-fields", action="store_true",
+                        help="print every training config field with its help text and default, then exit")
 
 
 def _build_config(args: argparse.Namespace):
     from hyperlora.training.config import TrainConfig
 
-    cfg = TrainConfig.load(args.config) if args.config else TrainConfig()
-    d = cfg.to_dict()
-    for key in ("method", "tasks", "eval_tasks", "out", "steps", "seed", "threads", "time_budget_s"):
-        v = getattr(args, key, None)
-        if v is not None:
-            d[key] = v
-    for kv in args.set:
-        if "=" not in kv:
-            raise ValueError(f"--set expects KEY=VALUE, got {kv!r}")
-        k, v = kv.split("=", 1)
-        try:
-            d[k] = json.loads(v)
-        except json.JSONDecodeError:
-            d[k] = v
-    return TrainConfig.from_dict(d)
+    try:  # a bad config file or --set value is bad input: one line, exit 2 (cli/main.py)
+        cfg = TrainConfig.load(args.config) if args.config else TrainConfig()
+        d = cfg.to_dict()
+        for key in ("method", "tasks", "eval_tasks", "out", "steps", "seed", "threads", "time_budget_s"):
+            v = getattr(args, key, None)
+            if v is not None:
+                d[key] = v
+        for kv in args.set:
+            if "=" not in kv:
+                raise UsageError(f"--set expects KEY=VALUE, got {kv!r}")
+            k, v = kv.split("=", 1)
+            try:
+                d[k] = json.loads(v)
+            except (json.JSONDecodeError, RecursionError):
+                d[k] = v
+        return TrainConfig.from_dict(d)
+    except (ValueError, TypeError) as exc:
+        if isinstance(exc, UsageError):
+            raise
+        raise UsageError(str(exc)) from exc
 
 
 def run(args: argparse.Namespace) -> int:
@@ -62,11 +73,15 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
+    if getattr(args, "list_fields", False):
+        for name, text in TrainConfig.field_help().items():
+            print(f"{name:28s} {text}")
+        return 0
     cfg = _build_config(args)
     torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    (out / "train_config.json").write_text(json.dumps(cfg.recipe(), indent=2) + "\n")  # run-only settings left out
     log_path = out / "log.txt"
 
     def log(msg: str) -> None:
@@ -118,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
 
         s = build_session(cfg, policy_in_prompt=True, log=log)
         lora, hist = train_multitask(s, log=log)
-        lora.save(out / "multitask_lora.safetensors", {"config": cfg.to_dict()})
+        lora.save(out / "multitask_lora.safetensors", {"config": cfg.recipe()})
         res = {"method": "multitask_lora", "eval": {}, "train_seconds": round(time.time() - t0, 1)}
         for name, d in s.evals.items():
             rows = [(0, it) for t in spread_over_families(d, cfg.eval_tasks_per_split) for it in d.items[t]]
@@ -127,8 +142,8 @@ def run(args: argparse.Namespace) -> int:
             base, _, _ = accuracy_with(s, s.eval_states[name], rows, None, families=fam)
             res["eval"][name] = {"multitask_lora": round(acc, 1), "in_context": round(base, 1), "families": fams, "n": n}
             log(f"{name}: multitask_lora {acc:.1f}  in_context {base:.1f}  (n={n})")
-    else:  # oracle_lora
-        from hyperlora.training.baselines import accuracy_with, train_oracles
+    else:  # oracle_lora: train_policy_lora per held-out policy (training/oracle.py), as hyperlora eval's oracle
+        from hyperlora.training.baselines import accuracy_with, save_lora_file, train_oracles
         from hyperlora.training.data import spread_over_families
 
         s = build_session(cfg, with_train=False, log=log)
@@ -136,10 +151,11 @@ def run(args: argparse.Namespace) -> int:
         for name, d in s.evals.items():
             tids = spread_over_families(d, cfg.oracle_tasks_per_split)
             loras, tr, te, secs = train_oracles(s, name, tids, log=log)
-            loras.save(out / f"oracle_{name}.safetensors", {"tasks": [d.tasks[t].id for t in tids]})
+            save_lora_file(out / f"oracle_{name}.safetensors", dict(loras.modules), 1.0,
+                           {"tasks": [d.tasks[t].id for t in tids]})
             rows = [(k, it) for k, t in enumerate(tids) for it in te[t]]
             fam = {t: d.tasks[t].family or "tasks" for t in tids}
-            acc, fams, n = accuracy_with(s, s.eval_states[name], rows, loras.adapters(), loras.scale, families=fam)
+            acc, fams, n = accuracy_with(s, s.eval_states[name], rows, dict(loras.modules), 1.0, families=fam)
             base, _, _ = accuracy_with(s, s.eval_states[name], rows, None, families=fam)
             res["eval"][name] = {"oracle_lora": round(acc, 1), "base": round(base, 1), "families": fams, "n": n,
                                  "seconds": round(secs, 1), "seconds_per_policy": round(secs / len(tids), 1)}

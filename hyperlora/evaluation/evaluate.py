@@ -16,7 +16,11 @@ family and per split, with the number of examples and policies. The oracle is on
 policies, so ``oracle_subset`` also gives every condition on exactly those policies' examples.
 
 Writes ``<out>/<name>.json`` (``{"held_out": {...}, "families": {...}, "splits": {...}, "config": {...}}``),
-``<out>/<name>.md`` (a table) and ``<out>/<name>.png`` (a chart), and ``<name>_predictions.jsonl``.
+``<out>/<name>.md`` (a table) and ``<out>/<name>.png`` (a chart), and ``<name>_predictions.jsonl``, each
+atomically (a temporary file beside it, then renamed: an interrupted eval never leaves a half-written report).
+A task whose oracle cannot be trained (e.g. free text without reference replies) has its oracle skipped,
+named with the reason in the report's ``oracle_skipped``; that is decided by ``select_tasks``, before any
+model work.
 Works on any task file in the JSONL format (``hyperlora.tasks.format``); untagged tasks are grouped
 under family "all" and split "user".
 """
@@ -33,10 +37,11 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 
+from hyperlora._io import atomic_path, atomic_write_text
 from hyperlora.tasks.format import Example, PolicyTask
 from hyperlora.modeling.prompts import prompt_text
 from hyperlora.evaluation.scoring import (AdapterSet, ScoreRequest, greedy_generate, macro_balanced_accuracy,
-                                        option_logprobs, predict_options, regex_pass)
+                                        option_logprobs, predict_options)
 
 log = logging.getLogger(__name__)
 
@@ -46,16 +51,20 @@ AdapterSource = Callable[[Sequence[str]], AdapterSet]
 OracleTrainer = Callable[[Any, Any, Sequence[Example]], AdapterSet]
 
 __all__ = ["CONDITIONS", "EvalTask", "select_tasks", "shuffled_partners", "evaluate", "summarize", "write_report",
-           "markdown_table", "write_chart"]
+           "markdown_table", "write_chart", "oracle_problem", "task_label"]
 
 
 @dataclass
 class EvalTask:
-    """A task as evaluated: the examples scored, and (oracle tasks only) the disjoint examples to train on."""
+    """A task as evaluated: the examples scored, and (oracle tasks only) the disjoint examples to train on.
+
+    oracle_skipped: why a task chosen for an oracle gets none (its examples cannot train one), else None.
+    """
 
     task: PolicyTask
     examples: list[Example]
     oracle_train: list[Example] | None = None
+    oracle_skipped: str | None = None
 
     @property
     def family(self) -> str:
@@ -66,6 +75,24 @@ class EvalTask:
         return self.task.split or "user"
 
 
+def oracle_problem(train: Sequence[Example]) -> str | None:
+    """Why an oracle LoRA cannot be trained on ``train`` (``train_policy_lora`` needs an ``answer``), else None."""
+    if not train:
+        return "no examples to train an oracle on"
+    if not any(e.answer for e in train):
+        return ("its oracle training examples have no 'answer' (free-text examples need a reference reply "
+                "to train an oracle on)")
+    return None
+
+
+def task_label(et: EvalTask, index: int) -> str:
+    """How reports name a task: its id, else its index and the start of its policy."""
+    if et.task.id:
+        return et.task.id
+    pol = et.task.policy if len(et.task.policy) <= 40 else et.task.policy[:37] + "..."
+    return f"#{index} ({pol})"
+
+
 def select_tasks(tasks: Sequence[PolicyTask], *, max_policies: int | None = None,
                  examples_per_policy: int | None = None, oracle_per_family: int = 1,
                  oracle_train_examples: int = 24) -> list[EvalTask]:
@@ -74,6 +101,8 @@ def select_tasks(tasks: Sequence[PolicyTask], *, max_policies: int | None = None
     The first ``oracle_per_family`` tasks of each family (taken round-robin over splits) get oracle
     training examples: the task's examples beyond the scored ones if at least 4 remain, otherwise the
     task's examples are halved (the second half is scored by every condition, the first trains the oracle).
+    A task whose oracle examples could not train one (``oracle_problem``: no reference answers) keeps all
+    its examples scored and gets ``oracle_skipped`` (the reason) instead of ``oracle_train``.
     """
     if max_policies is not None and max_policies < 1:
         raise ValueError(f"max_policies must be >= 1 (or None for all), got {max_policies}")
@@ -87,6 +116,7 @@ def select_tasks(tasks: Sequence[PolicyTask], *, max_policies: int | None = None
         for t in ts[: max_policies or len(ts)]:
             m = examples_per_policy or len(t.examples)
             chosen.append(EvalTask(t, list(t.examples[:m])))
+    pos = {id(et): k for k, et in enumerate(chosen)}
     by_family: dict[str, dict[str, list[EvalTask]]] = {}
     for et in chosen:
         by_family.setdefault(et.family, {}).setdefault(et.split, []).append(et)
@@ -98,10 +128,17 @@ def select_tasks(tasks: Sequence[PolicyTask], *, max_policies: int | None = None
         for et in order[:oracle_per_family]:
             rest = et.task.examples[len(et.examples):]
             if len(rest) >= 4:
-                et.oracle_train = list(rest[:oracle_train_examples])
+                train, scored = list(rest[:oracle_train_examples]), et.examples
             elif len(et.examples) >= 4:
                 half = len(et.examples) // 2
-                et.oracle_train, et.examples = et.examples[:half], et.examples[half:]
+                train, scored = et.examples[:half], et.examples[half:]
+            else:
+                continue
+            et.oracle_skipped = oracle_problem(train)
+            if et.oracle_skipped is None:
+                et.oracle_train, et.examples = train, scored
+            else:
+                log.warning("oracle_lora: no oracle for task %s: %s", task_label(et, pos[id(et)]), et.oracle_skipped)
     return chosen
 
 
@@ -181,7 +218,7 @@ def _run_condition(model: Any, tokenizer: Any, etasks: Sequence[EvalTask], indic
                                        progress=bar.update)
                 for (ti, ex, _, _), g in zip(ft, gens):
                     out[ti].golds.append("pass")
-                    out[ti].preds.append("pass" if regex_pass(g, ex.check["regex"]) else "fail")
+                    out[ti].preds.append("pass" if ex.passes(g) else "fail")  # bounded regex search
                     out[ti].outputs.append(g)
     finally:
         bar.close()
@@ -196,7 +233,9 @@ def evaluate(model: Any, tokenizer: Any, etasks: Sequence[EvalTask], *, conditio
     """Run every requested condition; returns (predictions per condition per task index, info).
 
     Conditions whose ingredient is missing (no hypernetwork, no multi-task LoRA, no oracle trainer) are
-    skipped with a warning and listed in ``info["skipped"]``.
+    skipped with a warning and listed in ``info["skipped"]``. Oracle tasks that cannot train one
+    (``EvalTask.oracle_skipped``, or ``oracle_train`` without answers) are checked before any model work and
+    listed in ``info["oracle_skipped"]`` (task label -> reason); the other oracles are trained as usual.
     """
     unknown = [c for c in conditions if c not in CONDITIONS]
     if unknown:
@@ -205,6 +244,17 @@ def evaluate(model: Any, tokenizer: Any, etasks: Sequence[EvalTask], *, conditio
     partners = shuffled_partners(etasks, seed)
     results: dict[str, dict[int, _Preds]] = {}
     info: dict[str, Any] = {"skipped": {}, "seconds": {}}
+    oracle_skipped: dict[str, str] = {}
+    if "oracle_lora" in conditions:
+        for i, et in enumerate(etasks):
+            why = oracle_problem(et.oracle_train) if et.oracle_train else None
+            if why:  # EvalTasks built without select_tasks; select_tasks has warned about its own
+                log.warning("oracle_lora: no oracle for task %s: %s", task_label(et, i), why)
+            why = why or et.oracle_skipped
+            if why:
+                oracle_skipped[task_label(et, i)] = why
+        if oracle_skipped:
+            info["oracle_skipped"] = oracle_skipped
     common = dict(where=where, chunk=chunk, batch_size=batch_size, bf16=bf16, max_new_tokens=max_new_tokens,
                   progress=progress)
     for cond in conditions:
@@ -230,9 +280,11 @@ def evaluate(model: Any, tokenizer: Any, etasks: Sequence[EvalTask], *, conditio
                 model, tokenizer, etasks, all_idx, policy_in_prompt=False, desc=cond,
                 adapters_for=lambda idx, src=src: hypernet([etasks[src(i)].task.policy for i in idx]), **common)
         elif cond == "oracle_lora":
-            oracle_idx = [i for i, et in enumerate(etasks) if et.oracle_train]
+            oracle_idx = [i for i, et in enumerate(etasks)
+                          if et.oracle_train and task_label(et, i) not in oracle_skipped]
             if oracle_trainer is None or not oracle_idx:
                 info["skipped"][cond] = ("no oracle trainer" if oracle_trainer is None
+                                         else "no oracle task can be trained (see oracle_skipped)" if oracle_skipped
                                          else "no task has examples left to train an oracle on")
                 continue
             trained: dict[int, AdapterSet] = {}
@@ -268,7 +320,7 @@ def _chance(etasks: Sequence[EvalTask]) -> float | None:
 def summarize(etasks: Sequence[EvalTask], results: dict[str, dict[int, _Preds]], info: dict[str, Any],
               config: dict[str, Any]) -> dict[str, Any]:
     """The quality report: overall (``held_out``), per family, per split, the oracle subset, counts, config."""
-    oracle_tasks = {i for i, et in enumerate(etasks) if et.oracle_train}
+    oracle_tasks = set(results.get("oracle_lora", {})) or {i for i, et in enumerate(etasks) if et.oracle_train}
     fams = sorted({et.family for et in etasks})
     splits = sorted({et.split for et in etasks})
     rep: dict[str, Any] = {"held_out": {}, "held_out_n": {}, "families": {f: {} for f in fams},
@@ -288,6 +340,8 @@ def summarize(etasks: Sequence[EvalTask], results: dict[str, dict[int, _Preds]],
     for s in splits:
         rep["splits"][s]["chance"] = _chance([et for et in etasks if et.split == s])
     rep["skipped"] = info.get("skipped", {})
+    if info.get("oracle_skipped"):
+        rep["oracle_skipped"] = info["oracle_skipped"]
     rep["seconds"] = info.get("seconds", {})
     if "oracle_train_seconds" in info:
         rep["seconds"]["oracle_training"] = info["oracle_train_seconds"]
@@ -321,6 +375,9 @@ def markdown_table(rep: dict[str, Any]) -> str:
     if rep.get("skipped"):
         lines.append("")
         lines.extend(f"- skipped `{k}`: {v}" for k, v in rep["skipped"].items())
+    if rep.get("oracle_skipped"):
+        lines.append("")
+        lines.extend(f"- no `oracle_lora` for task {k}: {v}" for k, v in rep["oracle_skipped"].items())
     return "\n".join(lines) + "\n"
 
 
@@ -359,28 +416,39 @@ def write_chart(rep: dict[str, Any], path: Path) -> Path | None:
     ax.legend(fontsize=7, ncol=3, loc="upper left")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
+    finally:
+        plt.close(fig)
     return path
 
 
 def write_report(rep: dict[str, Any], etasks: Sequence[EvalTask], results: dict[str, dict[int, _Preds]],
                  out_dir: str | Path, name: str = "quality") -> dict[str, Path]:
-    """Write JSON, markdown, PNG and per-example predictions; returns the paths."""
+    """Write JSON, markdown, PNG and per-example predictions; returns the paths.
+
+    Each file is written atomically (a temporary file beside it, then ``os.replace``): a file is either the
+    complete new report or whatever was there before, never a truncated one. Every text is built before
+    the first file is touched, so an error there leaves all of them as they were.
+    """
     d = Path(out_dir)
     d.mkdir(parents=True, exist_ok=True)
     paths = {"json": d / f"{name}.json", "md": d / f"{name}.md", "predictions": d / f"{name}_predictions.jsonl"}
-    paths["json"].write_text(json.dumps(rep, indent=2) + "\n")
-    paths["md"].write_text(f"# Policy-following quality ({rep['config'].get('date', '')})\n\n" + markdown_table(rep) +
-                           f"\nCommand: `{rep['config'].get('command', '')}`\n")
-    with paths["predictions"].open("w") as f:
-        for cond, preds in results.items():
-            for i, p in preds.items():
-                et = etasks[i]
-                for ex, g, pr, o in zip(et.examples, p.golds, p.preds, p.outputs):
-                    f.write(json.dumps({"condition": cond, "task": et.task.id or i, "family": et.family,
+    texts = {"json": json.dumps(rep, indent=2) + "\n",
+             "md": f"# Policy-following quality ({rep['config'].get('date', '')})\n\n" + markdown_table(rep) +
+                   f"\nCommand: `{rep['config'].get('command', '')}`\n"}
+    rows = []
+    for cond, preds in results.items():
+        for i, p in preds.items():
+            et = etasks[i]
+            for ex, g, pr, o in zip(et.examples, p.golds, p.preds, p.outputs):
+                rows.append(json.dumps({"condition": cond, "task": et.task.id or i, "family": et.family,
                                         "split": et.split, "input": ex.input, "gold": g, "pred": pr,
                                         "output": o}) + "\n")
+    texts["predictions"] = "".join(rows)
+    for key in ("json", "md", "predictions"):
+        atomic_write_text(paths[key], texts[key], encoding="utf-8", newline=None)
     png = write_chart(rep, d / f"{name}.png")
     if png is not None:
         paths["png"] = png

@@ -81,9 +81,12 @@ def _args(argv):
 
 
 def test_cli_without_checkpoint_exits_2(tmp_path, capsys):
+    from hyperlora.cli.main import main
+
     (tmp_path / "empty").mkdir()
-    assert run(_args(["--hypernet", str(tmp_path / "empty")])) == 2
-    assert "no hypernetwork" in capsys.readouterr().err
+    assert main(["demo", "--hypernet", str(tmp_path / "empty")]) == 2  # cli/main.py reports it, one line
+    err = capsys.readouterr().err
+    assert "no hypernetwork" in err and err.startswith("hyperlora demo: ") and err.count("\n") == 1
 
 
 def test_cli_with_saved_model_and_hypernet(tm, tmp_path, capsys):

@@ -247,3 +247,95 @@ def test_find_hypernet_dir(tm, tmp_path):
     for n in a.modules:
         assert torch.equal(a.modules[n][0], b.modules[n][0]) and torch.equal(a.modules[n][1], b.modules[n][1])
     assert a.count == 2 and a.scale == hn.config.scale
+
+
+# ------------------------------------------------------------------ issue 19 row 19: oracle without answers
+
+
+def _answerless_free_text(n=8, family="format"):
+    return PolicyTask("Start every reply with OK.", [Example(f"hi {i}", check={"regex": "^OK"}) for i in range(n)],
+                      family=family, id="ft-no-ref")
+
+
+def _option_task(n=8, family="topic"):
+    return PolicyTask("Answer 'a' or 'b'.", [Example(f"r{i}", ["a", "b"], "ab"[i % 2]) for i in range(n)],
+                      family=family, id="mc")
+
+
+def test_select_tasks_skips_an_oracle_it_cannot_train_up_front():
+    et = select_tasks([_answerless_free_text(), _option_task()], examples_per_policy=8, oracle_per_family=1)
+    ft, mc = et
+    assert ft.oracle_train is None and "answer" in ft.oracle_skipped
+    assert len(ft.examples) == 8  # not halved: every example is still scored
+    assert mc.oracle_train is not None and mc.oracle_skipped is None and len(mc.examples) == 4
+
+
+def test_eval_skips_the_oracle_of_a_free_text_task_without_reference_replies(tm, tmp_path):
+    # issue 19 row 19: the whole eval died in train_policy_lora ("needs examples with an 'answer'")
+    model, tok = tm
+    et = select_tasks([_answerless_free_text(), _option_task()], examples_per_policy=8, oracle_per_family=1)
+    trained = []
+
+    def oracle(m, t, exs):
+        trained.append([e.input for e in exs])
+        return train_policy_lora(m, t, exs, rank=2, steps=1, batch_size=2, seed=0)
+
+    results, info = evaluate(model, tok, et, conditions=["base", "oracle_lora"], oracle_trainer=oracle,
+                             max_new_tokens=2, progress=False)
+    assert len(trained) == 1 and trained[0][0].startswith("r")  # only the option task's oracle was trained
+    assert set(results["oracle_lora"]) == {1}
+    assert set(info["oracle_skipped"]) == {"ft-no-ref"} and "answer" in info["oracle_skipped"]["ft-no-ref"]
+    rep = summarize(et, results, info, {"date": "d", "command": "c"})
+    assert rep["oracle_skipped"] == info["oracle_skipped"]
+    assert rep["oracle_subset"]["base"]["policies"] == 1
+    md = markdown_table(rep)
+    assert "no `oracle_lora` for task ft-no-ref" in md and "answer" in md
+    # EvalTasks built by hand with answer-less oracle examples are caught too, before any training
+    hand = [type(et[0])(et[0].task, et[0].examples[4:], oracle_train=et[0].examples[:4])]
+    trained.clear()
+    results, info = evaluate(model, tok, hand, conditions=["oracle_lora"], oracle_trainer=oracle, progress=False)
+    assert not trained and results == {} and "oracle_skipped" in info["skipped"]["oracle_lora"]
+
+
+def test_cli_eval_with_answerless_free_text_task_finishes_and_reports_the_skip(tm, tmp_path):
+    model, tok = tm
+    mdir = tmp_path / "model"
+    model.save_pretrained(mdir)
+    tok.save_pretrained(mdir)
+    f = tmp_path / "tasks.jsonl"
+    f.write_text(json.dumps({"policy": "Start every reply with OK.", "id": "no-ref",
+                             "examples": [{"input": f"hi {i}", "check": {"regex": "^OK"}} for i in range(8)]}) + "\n")
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    out = tmp_path / "res"
+    args = p.parse_args(["--tasks", str(f), "--model", str(mdir), "--conditions", "base", "oracle_lora",
+                         "--oracle-policies", "1", "--oracle-steps", "1", "--examples-per-policy", "8",
+                         "--max-new-tokens", "2", "--out", str(out), "--no-progress", "--fp32"])
+    assert run(args) == 0
+    rep = json.loads((out / "quality.json").read_text())
+    assert "no-ref" in rep["oracle_skipped"] and "oracle_lora" in rep["skipped"]
+    assert "no `oracle_lora` for task no-ref" in (out / "quality.md").read_text()
+
+
+# ------------------------------------------------------------------ atomic report writes
+
+
+def test_write_report_is_all_or_nothing(tmp_path):
+    et = select_tasks([_option_task(4)], oracle_per_family=0)
+    results = {"base": {0: type("P", (), {})()}}
+    p = results["base"][0]
+    p.golds, p.preds, p.outputs = ["a", "b", "a", "b"], ["a", "a", "a", "b"], ["{}", "{}", "{}", object()]
+    rep = summarize(et, {"base": {}}, {}, {"date": "d", "command": "c"})
+    names = ["quality.json", "quality.md", "quality_predictions.jsonl"]
+    for n in names:
+        (tmp_path / n).write_text(f"old {n}\n")
+    with pytest.raises(TypeError):  # the 4th prediction row cannot be serialised
+        write_report(rep, et, results, tmp_path)
+    for n in names:  # old code: json and md overwritten, predictions truncated to 3 rows
+        assert (tmp_path / n).read_text() == f"old {n}\n"
+    assert sorted(x.name for x in tmp_path.iterdir()) == sorted(names)  # no temp files left
+    p.outputs[3] = "{}"
+    paths = write_report(rep, et, results, tmp_path)
+    assert len(paths["predictions"].read_text().splitlines()) == 4
+    assert json.loads(paths["json"].read_text())["config"]["command"] == "c"
+    assert not [x for x in tmp_path.iterdir() if x.name.endswith(".tmp")]
