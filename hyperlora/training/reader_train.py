@@ -7,23 +7,33 @@ policies: +1 on the tokens of each conditional answer word in the policy text, -
 """
 from __future__ import annotations
 
+import hashlib
 import json
-import math
 import random
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable, Sequence
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
+from tqdm import tqdm
 
+from hyperlora._io import atomic_path
+from hyperlora.adapters.functional import apply_lora
 from hyperlora.hypernets.reader.clause_keys import clause_texts, with_clause_keys
 from hyperlora.hypernets.reader.reader import PolicyFeatures, PolicyReader, ReaderConfig, module_name
-from hyperlora.training.data import TaskData
+from hyperlora.modeling.base_model import cache_dir
 from hyperlora.modeling.capture import InputCapture
 from hyperlora.modeling.layer_split import stack_cached
-from hyperlora.adapters.functional import apply_lora
-from hyperlora.training.session import Session
+from hyperlora.modeling.prompts import prompt_text, target_text
+from hyperlora.training.checkpointing import load_checkpoint, save_checkpoint
+from hyperlora.training.data import TaskData
+from hyperlora.training.relabel import _sentence_topics, infer_rule
+from hyperlora.training.schedule import TimeBudget, warmup_cosine_lr
+from hyperlora.training.session import Session, cached_states
+from hyperlora.training.sft import policy_batch, quick_eval_with, relabel_training_data
 
 READ_MODULES = ("o_proj", "down_proj")
 
@@ -57,8 +67,6 @@ def _runs_of(seq: list[int], pieces: list[int]) -> list[int]:
 
 def gate_targets(data: TaskData, features: PolicyFeatures, tokenizer: Any) -> dict[str, torch.Tensor]:
     """policy text -> [T] target gates, for topic/routing training policies whose rule is inferable."""
-    from hyperlora.training.relabel import _sentence_topics, infer_rule
-
     table = _sentence_topics()
     out: dict[str, torch.Tensor] = {}
     for ti in data.usable_tasks:
@@ -90,11 +98,6 @@ class _TeacherForced:
 
     def __init__(self, session: Session, texts: list[str], ids: list[list[int]], prompt_len: list[int],
                  log: Callable[[str], None]):
-        from types import SimpleNamespace
-
-        from hyperlora.modeling.base_model import cache_dir
-        from hyperlora.training.session import cached_states
-
         self.ids, self.prompt_len = ids, prompt_len
         fake = SimpleNamespace(records=texts, record_ids=ids)
         self.states = cached_states(session.split, fake, session.tokenizer, cache_dir(),
@@ -142,8 +145,6 @@ class Continuations(_TeacherForced):
 
     def __init__(self, session: Session, data: TaskData, per_task: int = 8, log: Callable[[str], None] = print,
                  all_options: bool = False):
-        from hyperlora.modeling.prompts import target_text
-
         tok = session.tokenizer
         self.index: dict[tuple[int, int], list[int]] = {}  # (task, record) -> sequences, the gold answer's first
         prompt_len: list[int] = []
@@ -182,8 +183,6 @@ class FreeTextReplies(_TeacherForced):
     learns format rules ("start every reply with 'Noted:'") from the CE of the whole reference reply."""
 
     def __init__(self, session: Session, data: TaskData, per_task: int = 6, log: Callable[[str], None] = print):
-        from hyperlora.modeling.prompts import prompt_text, target_text
-
         tok = session.tokenizer
         self.by_task: dict[int, list[int]] = {}
         prompt_len: list[int] = []
@@ -236,12 +235,6 @@ def off_answer_change(session: Session, items: Sequence[Any], adapters: dict, ro
 def read_policies_cached(features: PolicyFeatures, texts: Sequence[str], model_id: str) -> None:
     """features(texts), with the result kept on disk under $HYPERLORA_CACHE/reader/ (reading ~2k policy texts
     costs minutes on a CPU; every run on the same data reuses it)."""
-    import hashlib
-
-    from safetensors.torch import load_file, save_file
-
-    from hyperlora.modeling.base_model import cache_dir
-
     uniq = sorted(set(texts))
     h = hashlib.sha256(f"{model_id}|{features.cfg.layer}|{features.cfg.gate_layer}|{features.cfg.max_tokens}|"
                        f"{sorted(features.names.items())}|bf16={features.bf16}".encode())
@@ -258,56 +251,29 @@ def read_policies_cached(features: PolicyFeatures, texts: Sequence[str], model_i
         return
     features(uniq, progress=True)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({f"{i}/{k}": v.contiguous() for i, t in enumerate(uniq) for k, v in features._cache[t].items()},
-              str(path))
+    with atomic_path(path) as tmp:  # a run stopped mid-write leaves no half-written cache file
+        save_file({f"{i}/{k}": v.contiguous() for i, t in enumerate(uniq) for k, v in features._cache[t].items()},
+                  str(tmp))
 
 
-def _lr_factor(step: int, steps: int, warmup: int) -> float:
-    return min(1.0, (step + 1) / max(1, warmup)) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, step / steps))))
-
-
-def _save(out: Path, reader: PolicyReader, opt: torch.optim.Optimizer, step: int, elapsed: float, cfg, history) -> None:
-    from safetensors.torch import save_file
-
-    tmp, ck = out / "checkpoint.tmp", out / "checkpoint"
-    reader.save_pretrained(tmp)
-    params = dict(reader.named_parameters())
-    moments = {f"{n}::{k}": opt.state[p][k].detach().cpu().contiguous()
-               for n, p in params.items() if p in opt.state for k in ("exp_avg", "exp_avg_sq")}
-    save_file(moments, str(tmp / "optimizer.safetensors"))
-    (tmp / "training_state.json").write_text(json.dumps(
-        {"step": step, "elapsed_s": round(elapsed, 1), "config": cfg.to_dict(), "history": history}, indent=1))
-    if ck.exists():
-        import shutil
-
-        shutil.rmtree(ck)
-    tmp.rename(ck)
+def _save(out: Path, reader: PolicyReader, opt: torch.optim.Optimizer, step: int, elapsed: float, cfg: Any,
+          history: list) -> None:
+    """Checkpoint the reader (`checkpointing.save_checkpoint`, atomic; moments under its parameter names)."""
+    save_checkpoint(out, reader.save_pretrained, opt, dict(reader.named_parameters()), step, elapsed, cfg.recipe(),
+                    history)
 
 
 def _resume(out: Path, reader: PolicyReader, opt: torch.optim.Optimizer, model: nn.Module) -> tuple[int, float, list]:
-    from safetensors.torch import load_file
+    """(step, seconds trained, history) from ``<out>/checkpoint`` with the reader and moments restored."""
+    def load(d: Path) -> None:
+        reader.load_state_dict(PolicyReader.from_pretrained(d, model).state_dict())
 
-    ck = out / "checkpoint"
-    if not (ck / "training_state.json").is_file():
-        return 0, 0.0, []
-    reader.load_state_dict(PolicyReader.from_pretrained(ck, model).state_dict())
-    state = json.loads((ck / "training_state.json").read_text())
-    step = int(state["step"])
-    moments = load_file(str(ck / "optimizer.safetensors"))
-    for n, p in reader.named_parameters():
-        if f"{n}::exp_avg" in moments:
-            opt.state[p] = {"step": torch.tensor(float(step)), "exp_avg": moments[f"{n}::exp_avg"],
-                            "exp_avg_sq": moments[f"{n}::exp_avg_sq"]}
-    return step, float(state.get("elapsed_s", 0.0)), list(state.get("history", []))
+    return load_checkpoint(out, load, opt, dict(reader.named_parameters()))
 
 
 def train_reader(session: Session, log: Callable[[str], None] = print, resume: bool = True
                  ) -> tuple[PolicyReader, PolicyFeatures, list]:
     """Train a PolicyReader on the session's training policies; returns it, its feature reader and the history."""
-    from tqdm import tqdm
-
-    from hyperlora.training.sft import policy_batch, quick_eval_with, relabel_training_data
-
     cfg = session.cfg
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -368,9 +334,9 @@ def train_reader(session: Session, log: Callable[[str], None] = print, resume: b
 
     bar = tqdm(total=cfg.steps, initial=step, desc="reader", unit="step", mininterval=5)
     ema: tuple[float, float] | None = None
-    t_start = time.time() - elapsed
+    budget = TimeBudget(cfg.time_budget_s, elapsed)
     while step < cfg.steps:
-        if cfg.time_budget_s and time.time() - t_start > cfg.time_budget_s:
+        if budget.exhausted():
             log(f"time budget {cfg.time_budget_s:.0f} s reached at step {step}")
             break
         items, txts, rows = policy_batch(data, cfg, step)
@@ -382,9 +348,8 @@ def train_reader(session: Session, log: Callable[[str], None] = print, resume: b
             fmiddle = frng.sample(range(edge, edge + 12), 3) if edge else []  # 3 offsets past the head (fluency)
             frows = frows + len(txts)
             txts = txts + ftxts
-        f = _lr_factor(step, cfg.steps, cfg.warmup)
-        for g in opt.param_groups:
-            g["lr"] = g["base"] * f
+        for g in opt.param_groups:  # each group's own base rate, warmup overlapping the cosine
+            g["lr"] = warmup_cosine_lr(step, g["base"], cfg.steps, cfg.warmup, overlap=True)
         adapters, gates = read(txts)
         with apply_lora(model, adapters, scale=1.0, rows=rows):
             logits, ans = session.forward_options(session.train_states, items)
@@ -414,15 +379,15 @@ def train_reader(session: Session, log: Callable[[str], None] = print, resume: b
                         harm=f"{float(harm.detach()):.4f}", tail=f"{float(tail.detach()):.3f}",
                         free=f"{float(free.detach()):.3f}", refresh=False)
         if step % 10 == 0:
-            history.append({"step": step, "t": round(time.time() - t_start, 1), "loss": round(ema[0], 4),
+            history.append({"step": step, "t": round(budget.elapsed(), 1), "loss": round(ema[0], 4),
                             "acc": round(ema[1], 3)})
         if cfg.eval_every and step % cfg.eval_every == 0 and session.evals:
             ev = quick_eval_with(session, generate, cfg.eval_tasks_per_split)
-            history.append({"step": step, "t": round(time.time() - t_start, 1), "eval": ev})
-            log(f"step {step} t={time.time() - t_start:.0f}s eval: " + json.dumps(
+            history.append({"step": step, "t": round(budget.elapsed(), 1), "eval": ev})
+            log(f"step {step} t={budget.elapsed():.0f}s eval: " + json.dumps(
                 {k: (v["generated"], v["generated_shuffled"]) for k, v in ev.items()}))
         if cfg.save_every and step % cfg.save_every == 0:
-            _save(out, reader, opt, step, time.time() - t_start, cfg, history)
+            _save(out, reader, opt, step, budget.elapsed(), cfg, history)
     bar.close()
-    _save(out, reader, opt, step, time.time() - t_start, cfg, history)
+    _save(out, reader, opt, step, budget.elapsed(), cfg, history)
     return reader, features, history

@@ -28,8 +28,17 @@ from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
+from hyperlora._io import atomic_dir
+from hyperlora.adapters.peft_io import read_peft, write_peft
 from hyperlora.hypernets.t2l.hypernet import HyperNetwork
+from hyperlora.hypernets.t2l.text_encoders import PolicyTextEncoder
+from hyperlora.training.checkpointing import init_from  # re-exported: its home moved to checkpointing.py
+from hyperlora.training.oracle import train_policy_lora
+from hyperlora.training.schedule import TimeBudget, warmup_cosine_lr
+from hyperlora.training.session import build_session, load_train_tasks
+from hyperlora.training.sft import build_hypernet, optimizer_and_state, save_training_state
 
 __all__ = ["POLICY_FILE", "LibraryEntry", "load_library", "delta_sq_error", "LibraryTargets", "build_library",
            "train_reconstruct", "init_from", "run_reconstruct"]
@@ -68,8 +77,6 @@ def load_library(directory: str | Path, targets: dict[str, tuple[int, int]],
     validated by `read_peft`; its modules must be among `targets` with their shapes (a module it leaves out
     is a zero update there). Raises FileNotFoundError / ValueError naming the subdirectory and the fix.
     """
-    from hyperlora.adapters.peft_io import read_peft
-
     root = Path(directory)
     if not root.is_dir():
         raise FileNotFoundError(f"lora_library {str(root)!r} is not a directory; expected {_LAYOUT}")
@@ -210,18 +217,13 @@ def build_library(model: nn.Module, tokenizer: Any, tasks: Sequence[Any], out_di
                   module_names: Sequence[str], rank: int = 8, alpha: float = 16.0, steps: int = 60,
                   lr: float = 1e-3, seed: int = 0, bf16: bool = True, log: Callable[[str], None] = print
                   ) -> list[Path]:
-    """Train one LoRA per task (`eval_adapters.train_policy_lora`, no policy in the prompt) on `module_names`
+    """Train one LoRA per task (`training.oracle.train_policy_lora`, no policy in the prompt) on `module_names`
     (the hypernetwork's modules) and write each as a PEFT directory + policy.txt under `out_dir`.
 
     tasks: `hyperlora.tasks.PolicyTask`s (their `policy` and labelled `examples`). Resumable: an entry that
     already holds the same policy text is kept, so an interrupted build continues where it stopped; entries
     are written to a hidden temporary directory and renamed, so a half-written one is never read.
     Tasks without any labelled example are skipped with a log line. Returns the entry directories."""
-    from tqdm import tqdm
-
-    from hyperlora.adapters.peft_io import write_peft
-    from hyperlora.evaluation.sources import train_policy_lora
-
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
     made: list[Path] = []
@@ -239,20 +241,11 @@ def build_library(model: nn.Module, tokenizer: Any, tasks: Sequence[Any], out_di
             continue
         ad = train_policy_lora(model, tokenizer, task.examples, rank=rank, alpha=alpha, module_names=list(module_names),
                                steps=steps, lr=lr, seed=seed + i, bf16=bf16)
-        tmp = root / f".tmp-{d.name}"
-        if tmp.exists():
-            import shutil
-
-            shutil.rmtree(tmp)
-        # train_policy_lora folds the scale into B: written with lora_alpha = rank, PEFT's scale is 1
-        write_peft(tmp, {n: (a[0], b[0]) for n, (a, b) in ad.modules.items()}, rank=rank, lora_alpha=float(rank),
-                   base_model=model)
-        (tmp / POLICY_FILE).write_text(task.policy.strip() + "\n", encoding="utf-8")
-        if d.exists():
-            import shutil
-
-            shutil.rmtree(d)
-        tmp.rename(d)
+        with atomic_dir(d) as tmp:  # hidden temporary directory beside d, swapped in whole
+            # train_policy_lora folds the scale into B: written with lora_alpha = rank, PEFT's scale is 1
+            write_peft(tmp, {n: (a[0], b[0]) for n, (a, b) in ad.modules.items()}, rank=rank, lora_alpha=float(rank),
+                       base_model=model)
+            (tmp / POLICY_FILE).write_text(task.policy.strip() + "\n", encoding="utf-8")
         made.append(d)
         trained += 1
         bar.set_postfix(trained=trained, refresh=False)
@@ -265,31 +258,6 @@ def build_library(model: nn.Module, tokenizer: Any, tasks: Sequence[Any], out_di
 # --------------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------------
-
-def init_from(hn: HyperNetwork, enc: Any, directory: str | Path, log: Callable[[str], None] = print) -> None:
-    """Copy the weights of a saved hypernetwork (and its trainable encoder) into `hn` / `enc`, e.g. to start
-    SFT from a reconstruction run's `<out>/final`. Raises ValueError naming what differs."""
-    from hyperlora.hypernets.t2l.text_encoders import ENCODER_CONFIG, ENCODER_WEIGHTS
-
-    d = Path(directory)
-    src = HyperNetwork.from_pretrained(d)
-    c0, c1 = src.config.to_dict(), hn.config.to_dict()
-    diff = [k for k in c1 if k not in ("base_model_name_or_path",) and c0.get(k) != c1[k]]
-    if diff:
-        raise ValueError(f"init_hypernet {str(d)!r} does not match this run's hypernetwork: fields {diff} differ "
-                         f"(e.g. {diff[0]}: saved {c0.get(diff[0])!r}, this run {c1[diff[0]]!r}); use the same "
-                         f"rank / latent_dim / hidden_dim / n_upper / target_modules / encoder settings")
-    hn.load_state_dict(src.state_dict())
-    if (d / ENCODER_CONFIG).is_file():
-        kind = json.loads((d / ENCODER_CONFIG).read_text()).get("kind")
-        if kind != enc.kind:
-            raise ValueError(f"init_hypernet {str(d)!r} was trained with encoder {kind!r}, this run uses {enc.kind!r}")
-    if enc.module is not None and (d / ENCODER_WEIGHTS).is_file():
-        from safetensors.torch import load_file
-
-        enc.module.load_state_dict(load_file(str(d / ENCODER_WEIGHTS)))
-    log(f"initialised the hypernetwork from {d}")
-
 
 def _split_library(n: int, holdout: int, seed: int) -> tuple[list[int], list[int]]:
     if not 0 <= holdout < n:
@@ -309,11 +277,6 @@ def train_reconstruct(session: Any, library_dir: str | Path, log: Callable[[str]
     (as sft), gradient clipping, checkpoints in <out>/checkpoint every `save_every` steps (resumed), stops at
     `steps` or `time_budget_s`. Returns (hypernetwork, encoder, report, history); report holds the
     normalized loss and relative errors on the training entries and the `library_holdout` held-out ones."""
-    from tqdm import tqdm
-
-    from hyperlora.hypernets.t2l.text_encoders import PolicyTextEncoder
-    from hyperlora.training.sft import _lr_at, build_hypernet, optimizer_and_state, save_training_state
-
     cfg = session.cfg
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -356,16 +319,16 @@ def train_reconstruct(session: Any, library_dir: str | Path, log: Callable[[str]
 
     bar = tqdm(total=cfg.steps, initial=step, desc="reconstruct", unit="step", mininterval=5)
     ema = None
-    t_start = time.time() - elapsed
+    budget = TimeBudget(cfg.time_budget_s, elapsed)
     n_pick = min(cfg.policies_per_step, len(train_idx))
     while step < cfg.steps:
-        if cfg.time_budget_s and time.time() - t_start > cfg.time_budget_s:
+        if budget.exhausted():
             log(f"time budget {cfg.time_budget_s:.0f} s reached at step {step}")
             break
         rng = random.Random(cfg.seed * 1_000_003 + step)
         pick = rng.sample(train_idx, n_pick)
         for g in opt.param_groups:
-            g["lr"] = _lr_at(step, cfg)
+            g["lr"] = warmup_cosine_lr(step, cfg.lr, cfg.steps, cfg.warmup)
         loss, _ = lib.loss(hn, embed(pick), pick)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -380,16 +343,16 @@ def train_reconstruct(session: Any, library_dir: str | Path, log: Callable[[str]
         bar.update(1)
         bar.set_postfix(loss=f"{ema:.4f}", refresh=False)
         if step % 10 == 0 or step == 1:
-            history.append({"step": step, "t": round(time.time() - t_start, 1), "loss": round(lv, 5),
+            history.append({"step": step, "t": round(budget.elapsed(), 1), "loss": round(lv, 5),
                             "ema": round(ema, 5)})
         if cfg.eval_every and step % cfg.eval_every == 0:
             ev = {"train": evaluate(train_idx), "held_out": evaluate(held_idx)}
-            history.append({"step": step, "t": round(time.time() - t_start, 1), "eval": ev})
-            log(f"step {step} t={time.time() - t_start:.0f}s reconstruction: " + json.dumps(ev))
+            history.append({"step": step, "t": round(budget.elapsed(), 1), "eval": ev})
+            log(f"step {step} t={budget.elapsed():.0f}s reconstruction: " + json.dumps(ev))
         if cfg.save_every and step % cfg.save_every == 0:
-            save_training_state(out, hn, enc, opt, params, step, time.time() - t_start, cfg, history)
+            save_training_state(out, hn, enc, opt, params, step, budget.elapsed(), cfg, history)
     bar.close()
-    save_training_state(out, hn, enc, opt, params, step, time.time() - t_start, cfg, history)
+    save_training_state(out, hn, enc, opt, params, step, budget.elapsed(), cfg, history)
     report = {"library": str(library_dir), "entries": len(entries), "steps": step,
               "train": evaluate(train_idx), "held_out": evaluate(held_idx)}
     return hn, enc, report, history
@@ -399,8 +362,6 @@ def run_reconstruct(cfg: Any, log: Callable[[str], None] = print, resume: bool =
     """`hyperlora train --method reconstruct`: optionally build the library (`build_library=true`: one oracle
     LoRA per training task, into `lora_library` or <out>/library), train, write <out>/final. Returns the
     results dict ({"method", "eval": {"library": report}, ...})."""
-    from hyperlora.training.session import build_session, load_train_tasks
-
     out = Path(cfg.out)
     if not cfg.lora_library and not cfg.build_library:
         raise ValueError("method 'reconstruct' needs a LoRA library: --set lora_library='\"DIR\"' (layout "

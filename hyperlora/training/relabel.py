@@ -16,12 +16,11 @@ import random
 from typing import Any, Callable, Sequence
 
 from hyperlora.tasks.format import PolicyTask
-from hyperlora.training.data import Item, TaskData
+from hyperlora.tasks.vocab import TOPICS
+from hyperlora.training.data import Item, TaskData, first_token
 
 
 def _sentence_topics() -> dict[str, str]:
-    from hyperlora.tasks.vocab import TOPICS
-
     return {s: t.name for t in TOPICS for s in t.sentences}
 
 
@@ -72,8 +71,6 @@ def augment_with_relabels(data: TaskData, per_task: int = 48, seed: int = 0, log
     extra_tasks: more training policies (generator train split) whose own records are never cached: they
     are trained only on relabelled cached records, which multiplies the number of distinct policies at no
     forward-pass cost. Items are appended to `data.items` (and `data.by_record`); returns how many were added."""
-    from hyperlora.training.data import first_token
-
     def _option_ids(options):
         ids = tuple(first_token(tokenizer, o) for o in options)
         return ids if len(set(ids)) == len(ids) else None

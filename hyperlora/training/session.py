@@ -5,6 +5,7 @@ runs and the baselines reuse them (computing them is the one full-depth pass ove
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import random
 import time
@@ -13,22 +14,22 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from safetensors.torch import load_file, save_file
 
-from hyperlora.tasks.format import PolicyTask
-from hyperlora.training.config import TrainConfig
-from hyperlora.training.data import Item, TaskData, build_task_data, collate_options
+from hyperlora._io import atomic_path
+from hyperlora.modeling.base_model import cache_dir, load_base_model
 from hyperlora.modeling.layer_split import LayerSplit, cache_lower, continue_states, stack_cached
+from hyperlora.ops.precision import use_bf16
+from hyperlora.tasks.format import PolicyTask, load_tasks
+from hyperlora.tasks.generator import SPLITS, generate_tasks
+from hyperlora.training.config import TrainConfig
+from hyperlora.training.data import Item, TaskData, build_task_data, collate_options, spread_over_families
 
 
 def load_train_tasks(cfg: TrainConfig) -> list[PolicyTask]:
+    """The training tasks: `cfg.tasks` (JSONL), else the generated suite's train split of `cfg.families`."""
     if cfg.tasks:
-        from hyperlora.tasks.format import load_tasks
-
         return load_tasks(cfg.tasks)
-    from hyperlora.tasks.generator import generate_suite
-
-    from hyperlora.tasks.generator import generate_tasks
-
     return [t for fam in cfg.families
             for t in generate_tasks(fam, "train", cfg.train_per_family, seed=cfg.suite_seed,
                                     examples_per_task=cfg.train_examples_per_task, strict=False)]
@@ -37,16 +38,10 @@ def load_train_tasks(cfg: TrainConfig) -> list[PolicyTask]:
 def load_eval_tasks(cfg: TrainConfig) -> dict[str, list[PolicyTask]]:
     """split name -> tasks (a user JSONL file counts as one split, named by its tasks' `split` or 'tasks')."""
     if cfg.eval_tasks:
-        from hyperlora.tasks.format import load_tasks
-
         out: dict[str, list[PolicyTask]] = {}
         for t in load_tasks(cfg.eval_tasks):
             out.setdefault(t.split or "tasks", []).append(t)
         return out
-    from hyperlora.tasks.generator import generate_suite
-
-    from hyperlora.tasks.generator import SPLITS, generate_tasks
-
     return {sp: [t for fam in cfg.families
                  for t in generate_tasks(fam, sp, cfg.held_out_per_family, seed=cfg.suite_seed, examples_per_task=20,
                                          strict=False)]
@@ -55,8 +50,6 @@ def load_eval_tasks(cfg: TrainConfig) -> dict[str, list[PolicyTask]]:
 
 def _first_balanced(task: PolicyTask, n: int) -> PolicyTask:
     """The task with its first examples, round-robin over answers, at most n."""
-    import dataclasses
-
     by: dict[str, list] = {}
     for ex in task.examples:
         by.setdefault(str(ex.answer), []).append(ex)
@@ -80,8 +73,6 @@ def _states_key(model_id: str, start: int, prompts: Sequence[str]) -> str:
 def cached_states(split: LayerSplit, data: TaskData, tokenizer: Any, cache_root: Path, model_id: str,
                   log=print) -> list[torch.Tensor]:
     """Lower-layer states of every record in `data`, from the disk cache or computed (and stored) now."""
-    from safetensors.torch import load_file, save_file
-
     key = _states_key(model_id, split.start, data.records)
     path = cache_root / "states" / f"{key}.safetensors"
     if path.is_file():
@@ -100,7 +91,8 @@ def cached_states(split: LayerSplit, data: TaskData, tokenizer: Any, cache_root:
     if states is None:
         states = cache_lower(split, data.record_ids, tokenizer.pad_token_id or 0, progress=True)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({str(i): s.contiguous() for i, s in enumerate(states)}, str(path))
+    with atomic_path(path) as tmp:  # a run stopped mid-write leaves no half-written cache file
+        save_file({str(i): s.contiguous() for i, s in enumerate(states)}, str(tmp))
     log(f"cached layer-{split.start} states of {len(states)} records in {time.time() - t0:.0f} s -> {path}")
     return states
 
@@ -140,10 +132,8 @@ class Session:
 
 def build_session(cfg: TrainConfig, *, policy_in_prompt: bool = False, with_train: bool = True,
                   with_eval: bool = True, log=print) -> Session:
-    from hyperlora.modeling.base_model import cache_dir, load_base_model
-
-    from hyperlora.ops.precision import use_bf16
-
+    """Load the base model, split it below the last n_upper layers, and build (and cache) the training and
+    held-out data the config asks for. `cfg.bf16` is resolved here (None -> what the device runs natively)."""
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     cfg.bf16 = use_bf16(cfg.bf16, cfg.device)  # resolved once: what the run used is what its config records
@@ -167,8 +157,6 @@ def build_session(cfg: TrainConfig, *, policy_in_prompt: bool = False, with_trai
     if with_eval:
         for name, tasks in load_eval_tasks(cfg).items():
             if policy_in_prompt:  # only the policies quick evals score (prompts with a policy cost a full forward)
-                from hyperlora.training.data import spread_over_families
-
                 tasks = [tasks[i] for i in spread_over_families(build_task_data(tasks, tok), cfg.eval_tasks_per_split)]
             d = build_task_data(tasks, tok, policy_in_prompt=policy_in_prompt)
             if not d.usable_tasks:

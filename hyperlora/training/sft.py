@@ -11,17 +11,24 @@ from __future__ import annotations
 import json
 import math
 import random
-import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
+from tqdm import tqdm
 
+from hyperlora._io import atomic_dir
+from hyperlora.adapters.functional import adapters_from_generated, apply_lora
 from hyperlora.hypernets.t2l.hypernet import HyperNetwork
 from hyperlora.hypernets.t2l.text_encoders import PolicyTextEncoder
+from hyperlora.tasks.generator import generate_tasks
+from hyperlora.tasks.word_swap import swap_answer_words
+from hyperlora.training.checkpointing import init_from, load_checkpoint, save_checkpoint
 from hyperlora.training.data import Item, TaskData, sample_batch, spread_over_families
-from hyperlora.adapters.functional import adapters_from_generated, apply_lora
+from hyperlora.training.relabel import augment_with_relabels
+from hyperlora.training.schedule import TimeBudget, warmup_cosine_lr
 from hyperlora.training.session import Session
 
 
@@ -107,57 +114,26 @@ def quick_eval_with(session: Session, generate: Callable[[Sequence[str]], tuple[
     return out
 
 
-def _lr_at(step: int, cfg) -> float:
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    p = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
+def _save_weights(hn: HyperNetwork, enc: PolicyTextEncoder) -> Callable[[Path], None]:
+    def save(d: Path) -> None:
+        hn.save_pretrained(d)
+        enc.save(d)
+    return save
+
+
+def _load_weights(hn: HyperNetwork, enc: PolicyTextEncoder) -> Callable[[Path], None]:
+    def load(d: Path) -> None:
+        hn.load_state_dict(load_file(str(d / "hypernet.safetensors")))
+        if enc.module is not None:
+            enc.module.load_state_dict(load_file(str(d / "policy_encoder.safetensors")))
+    return load
 
 
 def save_training_state(out: Path, hn: HyperNetwork, enc: PolicyTextEncoder, opt: torch.optim.Optimizer,
-                        params: dict[str, nn.Parameter], step: int, elapsed: float, cfg, history: list) -> None:
-    """Checkpoint: hypernetwork (save_pretrained), encoder, optimizer moments (safetensors), step/time JSON."""
-    from safetensors.torch import save_file
-
-    ck = out / "checkpoint"
-    tmp = out / "checkpoint.tmp"
-    tmp.mkdir(parents=True, exist_ok=True)
-    hn.save_pretrained(tmp)
-    enc.save(tmp)
-    moments = {}
-    for name, p in params.items():
-        st = opt.state.get(p, {})
-        for k in ("exp_avg", "exp_avg_sq"):
-            if k in st:
-                moments[f"{name}::{k}"] = st[k].detach().cpu().contiguous()
-    save_file(moments, str(tmp / "optimizer.safetensors"))
-    (tmp / "training_state.json").write_text(json.dumps(
-        {"step": step, "elapsed_s": round(elapsed, 1), "config": cfg.to_dict(), "history": history}, indent=1))
-    if ck.exists():
-        import shutil
-
-        shutil.rmtree(ck)
-    tmp.rename(ck)
-
-
-def load_training_state(out: Path, hn: HyperNetwork, enc: PolicyTextEncoder, opt: torch.optim.Optimizer,
-                        params: dict[str, nn.Parameter]) -> tuple[int, float, list]:
-    from safetensors.torch import load_file
-
-    ck = out / "checkpoint"
-    if not (ck / "training_state.json").is_file():
-        return 0, 0.0, []
-    hn.load_state_dict(load_file(str(ck / "hypernet.safetensors")))
-    if enc.module is not None:
-        enc.module.load_state_dict(load_file(str(ck / "policy_encoder.safetensors")))
-    moments = load_file(str(ck / "optimizer.safetensors"))
-    state = json.loads((ck / "training_state.json").read_text())
-    step = int(state["step"])
-    for name, p in params.items():
-        if f"{name}::exp_avg" in moments:
-            opt.state[p] = {"step": torch.tensor(float(step)), "exp_avg": moments[f"{name}::exp_avg"],
-                            "exp_avg_sq": moments[f"{name}::exp_avg_sq"]}
-    return step, float(state.get("elapsed_s", 0.0)), list(state.get("history", []))
+                        params: dict[str, nn.Parameter], step: int, elapsed: float, cfg: Any, history: list) -> None:
+    """Checkpoint (`checkpointing.save_checkpoint`, atomic): hypernetwork (save_pretrained), encoder, optimizer
+    moments, step/time/recipe JSON."""
+    save_checkpoint(out, _save_weights(hn, enc), opt, params, step, elapsed, cfg.recipe(), history)
 
 
 def optimizer_and_state(out: Path, hn: HyperNetwork, enc: PolicyTextEncoder, cfg, resume: bool, log=print
@@ -168,12 +144,10 @@ def optimizer_and_state(out: Path, hn: HyperNetwork, enc: PolicyTextEncoder, cfg
     if enc.module is not None:
         params.update({f"enc.{k}": p for k, p in enc.module.named_parameters()})
     opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    step, elapsed, history = load_training_state(out, hn, enc, opt, params) if resume else (0, 0.0, [])
+    step, elapsed, history = load_checkpoint(out, _load_weights(hn, enc), opt, params) if resume else (0, 0.0, [])
     if step:
         log(f"resumed from {out / 'checkpoint'} at step {step} ({elapsed:.0f} s trained)")
-    elif getattr(cfg, "init_hypernet", None):  # e.g. a reconstruction run's <out>/final
-        from hyperlora.training.reconstruct import init_from
-
+    elif cfg.init_hypernet:  # e.g. a reconstruction run's <out>/final
         init_from(hn, enc, cfg.init_hypernet, log=log)
     return opt, params, step, elapsed, history
 
@@ -190,10 +164,6 @@ def policy_batch(data: TaskData, cfg, step: int) -> tuple[list[Item], list[str],
 
 def swap_some_words(tasks: list, share: float, seed: int, log=print) -> list:
     """``tasks`` with a seeded ``share`` of them rewritten to training-only answer words (others unchanged)."""
-    import random
-
-    from hyperlora.tasks.word_swap import swap_answer_words
-
     rng = random.Random(f"word-swap|{seed}")
     pick = set(rng.sample(range(len(tasks)), round(share * len(tasks))))
     out, n = [], 0
@@ -211,12 +181,8 @@ def relabel_training_data(session: Session, log=print) -> TaskData:
     cfg = session.cfg
     data: TaskData = session.train  # type: ignore[assignment]
     if cfg.relabel_per_task > 0 and not getattr(data, "_relabelled", False):
-        from hyperlora.training.relabel import augment_with_relabels
-
         extra = []
         if cfg.extra_policies_per_family > 0:
-            from hyperlora.tasks.generator import generate_tasks
-
             own = {t.policy for t in data.tasks}
             for fam in ("topic", "routing"):
                 if fam in cfg.families:
@@ -232,6 +198,8 @@ def relabel_training_data(session: Session, log=print) -> TaskData:
 
 
 def train_sft(session: Session, log=print, resume: bool = True) -> tuple[HyperNetwork, PolicyTextEncoder, list]:
+    """SFT of a fresh (or `init_hypernet`) HyperNetwork on the session's training policies (module docstring);
+    resumes from ``<out>/checkpoint``. Returns (hypernetwork, encoder, history)."""
     cfg = session.cfg
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -253,19 +221,17 @@ def train_sft(session: Session, log=print, resume: bool = True) -> tuple[HyperNe
     n_params = sum(p.numel() for p in params.values())
     log(f"hypernetwork: {n_params / 1e6:.2f}M trainable parameters, {len(session.target_names)} target modules "
         f"(layers {session.split.start}..{len(session.split.layers) - 1}), encoder {cfg.encoder} ({enc.dim}-d)")
-    from tqdm import tqdm
-
     bar = tqdm(total=cfg.steps, initial=step, desc="sft", unit="step", mininterval=5)
     ema_loss, ema_acc = None, None
     best_gap = -math.inf
-    t_start = time.time() - elapsed
+    budget = TimeBudget(cfg.time_budget_s, elapsed)
     while step < cfg.steps:
-        if cfg.time_budget_s and time.time() - t_start > cfg.time_budget_s:
+        if budget.exhausted():
             log(f"time budget {cfg.time_budget_s:.0f} s reached at step {step}")
             break
         items, texts, row = policy_batch(data, cfg, step)
         for g in opt.param_groups:
-            g["lr"] = _lr_at(step, cfg)
+            g["lr"] = warmup_cosine_lr(step, cfg.lr, cfg.steps, cfg.warmup)
         loss, acc = hypernet_step_loss(session, hn, enc, items, texts, row)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -279,22 +245,22 @@ def train_sft(session: Session, log=print, resume: bool = True) -> tuple[HyperNe
         bar.update(1)
         bar.set_postfix(loss=f"{ema_loss:.3f}", acc=f"{ema_acc:.2f}", refresh=False)  # mininterval applies
         if step % 10 == 0:
-            history.append({"step": step, "t": round(time.time() - t_start, 1), "loss": round(ema_loss, 4),
+            history.append({"step": step, "t": round(budget.elapsed(), 1), "loss": round(ema_loss, 4),
                             "acc": round(ema_acc, 3)})
         if cfg.eval_every and step % cfg.eval_every == 0 and session.evals:
             ev = quick_eval(session, hn, enc, cfg.eval_tasks_per_split)
-            history.append({"step": step, "t": round(time.time() - t_start, 1), "eval": ev})
-            log(f"step {step} t={time.time() - t_start:.0f}s eval: " + json.dumps(
+            history.append({"step": step, "t": round(budget.elapsed(), 1), "eval": ev})
+            log(f"step {step} t={budget.elapsed():.0f}s eval: " + json.dumps(
                 {k: (v["generated"], v["generated_shuffled"]) for k, v in ev.items()}))
             gap = sum(v["generated"] - v["generated_shuffled"] for v in ev.values())
             if cfg.save_best and gap > best_gap:  # early stopping: keep the best held-out snapshot
                 best_gap = gap
-                hn.save_pretrained(out / "best")
-                enc.save(out / "best")
-                (out / "best" / "eval.json").write_text(json.dumps({"step": step, "eval": ev}, indent=1))
+                with atomic_dir(out / "best") as tmp:
+                    _save_weights(hn, enc)(tmp)
+                    (tmp / "eval.json").write_text(json.dumps({"step": step, "eval": ev}, indent=1))
                 log(f"step {step}: new best held-out gap {gap:+.1f} -> {out / 'best'}")
         if cfg.save_every and step % cfg.save_every == 0:
-            save_training_state(out, hn, enc, opt, params, step, time.time() - t_start, cfg, history)
+            save_training_state(out, hn, enc, opt, params, step, budget.elapsed(), cfg, history)
     bar.close()
-    save_training_state(out, hn, enc, opt, params, step, time.time() - t_start, cfg, history)
+    save_training_state(out, hn, enc, opt, params, step, budget.elapsed(), cfg, history)
     return hn, enc, history

@@ -254,11 +254,7 @@ def test_eval_cli_scores_a_reader_checkpoint(tiny_model, tmp_path):
     assert rep["config"]["oracle"]["rank"] == 8 and rep["config"]["oracle"]["n_modules"] == 7
 
 
-def test_reader_trains_with_the_off_answer_penalty(tiny_model, tmp_path, monkeypatch):
-    monkeypatch.setenv("HYPERLORA_CACHE", str(tmp_path / "cache"))
-    out = tmp_path / "reader_harm"
-    assert _run([*_reader_args(tiny_model, out), "--steps", "2", "--set", "reader_harm=1.0"]) == 0
-    assert (out / "final" / "reader.safetensors").is_file()
+# reader_harm's behaviour (the penalty, and that it changes the trained reader): tests/training/test_train.py
 
 
 def test_reader_trains_with_the_tail_loss(tiny_model, tmp_path, monkeypatch):

@@ -118,17 +118,130 @@ def test_bad_config_is_a_clear_error(tmp_path):
         TrainConfig.load(p)
 
 
-def test_regularizers_and_best_snapshot(tiny_model, tmp_path, monkeypatch):
-    """emb_dropout trains, save_best writes <out>/best/ at the first quick eval, bad values are refused."""
+def test_save_best_writes_the_best_snapshot(tiny_model, tmp_path, monkeypatch):
+    """save_best writes <out>/best/ (hypernetwork + eval.json) at the best quick eval."""
     monkeypatch.setenv("HYPERLORA_CACHE", str(tmp_path / "cache"))
-    out = tmp_path / "reg"
-    args = [*_common(tiny_model, tmp_path, out), "--steps", "2", "--set", "emb_dropout=0.3",
-            "--set", "weight_decay=0.1", "--set", "save_best=true", "--set", "eval_every=1"]
+    out = tmp_path / "best"
+    args = [*_common(tiny_model, tmp_path, out), "--steps", "2", "--set", "save_best=true", "--set", "eval_every=1"]
     assert _run(args) == 0
     best = json.loads((out / "best" / "eval.json").read_text())
     assert best["step"] in (1, 2) and best["eval"]
-    assert (out / "best" / "config.json").is_file() or any((out / "best").glob("*.safetensors"))
+    from hyperlora.hypernets.t2l.hypernet import HyperNetwork
+    from hyperlora.modeling.base_model import load_base_model
+
+    HyperNetwork.from_pretrained(out / "best", model=load_base_model(tiny_model)[0])
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temporary directory left
+
+
+def _sft_parts(tiny_model, tmp_path, **kw):
+    """A session on the tiny task file, its encoder, a hypernetwork with random (non-zero) weights, one batch."""
+    from hyperlora.hypernets.t2l.text_encoders import PolicyTextEncoder
+    from hyperlora.training.config import TrainConfig
+    from hyperlora.training.session import build_session
+    from hyperlora.training.sft import build_hypernet, policy_batch
+
+    cfg = TrainConfig(tasks=str(TINY_TASKS), base_model=str(tiny_model), n_upper=2, encoder="base_mean",
+                      encoder_layer=1, bf16=False, policies_per_step=2, examples_per_policy=2,
+                      out=str(tmp_path / "run"), **kw)
+    s = build_session(cfg, with_eval=False, log=lambda m: None)
+    enc = PolicyTextEncoder(cfg.encoder, s.model, s.tokenizer, layer=cfg.encoder_layer, n_queries=cfg.encoder_queries)
+    torch.manual_seed(0)
+    hn = build_hypernet(s, enc.dim)
+    with torch.no_grad():
+        for p in hn.parameters():  # the B head starts at zero (a no-op adapter): give it something to change
+            p.normal_(0.0, 0.2)
+    return s, enc, hn, policy_batch(s.train, cfg, 0)
+
+
+def test_emb_dropout_changes_the_loss_and_zero_leaves_it(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("HYPERLORA_CACHE", str(tmp_path / "cache"))
+    from hyperlora.training.sft import hypernet_step_loss
+
+    s, enc, hn, (items, texts, rows) = _sft_parts(tiny_model, tmp_path)
+
+    def loss(p: float) -> float:
+        s.cfg.emb_dropout = p
+        torch.manual_seed(1)
+        return hypernet_step_loss(s, hn, enc, items, texts, rows)[0].item()
+
+    plain = loss(0.0)
+    assert loss(0.0) == plain  # the default: no randomness, the same loss every time
+    dropped = [loss(0.5) for _ in range(2)]
+    assert all(d != plain for d in dropped)  # dropout on the policy embedding changes what is generated
     from hyperlora.training.config import TrainConfig
 
     with pytest.raises(ValueError, match="emb_dropout"):
         TrainConfig.from_dict({"emb_dropout": 1.0})
+
+
+@pytest.mark.parametrize("wd", [0.0, 0.5])
+def test_weight_decay_reaches_the_sft_optimizer(tiny_model, tmp_path, monkeypatch, wd):
+    """With zero gradients an AdamW step only decays: weights shrink by (1 - lr * weight_decay), and not at all
+    with the default 0."""
+    monkeypatch.setenv("HYPERLORA_CACHE", str(tmp_path / "cache"))
+    from hyperlora.training.sft import optimizer_and_state
+
+    s, enc, hn, _ = _sft_parts(tiny_model, tmp_path, weight_decay=wd)
+    opt, params, step, _, _ = optimizer_and_state(tmp_path / "run", hn, enc, s.cfg, resume=False, log=lambda m: None)
+    assert step == 0
+    before = {n: p.detach().clone() for n, p in params.items()}
+    for p in params.values():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    for n, p in params.items():
+        torch.testing.assert_close(p.detach(), before[n] * (1 - s.cfg.lr * wd), rtol=0, atol=1e-7)
+        if wd == 0.0:
+            assert torch.equal(p.detach(), before[n]), n
+
+
+def _reader_args(tiny_model, out):
+    return ["--method", "reader", "--tasks", str(TINY_TASKS), "--eval-tasks", str(TINY_TASKS), "--out", str(out),
+            "--set", f"base_model=\"{tiny_model}\"", "--set", "n_upper=1", "--set", "reader_gate_layer=1",
+            "--set", "eval_every=0", "--set", "save_every=0", "--set", "policies_per_step=2",
+            "--set", "examples_per_policy=2", "--set", "bf16=false"]
+
+
+def test_reader_harm_penalizes_off_answer_changes_and_changes_the_trained_reader(tiny_model, tmp_path,
+                                                                                   monkeypatch):
+    monkeypatch.setenv("HYPERLORA_CACHE", str(tmp_path / "cache"))
+    import random
+
+    from safetensors.torch import load_file
+
+    from hyperlora.training.config import TrainConfig
+    from hyperlora.training.reader_train import off_answer_change
+    from hyperlora.training.session import build_session
+
+    cfg = TrainConfig(tasks=str(TINY_TASKS), base_model=str(tiny_model), n_upper=1, bf16=False,
+                      target_modules=["o_proj"])
+    s = build_session(cfg, with_eval=False, log=lambda m: None)
+    items = [it for its in s.train.items[:2] for it in its[:2]]
+    rows = torch.tensor([0, 0, 1, 1])
+    mods = dict(s.model.named_modules())
+    torch.manual_seed(0)
+    names = ["model.layers.2.self_attn.o_proj", "model.layers.2.mlp.down_proj"]
+    adapters = {n: (torch.randn(2, 3, mods[n].in_features), torch.randn(2, mods[n].out_features, 3)) for n in names}
+    assert float(off_answer_change(s, items, adapters, rows, random.Random(0))) > 0
+    zero = {n: (a, torch.zeros_like(b)) for n, (a, b) in adapters.items()}
+    assert float(off_answer_change(s, items, zero, rows, random.Random(0))) == 0.0
+
+    trained = {}
+    for harm in (0.0, 50.0):
+        out = tmp_path / f"harm{harm}"
+        assert _run([*_reader_args(tiny_model, out), "--steps", "2", "--set", f"reader_harm={harm}"]) == 0
+        trained[harm] = load_file(str(out / "final" / "reader.safetensors"))
+    assert trained[0.0].keys() == trained[50.0].keys()
+    assert any(not torch.equal(trained[0.0][k], trained[50.0][k]) for k in trained[0.0])
+
+
+def test_checkpoints_record_the_recipe_without_run_only_settings(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("HYPERLORA_CACHE", str(tmp_path / "cache"))
+    from hyperlora.training.config import RUN_ONLY, TrainConfig
+
+    out = tmp_path / "recipe"
+    assert _run([*_common(tiny_model, tmp_path, out), "--steps", "1", "--time-budget", "600"]) == 0
+    for saved in (json.loads((out / "checkpoint" / "training_state.json").read_text())["config"],
+                  json.loads((out / "train_config.json").read_text())):
+        assert not set(RUN_ONLY) & set(saved)
+        assert saved["n_upper"] == 2 and saved["steps"] == 1
+        TrainConfig.from_dict(saved)  # a recipe is a loadable config
