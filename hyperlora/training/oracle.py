@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 import random
-import re
 import time
 from typing import Any, Callable, Sequence
 
@@ -16,8 +15,10 @@ from torch import nn
 
 from hyperlora.adapters.adapter_set import AdapterSet
 from hyperlora.adapters.functional import apply_lora
-from hyperlora.modeling.layer_split import LayerSplit, pad_right
+from hyperlora.modeling.layer_split import LayerSplit
+from hyperlora.modeling.padding import pad_ids, pad_right
 from hyperlora.modeling.prompts import prompt_text, target_text
+from hyperlora.modeling.targets import layer_index, module_type_of
 from hyperlora.tasks.format import Example
 from hyperlora.training.data import Item, TaskData
 from hyperlora.training.schedule import warmup_cosine_lr
@@ -27,20 +28,15 @@ __all__ = ["train_policy_lora", "train_oracles", "stack_adapters"]
 
 
 def _linear_targets(model: nn.Module, types: Sequence[str]) -> dict[str, nn.Linear]:
-    out = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in types}
+    out = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and module_type_of(n) in types}
     if not out:
         raise ValueError(f"no nn.Linear modules of types {list(types)} in {type(model).__name__}")
     return out
 
 
-def _layer_of(name: str) -> int | None:
-    m = re.search(r"\.(\d+)\.", name)
-    return int(m.group(1)) if m else None
-
-
 def _lower_split(model: nn.Module, targets: Sequence[str]) -> Any:
     """A ``modeling.layer_split.LayerSplit`` at the lowest adapted layer when it is worth it (Llama family, start > 0)."""
-    layers = [_layer_of(n) for n in targets]
+    layers = [layer_index(n) for n in targets]
     if not layers or any(x is None for x in layers) or min(layers) == 0:
         return None
     try:
@@ -95,10 +91,10 @@ def train_policy_lora(model: nn.Module, tokenizer: Any, examples: Sequence[Examp
         targets = {n: mods[n] for n in module_names}
     else:
         targets = _linear_targets(model, target_modules)
-        idx = [x for x in (_layer_of(n) for n in targets) if x is not None]
+        idx = [x for x in (layer_index(n) for n in targets) if x is not None]
         if n_upper is not None and idx:
             lo = max(idx) + 1 - n_upper
-            targets = {n: m for n, m in targets.items() if (_layer_of(n) or 0) >= lo}
+            targets = {n: m for n, m in targets.items() if (layer_index(n) or 0) >= lo}
     params: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for n, m in targets.items():
         a = (torch.rand(1, rank, m.in_features, generator=g) * 2 - 1) / math.sqrt(m.in_features)
@@ -153,14 +149,10 @@ def train_policy_lora(model: nn.Module, tokenizer: Any, examples: Sequence[Examp
     def loss_full(pick: list[int]) -> torch.Tensor:
         batch = [enc[i] for i in pick]
         seqs = [p + t for p, t in batch]
-        T = max(len(s) for s in seqs)
         keep = max(len(t) for _, t in batch) + 1  # logits only where targets are predicted (vocab is large)
-        ids = torch.full((len(seqs), T), pad, dtype=torch.long)
+        ids, mask = pad_ids(seqs, pad, side="left")  # left padding: every row ends at the last position
         labels = torch.full((len(seqs), keep), -100, dtype=torch.long)
-        mask = torch.zeros((len(seqs), T), dtype=torch.long)
-        for i, ((p, t), s) in enumerate(zip(batch, seqs)):  # left padding: every row ends at T-1
-            ids[i, T - len(s):] = torch.tensor(s)
-            mask[i, T - len(s):] = 1
+        for i, (_, t) in enumerate(batch):
             labels[i, keep - len(t):] = torch.tensor(t)  # label j is predicted by kept logit j-1
         ids, mask, labels = ids.to(dev), mask.to(dev), labels.to(dev)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
