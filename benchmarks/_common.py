@@ -146,3 +146,31 @@ def derive(benchmarks: Iterable[tuple[str | None, dict, float]]) -> None:
                 missing.append(name)
         if missing:
             ei["missing_peers"] = missing
+
+
+def round_robin(benchmark: Any, fns: dict[str, Callable[[], object]], method: str, budget_s: float,
+                max_rounds: int = 15, min_rounds: int = 5) -> int:
+    """Time `fns[method]` as the former scripts' round robin did: pytest-benchmark's pedantic mode, one call
+    per round, and before each timed call one untimed call of every other method of the case (its setup), so
+    each method finds the caches as the others leave them, and load swings hit all methods alike. Rounds:
+    as many as fit `budget_s` of whole rounds (all methods once, timed in the warm-up), within
+    [min_rounds, max_rounds]. Returns the number of rounds."""
+    if method not in fns:
+        raise KeyError(f"method {method!r} is not one of {', '.join(fns)}")
+    t0 = time.perf_counter()
+    for fn in fns.values():  # warm-up (first-call set-up, kernel compilation), also sizes the rounds
+        fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t_all = max(time.perf_counter() - t0, 1e-9)
+    rounds = max(min_rounds, min(max_rounds, int(budget_s / t_all)))
+    others = [f for k, f in fns.items() if k != method]
+
+    def setup() -> None:
+        for f in others:
+            f()
+
+    benchmark.extra_info["timing"] = ("round robin: each timed call follows one untimed call of every other "
+                                      f"method ({', '.join(k for k in fns if k != method)})")
+    benchmark.pedantic(fns[method], setup=setup, rounds=rounds, iterations=1)
+    return rounds

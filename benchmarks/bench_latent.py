@@ -13,7 +13,8 @@ time of the better path (same measurements; 1.00 = auto picked the faster one).
     pytest benchmarks/bench_latent.py --bench-size full   # the full grid
     pytest benchmarks/bench_latent.py -m gpu              # GPU, bfloat16, backend auto (cuda > triton)
 
-Each path of a case is its own benchmark (one pytest-benchmark group per case); extra_info has the case,
+Each path of a case is its own benchmark (one pytest-benchmark group per case), timed round robin as the CLI
+does (each timed call follows one call of the case's other paths: _common.round_robin); extra_info has the case,
 the cost model's pick (auto_path) and estimates, bytes (the cost model's count for that path: GBps) and,
 derived after the run from the medians, latent_speedup (materialized / latent), regret and auto_over_best
 (on the auto benchmark). The whole-model forwards (`--e2e` below) are not part of the suite.
@@ -40,7 +41,7 @@ from hyperlora.ops.latent_lora import latent_lora, materialize_adapters
 from hyperlora.ops.metadata import build_meta
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/_common.py, however this file is loaded
-from _common import bench_size, machine_info, require_backend  # noqa: E402
+from _common import bench_size, machine_info, require_backend, round_robin  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -400,10 +401,12 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("case,path", _params(bench_size(metafunc.config), cuda))
 
 
-def _bench(benchmark, case, path: str, device: torch.device, dtype: torch.dtype, cold_mb: int) -> None:
+def _bench(benchmark, case, path: str, device: torch.device, dtype: torch.dtype, cold_mb: int, size: str) -> None:
     h, r, k, p, tpp = case
     c = build_case(h, r, k, p, tpp, dtype, device, None, cold_bytes=cold_mb << 20)
-    ch, fn = c["choice"], c["fns"][path]
+    ch = c["choice"]
+    with_base = tpp == 1 or device.type == "cuda" or h <= 1024
+    fns = {m: f for m, f in c["fns"].items() if m != "base" or with_base}
     benchmark.group = f"latent {device.type} {str(dtype).replace('torch.', '')} h={h} R={r} K={k} P={p} tpp={tpp}"
     info = dict(hidden=h, rank=r, latent_k=k, policies=p, tokens_per_policy=tpp, tokens=c["tokens"], method=path,
                 device=device.type, cold_mb=cold_mb, auto_path=ch.path, auto_timed=ch.measured is not None,
@@ -418,21 +421,22 @@ def _bench(benchmark, case, path: str, device: torch.device, dtype: torch.dtype,
         info["ratios"] = {"regret": [ch.path, ["materialized", "latent"]],
                           "auto_over_best": ["self", ["materialized", "latent"]]}
     benchmark.extra_info.update(info)
+    # round robin as the CLI times it (time_interleaved): each timed call follows one call of the other paths
+    budget, rounds = {"quick": (0.4, 7), "full": (0.8, 9)}[size] if device.type == "cpu" else (0.5, 50)
     with torch.no_grad():
-        fn()
-        benchmark(fn)
+        round_robin(benchmark, fns, path, budget, max_rounds=rounds, min_rounds=3)
 
 
-def test_latent_cpu(benchmark, case, path):
+def test_latent_cpu(benchmark, case, path, size):
     """Each path of one LoRA-served layer on the CPU (float32; weights cycled past a 96 MB cache)."""
-    _bench(benchmark, case, path, torch.device("cpu"), torch.float32, 96)
+    _bench(benchmark, case, path, torch.device("cpu"), torch.float32, 96, size)
 
 
 @pytest.mark.gpu
-def test_latent_gpu(benchmark, case, path):
+def test_latent_gpu(benchmark, case, path, size):
     """Each path on the GPU (bfloat16; weights cycled past 200 MB)."""
     require_backend("torch", "cuda")
-    _bench(benchmark, case, path, torch.device("cuda"), torch.bfloat16, 200)
+    _bench(benchmark, case, path, torch.device("cuda"), torch.bfloat16, 200, size)
 
 
 if __name__ == "__main__":

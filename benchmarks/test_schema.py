@@ -11,7 +11,7 @@ import pytest
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # benchmarks/_common.py and plot.py, however this file is loaded
 import plot  # noqa: E402
-from _common import bench_size, derive  # noqa: E402
+from _common import bench_size, derive, round_robin  # noqa: E402
 
 
 def test_derive_ratios_roofline_and_missing_peers():
@@ -66,3 +66,26 @@ def test_benchmarks_are_outside_testpaths():
     """The repository's pytest configuration collects tests/ only, so `make test` never runs a benchmark."""
     text = (HERE.parent / "pyproject.toml").read_text()
     assert 'testpaths = ["tests"]' in text
+
+
+def test_round_robin_runs_every_other_method_before_each_timed_call():
+    """Each timed call of a method follows one call of each other method (the old scripts' round robin); the
+    rounds stay within bounds; an unknown method is refused before anything runs."""
+    calls: list[str] = []
+
+    class FakeBenchmark:
+        extra_info: dict = {}
+
+        def pedantic(self, target, setup, rounds, iterations):
+            assert iterations == 1
+            for _ in range(rounds):
+                setup()
+                target()
+
+    fns = {m: (lambda m=m: calls.append(m)) for m in ("a", "b", "c")}
+    rounds = round_robin(FakeBenchmark(), fns, "b", budget_s=1e9, max_rounds=4, min_rounds=2)
+    assert rounds == 4
+    assert calls == ["a", "b", "c"] + ["a", "c", "b"] * 4
+    with pytest.raises(KeyError, match="'d' is not one of a, b, c"):
+        round_robin(FakeBenchmark(), fns, "d", budget_s=1.0)
+    assert len(calls) == 15
