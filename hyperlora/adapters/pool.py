@@ -236,7 +236,7 @@ class AdapterPool:
 
         Keys must be distinct and not in the pool (ValueError otherwise: look them up with `get` first).
         Takes free slots, else evicts least-recently-used ready slots that are not pinned or in flight;
-        PoolFullError (nothing held) when there are not enough. Inside the body the slots are "writing"
+        PoolFullError when there are not enough (checked first: nothing is evicted or held then). Inside the body the slots are "writing"
         (invisible to `get`, never evicted); write them with `write` or into `buffers(...)` directly. On
         success they are committed (ready); if the body raises anything, every slot is freed and its key
         forgotten. Adapters evicted to make room stay evicted either way.
@@ -256,6 +256,9 @@ class AdapterPool:
                     what = "ready" if self._state[self._lru[key]] == _READY else "being written"
                     raise ValueError(f"key {key[:12]}... is already in the pool ({what}): look it up with get() "
                                      f"instead of reserving it again")
+            room = sum(1 for x in range(self.max_adapters) if self._state[x] == _FREE or self._evictable(x))
+            if room < len(checked):  # all or none: nothing is evicted for a reservation that cannot succeed
+                raise self._full_error(len(checked))
             try:
                 for key, rank, scale in checked:
                     slot = self._free_slot()
@@ -328,13 +331,17 @@ class AdapterPool:
                 self._release(slot)
                 self._stats["evictions"] += 1
                 return slot
+        raise self._full_error()
+
+    def _full_error(self, wanted: int = 1) -> PoolFullError:
         n_pin = len(self._pinned)
         n_fly = sum(1 for r in self._refs if r > 0)
         n_wr = sum(1 for s in self._state if s == _WRITING)
-        raise PoolFullError(
-            f"adapter pool is full: all {self.max_adapters} slots are pinned ({n_pin}), used by in-flight batches "
-            f"({n_fly}) or being written ({n_wr}), so none can be evicted; unpin adapters, let batches finish, or "
-            f"build the pool with a larger max_adapters")
+        need = f"{wanted} slots are needed but " if wanted > 1 else ""
+        return PoolFullError(
+            f"adapter pool is full: {need}all {self.max_adapters} slots are pinned ({n_pin}), used by in-flight "
+            f"batches ({n_fly}) or being written ({n_wr}), so none can be evicted; unpin adapters, let batches "
+            f"finish, or build the pool with a larger max_adapters")
 
     def _release(self, slot: int) -> None:
         key = self._slot_key[slot]
