@@ -17,10 +17,13 @@ import contextlib
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
+from hyperlora.adapters.adapter_set import AdapterSet
+from hyperlora.adapters.functional import apply_lora
+from hyperlora.modeling.decoding import bf16_autocast, greedy_decode_texts, left_pad, pad_id
 from hyperlora.modeling.prompts import target_text
 
 __all__ = ["ScoreRequest", "AdapterSet", "option_logprobs", "predict_options", "greedy_generate", "regex_pass",
@@ -36,48 +39,19 @@ class ScoreRequest:
     row: int = -1
 
 
-@dataclass
-class AdapterSet:
-    """P adapters on named Linear modules: name -> (A [P, R, d_in], B [P, d_out, R]); scale float or [P]."""
-
-    modules: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
-    scale: float | torch.Tensor = 1.0
-
-    @property
-    def count(self) -> int:
-        return int(next(iter(self.modules.values()))[0].shape[0]) if self.modules else 0
-
-
 def _adapter_ctx(model: Any, adapters: AdapterSet | None, rows: Sequence[int]):
     if adapters is None or not adapters.modules or all(r < 0 for r in rows):
         if adapters is None and any(r >= 0 for r in rows):
             raise ValueError("a request has row >= 0 but no adapters were given")
         return contextlib.nullcontext()
-    from hyperlora.adapters.functional import apply_lora
-
     return apply_lora(model, adapters.modules, scale=adapters.scale, rows=torch.tensor(list(rows), dtype=torch.long))
 
 
-def _autocast(enabled: bool, device: torch.device):
-    if not enabled:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
+_autocast = bf16_autocast
 
 
 def _device(model: Any) -> torch.device:
     return next(model.parameters()).device
-
-
-def left_pad(seqs: Sequence[Sequence[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, attention mask) [N, T] with every sequence right-aligned after `pad` tokens."""
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), T), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if s:
-            ids[i, T - len(s):] = torch.tensor(list(s), dtype=torch.long)
-            mask[i, T - len(s):] = 1
-    return ids.to(device), mask.to(device)
 
 
 def _forward_last_logits(model: Any, ids: torch.Tensor, mask: torch.Tensor, keep: int) -> torch.Tensor:
@@ -89,14 +63,6 @@ def _forward_last_logits(model: Any, ids: torch.Tensor, mask: torch.Tensor, keep
         out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False)
     logits = out.logits
     return logits[:, -keep:]
-
-
-def pad_id(tokenizer: Any) -> int:
-    """The tokenizer's pad token id, else its end-of-sequence id, else 0."""
-    pid = getattr(tokenizer, "pad_token_id", None)
-    if pid is None:
-        pid = getattr(tokenizer, "eos_token_id", None)
-    return int(pid or 0)
 
 
 @torch.no_grad()
@@ -231,32 +197,14 @@ def predict_options(requests: Sequence[ScoreRequest], scores: Sequence[Sequence[
     return [r.options[max(range(len(s)), key=lambda i: s[i])] for r, s in zip(requests, scores)]
 
 
-@torch.no_grad()
 def greedy_generate(model: Any, tokenizer: Any, prompts: Sequence[str], rows: Sequence[int] | None = None, *,
                     adapters: AdapterSet | None = None, max_new_tokens: int = 32, batch_size: int = 8,
                     bf16: bool = True, progress: Callable[[int], None] | None = None) -> list[str]:
-    """Greedy continuations (decoded, special tokens dropped) of each prompt, with per-row adapters."""
-    rows = list(rows) if rows is not None else [-1] * len(prompts)
-    if len(rows) != len(prompts):
-        raise ValueError(f"rows has {len(rows)} entries for {len(prompts)} prompts")
-    device = _device(model)
-    pad = pad_id(tokenizer)
-    eos = getattr(tokenizer, "eos_token_id", None)
-    enc = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: len(enc[i]))
-    out = [""] * len(prompts)
-    for s in range(0, len(order), batch_size):
-        idx = order[s:s + batch_size]
-        ids, mask = left_pad([enc[i] for i in idx], pad, device)
-        with _adapter_ctx(model, adapters, [rows[i] for i in idx]), _autocast(bf16, device):
-            gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=pad, eos_token_id=eos)
-        new = gen[:, ids.shape[1]:]
-        for j, i in enumerate(idx):
-            out[i] = tokenizer.decode(new[j].tolist(), skip_special_tokens=True)
-        if progress is not None:
-            progress(len(idx))
-    return out
+    """Greedy continuations (decoded, special tokens dropped) of each prompt, with per-row adapters
+    (``hyperlora.modeling.decoding.greedy_decode_texts`` inside ``apply_lora`` for each batch's rows)."""
+    return greedy_decode_texts(model, tokenizer, prompts, rows,
+                               batch_context=lambda batch_rows: _adapter_ctx(model, adapters, batch_rows),
+                               max_new_tokens=max_new_tokens, batch_size=batch_size, bf16=bf16, progress=progress)
 
 
 def regex_pass(generation: str, regex: str) -> bool:

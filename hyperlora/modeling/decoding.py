@@ -1,14 +1,20 @@
-"""A small decoding loop for transformers causal LMs: left padding, KV cache, greedy or sampled, per-row RNG.
+"""Token decoding for transformers causal LMs (not adapter generation: that is the hypernetworks' job).
 
-`Runtime.generate` runs it inside a `policies()` context. It is written so that every row of a batch gets
-exactly the tokens it would get when decoded alone: positions come from the row's own attention mask
-(left padding never shifts them), and sampling draws from a generator per row, so a row's random stream does
-not depend on its batch-mates.
+* `decode`: a small decoding loop, left padding, KV cache, greedy or sampled, per-row RNG. `Runtime.generate`
+  runs it inside a `policies()` context. It is written so that every row of a batch gets exactly the tokens it
+  would get when decoded alone: positions come from the row's own attention mask (left padding never shifts
+  them), and sampling draws from a generator per row, so a row's random stream does not depend on its
+  batch-mates.
+* `greedy_decode_texts`: prompt texts in, greedy reply texts out, through transformers' ``generate`` in
+  length-sorted left-padded batches, optionally inside a per-batch context (e.g. per-row adapters). The one
+  copy used by serving code (the reply-format compiler's background replies) and by evaluation
+  (``hyperlora.evaluation.scoring.greedy_generate`` wraps it with an ``AdapterSet``).
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
-from typing import Sequence
+from typing import Any, Callable, ContextManager, Sequence
 
 import torch
 from torch import nn
@@ -141,3 +147,67 @@ def decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tens
                     **{cache_kw: past})
         past = _cache_of(out)
     return torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1)
+
+
+def pad_id(tokenizer: Any) -> int:
+    """The tokenizer's pad token id, else its end-of-sequence id, else 0."""
+    pid = getattr(tokenizer, "pad_token_id", None)
+    if pid is None:
+        pid = getattr(tokenizer, "eos_token_id", None)
+    return int(pid or 0)
+
+
+def left_pad(seqs: Sequence[Sequence[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask) [N, T] with every sequence right-aligned after `pad` tokens."""
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, T - len(s):] = torch.tensor(list(s), dtype=torch.long)
+            mask[i, T - len(s):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def bf16_autocast(enabled: bool, device: torch.device) -> ContextManager[Any]:
+    """bfloat16 autocast on `device` when `enabled`, else a no-op context."""
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+@torch.no_grad()
+def greedy_decode_texts(model: nn.Module, tokenizer: Any, prompts: Sequence[str],
+                        rows: Sequence[int] | None = None, *,
+                        batch_context: Callable[[list[int]], ContextManager[Any]] | None = None,
+                        max_new_tokens: int = 32, batch_size: int = 8, bf16: bool = True,
+                        progress: Callable[[int], None] | None = None) -> list[str]:
+    """Greedy continuations (decoded, special tokens dropped) of each prompt text.
+
+    Prompts are tokenized without special tokens, sorted by length and decoded ``batch_size`` at a time with
+    left padding. ``rows`` (default all -1) is one integer per prompt that only ``batch_context`` reads: each
+    batch runs inside ``batch_context(rows of the batch)`` (e.g. per-row adapters); None runs the base model."""
+    rows = list(rows) if rows is not None else [-1] * len(prompts)
+    if len(rows) != len(prompts):
+        raise ValueError(f"rows has {len(rows)} entries for {len(prompts)} prompts")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    device = next(model.parameters()).device
+    pad = pad_id(tokenizer)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    enc = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(enc[i]))
+    out = [""] * len(prompts)
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        ids, mask = left_pad([enc[i] for i in idx], pad, device)
+        ctx = batch_context([rows[i] for i in idx]) if batch_context is not None else contextlib.nullcontext()
+        with ctx, bf16_autocast(bf16, device):
+            gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=pad, eos_token_id=eos)
+        new = gen[:, ids.shape[1]:]
+        for j, i in enumerate(idx):
+            out[i] = tokenizer.decode(new[j].tolist(), skip_special_tokens=True)
+        if progress is not None:
+            progress(len(idx))
+    return out
