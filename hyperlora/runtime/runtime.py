@@ -9,9 +9,12 @@
 `attach` replaces the targeted Linear / Conv1D modules in place (`hyperlora.runtime.layers`); their parameters keep
 their `state_dict` names. Every adapter lives in one `AdapterPool`: generated ones keyed by a content hash
 of (hypernetwork weights, policy text, rank, scale), PEFT ones by a hash of their validated tensors. A
-`policies()` context resolves each row to a pool slot (generating the misses in one batched hypernetwork
-call), then holds those slots in flight until it exits, so adapters loaded or evicted meanwhile (from this
-thread or another) never change the batch (the failure class of vLLM #47724).
+`policies()` context resolves each row to a pool slot (generating each miss in a call of its own, so its
+adapter does not depend on the rest of the batch), then holds those slots in flight until it exits, so
+adapters loaded or evicted meanwhile (from this thread or another) never change the batch (the failure class
+of vLLM #47724). What is served is an `AdapterSource` (`hyperlora.hypernets.source`); the pool owns each
+slot's reserve -> write -> commit / free (`AdapterPool.put`, `reserve`), `hyperlora.runtime.writing` decides
+what is written.
 """
 from __future__ import annotations
 
