@@ -341,7 +341,7 @@ class Runtime:
         if close:
             raise KeyError(f"{what} = {e!r} is not a loaded adapter name but is close to {close}: a mistyped name? "
                            f"(a policy text is never close to a name; loaded adapters: {loaded})")
-        if len(e.split()) == 1:
+        if len(e.split()) == 1 and e.isascii():  # scripts written without spaces (CJK) are not single words
             raise KeyError(f"{what} = {e!r} is a single word: not a loaded adapter name (loaded: {loaded}) and too "
                            f"short for a policy text (a policy text has at least two words)")
         if self.hypernet is None:
@@ -429,8 +429,8 @@ class Runtime:
         meanwhile can change this batch. Contexts nest (the innermost one is active) and are per thread.
         The model must then be called with exactly len(policies) rows (ValueError otherwise, even when
         every entry is None). A string that is not a loaded name but equals an unloaded one, is close to a
-        loaded or unloaded name (difflib), or is a single word raises KeyError: names and texts cannot be
-        confused.
+        loaded or unloaded name (difflib), or is a single ASCII word raises KeyError: names and texts cannot
+        be confused.
         """
         self._check_attached()
         if isinstance(policies, (str, bytes)) or not isinstance(policies, Sequence):

@@ -128,8 +128,8 @@ def test_mistyped_or_unloaded_adapter_names_are_never_generated(tmp_path):
     with pytest.raises(KeyError, match="unloaded"):
         rt.export_peft("good", tmp_path / "x")
     assert rt.pool.stats()["generations"] == 0
-    rt.prepare(["Answer only in French."])  # a policy text still is one
-    assert rt.pool.stats()["generations"] == 1
+    rt.prepare(["Answer only in French.", "请只用中文回答。"])  # policy texts still are (no spaces in Chinese)
+    assert rt.pool.stats()["generations"] == 2
 
 
 # ---- row 9: one name, one adapter -----------------------------------------------------------------
