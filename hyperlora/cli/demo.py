@@ -31,7 +31,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from hyperlora.cli.errors import UsageError
-from hyperlora.modeling.padding import pad_ids
+from hyperlora.modeling.decoding import pad_id
+from hyperlora.modeling.padding import left_pad, pad_ids
 from hyperlora.modeling.prompts import prompt_text, target_text
 from hyperlora.tasks.format import TaskFormatError, load_tasks
 
@@ -95,8 +96,6 @@ def build_rows(policies: Sequence[tuple[str, str | None]] | None) -> list[tuple[
 
 
 def _left_pad(tokenizer: Any, prompts: Sequence[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    from hyperlora.evaluation.scoring import left_pad, pad_id
-
     return left_pad([tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts], pad_id(tokenizer),
                         device)
 

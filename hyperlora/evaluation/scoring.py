@@ -23,7 +23,8 @@ import torch
 
 from hyperlora.adapters.adapter_set import AdapterSet
 from hyperlora.adapters.functional import apply_lora
-from hyperlora.modeling.decoding import bf16_autocast, greedy_decode_texts, left_pad, pad_id
+from hyperlora.modeling.decoding import bf16_autocast, greedy_decode_texts, pad_id
+from hyperlora.modeling.padding import left_pad
 from hyperlora.modeling.prompts import target_text
 
 __all__ = ["ScoreRequest", "AdapterSet", "option_logprobs", "predict_options", "greedy_generate", "regex_pass",

@@ -19,6 +19,8 @@ from typing import Any, Callable, ContextManager, Sequence
 import torch
 from torch import nn
 
+from hyperlora.modeling.padding import left_pad
+
 
 def _check_left_padded(mask: torch.Tensor) -> None:
     if mask.dim() != 2:
@@ -155,18 +157,6 @@ def pad_id(tokenizer: Any) -> int:
     if pid is None:
         pid = getattr(tokenizer, "eos_token_id", None)
     return int(pid or 0)
-
-
-def left_pad(seqs: Sequence[Sequence[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, attention mask) [N, T] with every sequence right-aligned after `pad` tokens."""
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), T), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if s:
-            ids[i, T - len(s):] = torch.tensor(list(s), dtype=torch.long)
-            mask[i, T - len(s):] = 1
-    return ids.to(device), mask.to(device)
 
 
 def bf16_autocast(enabled: bool, device: torch.device) -> ContextManager[Any]:
