@@ -42,6 +42,7 @@ from hyperlora.tasks.format import Example, PolicyTask
 from hyperlora.modeling.prompts import prompt_text
 from hyperlora.evaluation.scoring import (AdapterSet, ScoreRequest, greedy_generate, macro_balanced_accuracy,
                                         option_logprobs, predict_options)
+from hyperlora.evaluation.sources import stack_adapter_sets
 
 log = logging.getLogger(__name__)
 
@@ -294,8 +295,6 @@ def evaluate(model: Any, tokenizer: Any, etasks: Sequence[EvalTask], *, conditio
                 bar.update(1)
             bar.close()
             info["oracle_train_seconds"] = round(time.perf_counter() - t0, 1)
-            from hyperlora.evaluation.sources import stack_adapter_sets
-
             results[cond] = _run_condition(
                 model, tokenizer, etasks, oracle_idx, policy_in_prompt=False, desc=cond,
                 adapters_for=lambda idx: stack_adapter_sets([trained[i] for i in idx]), **common)

@@ -9,17 +9,21 @@ pattern like ``^(a+)+$``. Two layers keep an eval from hanging:
    ``|`` inside a repeated item (``(a+)+``, ``(\\w+\\s?)+``, ``(a|ab)*`` are refused: the shapes of
    catastrophic backtracking). It must compile under Python's ``re`` and the ``regex`` package.
 2. When matching, ``check_search`` looks at the first ``MAX_REPLY_CHARS`` characters of a reply and
-   stops after ``MATCH_TIMEOUT_S`` seconds (the ``regex`` package's ``timeout=``), counting a
-   timed-out check as failed with a warning: what the subset still admits (adjacent overlapping
-   quantifiers, polynomial at worst) cannot stall an eval either.
-
-On every pattern the generator writes, the result is that of ``re.search`` (tested).
+   stops after ``MATCH_TIMEOUT_S`` seconds, counting a timed-out check as failed (with a warning), so
+   what the subset still admits (adjacent overlapping quantifiers, polynomial at worst) cannot stall
+   an eval either. In the main thread of a POSIX process (the CLI, the tests) the search is
+   ``re.search`` itself, interrupted by a SIGALRM interval timer: exactly the old results. Elsewhere
+   (another thread, Windows) it is the ``regex`` package's ``timeout=``, which differs from ``re`` in
+   corners (``re``'s ``\s`` matches ``\x1c``-``\x1f``, ``regex``'s does not).
 """
 from __future__ import annotations
 
 import functools
 import logging
 import re
+import signal
+import threading
+import warnings
 from typing import Any
 
 import regex
@@ -138,12 +142,16 @@ def _problem(pattern: str) -> str | None:
     if depth > MAX_GROUP_DEPTH:
         return f"nests groups {depth} deep (at most {MAX_GROUP_DEPTH})"
     try:
-        re.compile(pattern)
-        parsed = _sre_parse.parse(pattern)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            parsed = _sre_parse.parse(pattern)  # uncached (unlike re.compile), so its warnings always show
+            re.compile(pattern)
     except re.error as e:
         return f"is not a valid regular expression: {e}"
     except (OverflowError, RecursionError, ValueError, MemoryError) as e:
         return f"is not a valid regular expression: {e.__class__.__name__}: {e}"
+    if caught:  # e.g. "Possible nested set": syntax whose meaning differs between engines and versions
+        return f"uses ambiguous syntax ({caught[0].message})"
     reason = _walk(parsed)
     if reason:
         return f"has {reason}"
@@ -167,15 +175,48 @@ def _compiled(pattern: str) -> Any:
     return regex.compile(pattern)
 
 
+class _Alarm(Exception):
+    """Raised by the SIGALRM handler inside a timed re.search."""
+
+
+def _on_alarm(signum: int, frame: Any) -> None:
+    raise _Alarm()
+
+
+def _can_use_alarm() -> bool:
+    """SIGALRM timing is possible: POSIX, main thread, and no interval timer already running."""
+    return (hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
+            and signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0))
+
+
+def _timed_re_search(pattern: str, text: str) -> bool:
+    """re.search under a MATCH_TIMEOUT_S SIGALRM timer (re's C loop checks signals); raises TimeoutError."""
+    old = signal.signal(signal.SIGALRM, _on_alarm)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, MATCH_TIMEOUT_S)
+        try:
+            return re.search(pattern, text) is not None
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0.0)
+    except _Alarm:
+        raise TimeoutError from None
+    finally:
+        signal.signal(signal.SIGALRM, old)
+
+
 def check_search(pattern: str, text: str) -> bool:
-    """Does ``pattern`` occur in ``text`` (``re.search`` semantics), bounded in time and reply length?
+    """Does ``pattern`` occur in ``text`` (``re.search``'s answer), bounded in time and reply length?
 
     Looks at the first ``MAX_REPLY_CHARS`` characters; a search that runs past ``MATCH_TIMEOUT_S`` counts
-    as no match (logged as a warning naming the pattern).
+    as no match (a warning names the pattern). Main thread on POSIX: ``re.search`` under a SIGALRM timer
+    (exact ``re`` semantics); otherwise the ``regex`` package with ``timeout=``.
     """
+    text = text[:MAX_REPLY_CHARS]
     try:
-        return _compiled(pattern).search(text[:MAX_REPLY_CHARS], timeout=MATCH_TIMEOUT_S) is not None
+        if _can_use_alarm():
+            return _timed_re_search(pattern, text)
+        return _compiled(pattern).search(text, timeout=MATCH_TIMEOUT_S) is not None
     except TimeoutError:
         log.warning("free-text check %r took over %.2f s on a %d-character reply: counted as failed",
-                    pattern[:80], MATCH_TIMEOUT_S, min(len(text), MAX_REPLY_CHARS))
+                    pattern[:80], MATCH_TIMEOUT_S, len(text))
         return False

@@ -171,3 +171,17 @@ def test_line_numbers_count_crlf_and_cr_like_text_mode(tmp_path):
 def test_a_directory_is_not_a_task_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a regular file"):
         load_tasks(tmp_path)
+
+
+def test_bounded_matcher_keeps_re_semantics_in_the_main_thread_and_is_bounded_in_others():
+    # re's \s matches \x1c-\x1f (the regex package's does not): results must stay re.search's
+    assert check_search(r"^\s*OK", "\x1fOK") and re.search(r"^\s*OK", "\x1fOK")
+    import threading
+
+    out = []
+    th = threading.Thread(target=lambda: out.append((check_search(r"\s*\s*\s*\s*\s*x", " " * 50_000),
+                                                     check_search(r"^Noted", "Noted: hi"))))
+    t0 = time.perf_counter()
+    th.start()
+    th.join(10)
+    assert out == [(False, True)] and time.perf_counter() - t0 < 5.0
