@@ -12,6 +12,10 @@ from typing import Any, Callable
 
 from torch import nn
 
+from hyperlora.hypernets.reader.reader import ReaderHypernet, is_reader_dir
+from hyperlora.hypernets.t2l.hypernet import HyperNetwork
+from hyperlora.hypernets.t2l.text_encoders import load_policy_encoder
+
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "checkpoints"
 _HN_CONFIG = "config.json"
 
@@ -52,10 +56,6 @@ def load_hypernet(directory: str | Path, model: nn.Module, tokenizer: Any) -> tu
     """(hypernet, encode) from one checkpoint directory: a ``ReaderHypernet`` with ``encode=None`` for a policy
     reader (it reads the texts itself), else a T2L-style ``HyperNetwork`` with the policy encoder it was trained
     with (texts -> [P, E])."""
-    from hyperlora.hypernets.reader.reader import ReaderHypernet, is_reader_dir
-    from hyperlora.hypernets.t2l.hypernet import HyperNetwork
-    from hyperlora.hypernets.t2l.text_encoders import load_policy_encoder
-
     d = Path(directory)
     if is_reader_dir(d):
         return ReaderHypernet.from_dir(d, model, tokenizer), None

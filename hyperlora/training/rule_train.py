@@ -30,6 +30,7 @@ from hyperlora.ops.precision import use_bf16
 from hyperlora.hypernets.reader.rules.reply_format import ReplyPrefixHead, derive_template, policy_words, token_spans, word_features
 from hyperlora.tasks.format import PolicyTask
 from hyperlora.hypernets.reader.rules.threshold import ThresholdHead, context_features, derive_threshold, numbers
+from hyperlora.training.reply_background import write_background_records
 
 
 def _label(task: PolicyTask) -> tuple[str, str] | None:
@@ -256,5 +257,6 @@ def train_rule_heads(cfg: Any, out: Path, log: Callable[[str], None] = print) ->
         log(f"{sp}: {held[sp]}")
     trained = {"reader_init": str(cfg.reader_init), "policies": len(train), "held_out": held}
     prefix_head.save(final, extra={"trained": trained})
+    write_background_records(final)  # the compiler's records, shipped beside its head (serving never draws them)
     thr_head.save(final, extra={"trained": trained})
     return {"method": "rule_heads", "eval": held, "templates": templates, "train_seconds": round(time.time() - t0, 1)}

@@ -165,12 +165,25 @@ def roomy_model(tmp_path_factory):
                              num_hidden_layers=2)
 
 
-def _compiler(model_dir, **kw):
-    from hyperlora.modeling.base_model import load_base_model
+def _records(n: int = 12, seed: int = 7) -> list[str]:
+    """Background records as the shipped file's writer draws them (fewer: 8 background + 4 key records)."""
+    from hyperlora.training.reply_background import builtin_records
+
+    return builtin_records(n, seed)
+
+
+def _small_compiler(model, tok, **kw):
     from hyperlora.hypernets.reader.rules.reply_format import PrefixCompiler
 
+    kw.setdefault("records", _records())
+    return PrefixCompiler(model, tok, n_background=8, n_keys=4, **kw)
+
+
+def _compiler(model_dir, **kw):
+    from hyperlora.modeling.base_model import load_base_model
+
     model, tok = load_base_model(model_dir)
-    return model, tok, PrefixCompiler(model, tok, n_background=8, n_keys=4, **kw)
+    return model, tok, _small_compiler(model, tok, **kw)
 
 
 def test_compiled_prefix_wins_every_position_on_its_key_records(roomy_model):
@@ -283,8 +296,10 @@ def test_served_reader_compiles_prefix_rules_and_leaves_other_policies(tiny_mode
     policies = ["Start every reply with 'Noted:'.", "Flag refunds as 'alert'; otherwise 'ignore'."]
     want = plain.adapters_for_texts(policies)
     head = _forced_head(32, "{w}:", 1)
-    served = ReaderHypernet(reader, feats, prefix_head=head, max_rank=8)
-    served.compiler.n_background, served.compiler.n_keys = 8, 4
+    with pytest.raises(ValueError, match="background records"):
+        ReaderHypernet(reader, feats, prefix_head=head, max_rank=8)
+    served = ReaderHypernet(reader, feats, prefix_head=head, max_rank=8, background_records=_records(40))
+    served.compiler = _small_compiler(model, tok, max_tokens=8)
     assert served.weights_id() != plain.weights_id()
     assert served.reply_formats(policies) == ["Start:", "Flag:"]
     assert served.rules(policies[:1]) == [("prefix", "Start:")]
@@ -295,7 +310,7 @@ def test_served_reader_compiles_prefix_rules_and_leaves_other_policies(tiny_mode
     assert got[o][0].abs().sum() == 0 and got[o][1].abs().sum() == 0
     # without a rule the reader's own adapters are served unchanged
     none_head = _forced_head(32, "{w}:", 0)
-    served0 = ReaderHypernet(reader, feats, prefix_head=none_head)
+    served0 = ReaderHypernet(reader, feats, prefix_head=none_head, background_records=_records(40))
     for n, (a, b) in served0.adapters_for_texts(policies)[1].items():
         assert torch.equal(a, want[1][n][0]) and torch.equal(b, want[1][n][1])
     # a sign-off reading serves the compiled sign-off the same way (the random model writes no sentences: see
@@ -303,17 +318,25 @@ def test_served_reader_compiles_prefix_rules_and_leaves_other_policies(tiny_mode
     from hyperlora.hypernets.reader.rules import reply_format as reply_prefix
 
     monkeypatch.setattr(reply_prefix, "sentence_ends", lambda tok, ids: list(range(4, len(ids), 6)))
-    signer = ReaderHypernet(reader, feats, prefix_head=_forced_head(32, "{reply} -- {w}", 1), max_rank=8)
-    signer.compiler.n_background, signer.compiler.n_keys = 8, 4
+    signer = ReaderHypernet(reader, feats, prefix_head=_forced_head(32, "{reply} -- {w}", 1), max_rank=8,
+                            background_records=_records(40))
+    signer.compiler = _small_compiler(model, tok, max_tokens=8)
     assert signer.rules(policies[:1]) == [("signoff", " -- Start")]
     got = signer.adapters_for_texts(policies[:1])[0]
     A, B = signer.compiler.signoff(" -- Start")
     assert torch.equal(got[down][0], A) and torch.equal(got[down][1], B)
     assert got[o][0].abs().sum() == 0 and got[o][1].abs().sum() == 0
-    # a checkpoint directory with a head loads it for eval and serving
+    # a checkpoint directory with a head loads it for eval and serving, with the background records beside it
     head.save(tmp_path / "r")
+    with pytest.raises(FileNotFoundError, match="reply_background.json"):
+        ReaderSource.from_dir(tmp_path / "r", model, tok)
+    from hyperlora.training.reply_background import write_background_records
+
+    write_background_records(tmp_path / "r")
     src = ReaderSource.from_dir(tmp_path / "r", model, tok)
     assert src.hypernet.prefix_head is not None and src.hypernet.prefix_head.templates == ["{w}:"]
+    assert src.hypernet.compiler.records == _records(40)
+    assert ReaderHypernet.from_dir(tmp_path / "r", model, tok).compiler.records == _records(40)
 
 
 def test_rule_heads_method_trains_both_heads_on_a_reader(tiny_model, tmp_path):
@@ -329,7 +352,7 @@ def test_rule_heads_method_trains_both_heads_on_a_reader(tiny_model, tmp_path):
     res = json.loads((out / "results.json").read_text())
     assert set(res["templates"]) <= {"{w}:", "[{w}]", '{"{w}":', "{reply} -- {w}"} and res["templates"]
     assert set(res["eval"]) == {"held_out_combo", "held_out_topic", "held_out_words"}
-    for f in ("reply_prefix.safetensors", "threshold_rule.safetensors", "reader.safetensors"):
+    for f in ("reply_prefix.safetensors", "threshold_rule.safetensors", "reader.safetensors", "reply_background.json"):
         assert (out / "final" / f).is_file(), f
     head = ThresholdHead.load(out / "final")
     assert head.probe.abs().sum() > 0 and torch.isfinite(head.probe).all()
@@ -338,3 +361,50 @@ def test_rule_heads_method_trains_both_heads_on_a_reader(tiny_model, tmp_path):
         from hyperlora.training.rule_train import train_rule_heads
 
         train_rule_heads(TrainConfig(method="rule_heads", base_model=str(tiny_model)), tmp_path / "x")
+
+
+def test_background_records_round_trip_and_bad_files_are_named(tmp_path):
+    from hyperlora.hypernets.reader.rules.reply_format import (BACKGROUND_FILE, load_background_records,
+                                                                save_background_records)
+
+    assert load_background_records(tmp_path) is None  # no file: no records (the caller decides)
+    recs = _records(40)
+    path = save_background_records(tmp_path, recs, seed=7)
+    assert path == tmp_path / BACKGROUND_FILE
+    assert load_background_records(tmp_path) == recs
+    with pytest.raises(ValueError, match="needs 12 records for seed 7"):
+        load_background_records(tmp_path, n=12)
+    with pytest.raises(ValueError, match="for seed 8"):
+        load_background_records(tmp_path, seed=8)
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_background_records(tmp_path)
+    path.write_text(json.dumps({"seed": 7, "records": ["ok", ""]}))
+    with pytest.raises(ValueError, match=r"records \[1\] are not non-empty texts"):
+        load_background_records(tmp_path)
+    with pytest.raises(ValueError, match="list of texts"):
+        save_background_records(tmp_path, "one text", seed=7)
+
+
+def test_shipped_background_records_are_the_generator_records_the_compiler_used_to_draw():
+    """The shipped reader's reply_background.json holds exactly the records the compiler drew from the task
+    generator at serve time before they became data (its n = 32 + 8, seed 7), so its adapters are unchanged."""
+    from hyperlora.hypernets.checkpoints import default_dir
+    from hyperlora.hypernets.reader.rules.reply_format import load_background_records
+
+    d = default_dir()
+    assert d is not None
+    assert load_background_records(d) == _records(40, 7)
+
+
+def test_compiler_checks_its_records(tiny_model):
+    from hyperlora.modeling.base_model import load_base_model
+
+    model, tok = load_base_model(tiny_model)
+    with pytest.raises(ValueError, match="needs n_background \\+ n_keys = 12 background records, got 11"):
+        _small_compiler(model, tok, records=_records()[:11])
+    with pytest.raises(ValueError, match="not non-empty texts"):
+        _small_compiler(model, tok, records=[""] * 12)
+    a = _small_compiler(model, tok)
+    b = _small_compiler(model, tok, records=list(reversed(_records())))
+    assert a._cache_file() != b._cache_file()  # other records, other cached statistics

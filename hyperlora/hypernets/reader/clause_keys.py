@@ -19,6 +19,10 @@ import re
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+import torch
+
+from hyperlora.hypernets.reader.text import quoted_spans, token_spans
+
 MIN_WORDS = 3
 _CLAUSE_END = re.compile(r"[;,.]")
 _AND = re.compile(r"\band\b")
@@ -47,8 +51,6 @@ def answer_clauses(policy: str, min_words: int = MIN_WORDS) -> list[Clause] | No
     The cut between two consecutive quoted words is after the last ';', ',' or '.' between them, else before
     the last 'and' between them, else right before the second quote. The first clause keeps the policy's
     preamble ("Route tickets about X to 'a',"); the last one runs to the end ("and everything else to 'c'.")."""
-    from hyperlora.hypernets.reader.rules.reply_format import quoted_spans
-
     quotes = quoted_spans(policy)  # (word, start, end) inside the quotes
     words = [w.strip() for w, _, _ in quotes]
     if len(quotes) < min_words or len(set(words)) != len(words) or not all(words):
@@ -80,8 +82,6 @@ def word_tokens(tokenizer: Any, ids: Sequence[int], text: str, start: int, end: 
     """Token indices of ``text[start:end]`` among ``ids``, the reader's tokens of ``text`` (the policy's
     user-turn tokens, then the chat template's tail). Empty if the decoded tokens do not reproduce the text
     there (a tokenizer that normalizes it): the caller then leaves that word alone."""
-    from hyperlora.hypernets.reader.rules.reply_format import token_spans
-
     decoded = tokenizer.decode(list(ids))
     if decoded[start:end] != text[start:end]:
         return []
@@ -114,8 +114,6 @@ def with_clause_keys(reader: Any, features: Any, texts: Sequence[str], adapters:
     """The reader's ``adapters`` for ``texts`` with the key rows (A) of every answer word the full reading gates
     positively replaced by that word's rows in its clause read alone; B, the gates and every other row unchanged.
     Out of place and differentiable (training uses it too). ``gates`` [P, T] is the full reading's."""
-    import torch
-
     plan = []  # (policy, its token, clause text, the clause's token)
     for p, text in enumerate(texts):
         for c, full, own in _word_pieces(features, text):

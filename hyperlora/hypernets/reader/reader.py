@@ -24,15 +24,27 @@ policy's 16 largest-|gate| tokens.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Sequence
 
 import torch
 from torch import nn
+
+from hyperlora.adapters.adapter_set import AdapterSet
+from hyperlora.hypernets.reader.clause_keys import with_clause_keys
+from hyperlora.hypernets.reader.rules.reply_format import (PrefixCompiler, ReplyPrefixHead, load_background_records,
+                                                           split_template)
+from hyperlora.hypernets.reader.rules.threshold import ThresholdHead, compile_threshold
+from hyperlora.hypernets.reader.text import token_spans
+from hyperlora.modeling.prompts import prompt_text
+from hyperlora.modeling.targets import module_name  # re-exported: its home before modeling/targets.py
+from hyperlora.ops.precision import use_bf16
 
 from hyperlora.modeling.capture import InputCapture
 from hyperlora.modeling.padding import pad_ids
@@ -74,25 +86,12 @@ class ReaderConfig:
         return cls(**{k: v for k, v in d.items() if k in keys})
 
 
-def module_name(model: nn.Module, layer: int, mtype: str) -> str:
-    """Full name of module type `mtype` (e.g. 'o_proj') in decoder layer `layer` of a Llama-style model."""
-    prefix = f"model.layers.{layer}."
-    for name, _ in model.named_modules():
-        if name.startswith(prefix) and name.rsplit(".", 1)[-1] == mtype:
-            return name
-    raise ValueError(f"decoder layer {layer} of this model has no module {mtype!r} (the reader needs a "
-                     f"Llama-style decoder with self_attn.o_proj and mlp.down_proj)")
-
-
 class PolicyFeatures:
     """The base model's reading of policy texts: per text, its token ids and, at each of its positions, the
     hidden state after `gate_layer` layers and the inputs of the adapted modules. Cached by text."""
 
     def __init__(self, model: nn.Module, tokenizer: Any, cfg: ReaderConfig, bf16: bool | None = None):
         """``bf16``: read under bfloat16 autocast on a CPU; None (default) = where the CPU runs bf16 natively."""
-        from hyperlora.ops.precision import use_bf16
-        from hyperlora.modeling.prompts import prompt_text
-
         self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
         dev = next(model.parameters()).device
         self.bf16 = dev.type == "cpu" and use_bf16(bf16, dev)
@@ -103,8 +102,6 @@ class PolicyFeatures:
         self.names = {t: module_name(model, cfg.layer, t) for t in cfg.features}
 
     def prompt_ids(self, text: str) -> list[int]:
-        from hyperlora.modeling.prompts import prompt_text
-
         if not text or not text.strip():
             raise ValueError("policy text is empty")
         ids = self.tokenizer(prompt_text(self.tokenizer, text), add_special_tokens=False)["input_ids"]
@@ -285,27 +282,24 @@ class ReaderSource:
     """Policy texts -> ``scoring.AdapterSet`` through a trained PolicyReader (the eval/demo adapter source)."""
 
     def __init__(self, reader: PolicyReader, features: PolicyFeatures, prefix_head: Any = None,
-                 threshold_head: Any = None):
+                 threshold_head: Any = None, background_records: Sequence[str] | None = None):
         self.reader = reader.eval()
         self.features = features
         # what hyperlora.attach serves (demo, checkpoints.load)
-        self.hypernet = ReaderHypernet(reader, features, prefix_head=prefix_head, threshold_head=threshold_head)
+        self.hypernet = ReaderHypernet(reader, features, prefix_head=prefix_head, threshold_head=threshold_head,
+                                       background_records=background_records)
         self.encode = None  # the reader reads policy texts itself: no separate encoder
 
     @classmethod
     def from_dir(cls, directory: str | Path, model: nn.Module, tokenizer: Any) -> "ReaderSource":
-        from hyperlora.hypernets.reader.rules.reply_format import ReplyPrefixHead
-        from hyperlora.hypernets.reader.rules.threshold import ThresholdHead
-
         r = PolicyReader.from_pretrained(directory, model)
-        return cls(r, PolicyFeatures(model, tokenizer, r.cfg), ReplyPrefixHead.load(directory),
-                   ThresholdHead.load(directory))
+        prefix_head = ReplyPrefixHead.load(directory)
+        return cls(r, PolicyFeatures(model, tokenizer, r.cfg), prefix_head, ThresholdHead.load(directory),
+                   _background_of(directory, prefix_head))
 
     @torch.no_grad()
     def __call__(self, texts: Sequence[str]):
         """The adapters exactly as served (pruned to the ReaderHypernet's max_rank), zero-padded to one rank."""
-        from hyperlora.evaluation.scoring import AdapterSet
-
         per = self.hypernet.adapters_for_texts(list(texts))
         R = max(int(a.shape[0]) for mods in per for a, _ in mods.values())
         out = {}
@@ -327,16 +321,18 @@ class ReaderHypernet:
     Each policy's adapter keeps only its ``max_rank`` tokens with the largest |gate| (and none below
     ``min_gate``): a token with a zero gate has a zero B column, so dropping it changes nothing, and the
     trained gates are near zero except on answer words, which makes served adapters rank ~2-8 instead of the
-    policy's token count."""
+    policy's token count.
+
+    A ``prefix_head`` (reply-format rules) needs ``background_records``, the reply-prefix compiler's records
+    shipped beside it (``reply_format.load_background_records``; ``from_dir`` reads them)."""
 
     reads_text = True  # kept for callers of the old probe; the runtime reads the AdapterSource members below
     needs_encoder = False  # AdapterSource: reads the policy texts itself
     supports_latent = False  # AdapterSource: no latent head (reader rows take the materialized path)
 
     def __init__(self, reader: PolicyReader, features: PolicyFeatures, max_rank: int = 16, min_gate: float = 0.02,
-                 prefix_head: Any = None, threshold_head: Any = None):
-        from types import SimpleNamespace
-
+                 prefix_head: Any = None, threshold_head: Any = None,
+                 background_records: Sequence[str] | None = None):
         if max_rank < 1:
             raise ValueError(f"max_rank must be >= 1, got {max_rank}")
         self.reader, self.features = reader.eval(), features
@@ -344,9 +340,11 @@ class ReaderHypernet:
         if threshold_head is not None and "down_proj" not in reader.names:
             raise ValueError("the threshold head writes down_proj, which this reader does not adapt")
         if prefix_head is not None:
-            from hyperlora.hypernets.reader.rules.reply_format import PrefixCompiler
-
-            self.compiler = PrefixCompiler(features.model, features.tokenizer, max_tokens=max_rank)
+            if background_records is None:
+                raise ValueError("the reply-prefix head needs the compiler's background records (reader directories "
+                                 "ship them as reply_background.json; hyperlora.training.reply_background writes it)")
+            self.compiler = PrefixCompiler(features.model, features.tokenizer, max_tokens=max_rank,
+                                           records=background_records)
             if self.compiler.name not in reader.names.values():
                 raise ValueError(f"the reply-prefix head writes {self.compiler.name}, which this reader does not "
                                  f"adapt ({sorted(reader.names.values())})")
@@ -358,13 +356,11 @@ class ReaderHypernet:
 
     @classmethod
     def from_dir(cls, directory: str | Path, model: nn.Module, tokenizer: Any, **kw: Any) -> "ReaderHypernet":
-        from hyperlora.hypernets.reader.rules.reply_format import ReplyPrefixHead
-
-        from hyperlora.hypernets.reader.rules.threshold import ThresholdHead
-
         r = PolicyReader.from_pretrained(directory, model)
         kw.setdefault("prefix_head", ReplyPrefixHead.load(directory))
         kw.setdefault("threshold_head", ThresholdHead.load(directory))
+        if kw["prefix_head"] is not None:
+            kw.setdefault("background_records", _background_of(directory, kw["prefix_head"]))
         return cls(r, PolicyFeatures(model, tokenizer, r.cfg), **kw)
 
     def module_names(self, mtype: str) -> list[str]:
@@ -376,8 +372,6 @@ class ReaderHypernet:
     def weights_id(self) -> str:
         """Hash of the reader's weights and pruning settings (its identity in pool content keys)."""
         if self._id is None:
-            import hashlib
-
             tag = "|clause_keys" if self.reader.cfg.clause_keys else ""
             h = hashlib.sha256(f"reader|{self.config.rank}|{self.min_gate}{tag}".encode())
             state = dict(self.reader.state_dict())
@@ -407,8 +401,6 @@ class ReaderHypernet:
         feats = self.features(list(texts))
         adapters, gates = self.reader(feats)
         if self.reader.cfg.clause_keys:
-            from hyperlora.hypernets.reader.clause_keys import with_clause_keys
-
             adapters = with_clause_keys(self.reader, self.features, list(texts), adapters, gates)
         out = []
         for p in range(len(texts)):
@@ -429,8 +421,6 @@ class ReaderHypernet:
             elif rule[0] == "signoff":
                 A, B = self.compiler.signoff(rule[1])
             else:
-                from hyperlora.hypernets.reader.rules.threshold import compile_threshold
-
                 model = self.features.model
                 A, B = compile_threshold(self.threshold_head, self.reader.c_down_proj, self.reader.emb,
                                          model.model.norm.weight.detach().cpu(), self.features.tokenizer, *rule[1])
@@ -443,8 +433,6 @@ class ReaderHypernet:
               ) -> list[tuple[str, Any] | None]:
         """Per policy: ("prefix", "Noted:"), ("signoff", " -- Desk"), ("threshold", (500.0, "review", "approve"))
         or None (the reader's own adapter). A format reading wins over a threshold one."""
-        from hyperlora.hypernets.reader.rules.reply_format import split_template
-
         feats = feats if feats is not None else self.features(list(texts))
         formats = self.reply_formats(texts, feats)
         out: list[tuple[str, Any] | None] = []
@@ -454,8 +442,6 @@ class ReaderHypernet:
                 continue
             thr = None
             if self.threshold_head is not None:
-                from hyperlora.hypernets.reader.rules.reply_format import token_spans
-
                 thr = self.threshold_head.predict(t, f["h"], token_spans(self.features.tokenizer, f["ids"].tolist()))
             out.append(("threshold", thr) if thr is not None else None)
         return out
@@ -466,8 +452,19 @@ class ReaderHypernet:
         sign-off), or None (no head, or not such a rule)."""
         if self.prefix_head is None:
             return [None] * len(texts)
-        from hyperlora.hypernets.reader.rules.reply_format import token_spans
-
         feats = feats if feats is not None else self.features(list(texts))
         return [self.prefix_head.predict(t, f["h"], token_spans(self.features.tokenizer, f["ids"].tolist()))
                 for t, f in zip(texts, feats)]
+
+
+def _background_of(directory: str | Path, prefix_head: Any) -> list[str] | None:
+    """The reply-prefix compiler's background records shipped in a reader directory (None without a prefix head).
+    A directory with a prefix head but no records file is an error that names the fix."""
+    if prefix_head is None:
+        return None
+    records = load_background_records(directory)
+    if records is None:
+        raise FileNotFoundError(f"{Path(directory)} has a reply-prefix head but no reply_background.json (the "
+                                f"compiler's background records): write it with "
+                                f"hyperlora.training.reply_background.write_background_records({str(directory)!r})")
+    return records

@@ -21,11 +21,16 @@ position, and a copied embedding also raises its neighbours (docs/EXPERIMENTS.md
   sentence ends instead of the answer start, and a last slot for the end of turn: the reply is signed after its
   first sentence, like the tasks' reference replies.
 
+The compiler's *background records* (the user messages whose replies give the statistics) are data shipped
+with the reader (``reply_background.json`` beside the head, ``load_background_records``), written once from the
+task generator by ``hyperlora.training.reply_background``: serving never runs the generator.
+
 Limits (measured, docs/EXPERIMENTS.md 8-9): a template kind never seen in training cannot be named; a sign-off
 is missed when the reply's first sentence runs past the tokens a reader allows it.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -36,19 +41,27 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from hyperlora.adapters.functional import apply_lora
+from hyperlora.hypernets.reader.text import policy_words, quoted_spans, sentence_ends, token_spans, whole_word
+from hyperlora.modeling.base_model import cache_dir
 from hyperlora.modeling.capture import InputCapture
+from hyperlora.modeling.decoding import greedy_decode_texts
 from hyperlora.modeling.padding import pad_ids
+from hyperlora.modeling.prompts import end_of_turn, prompt_text
+from hyperlora.modeling.targets import module_name
+
+# policy_words, quoted_spans, sentence_ends and token_spans stay importable from here (their old home)
+__all__ = ["HEAD_FILE", "HEAD_CONFIG", "BACKGROUND_FILE", "SLOT", "REPLY", "derive_template", "quoted_literal",
+           "split_template", "word_features", "ReplyPrefixHead", "PrefixCompiler", "save_background_records",
+           "load_background_records", "policy_words", "quoted_spans", "sentence_ends", "token_spans"]
 
 HEAD_FILE = "reply_prefix.safetensors"
 HEAD_CONFIG = "reply_prefix.json"
+BACKGROUND_FILE = "reply_background.json"
 SLOT = "{w}"
 REPLY = "{reply}"  # a sign-off template: the reply, then the sign-off
-_WORD = re.compile(r"[A-Za-z][A-Za-z0-9]*")
-
-
-def policy_words(text: str) -> list[tuple[str, int, int]]:
-    """Candidate fill words of a policy: (word, start, end) for each alphanumeric run starting with a letter."""
-    return [(m.group(0), m.start(), m.end()) for m in _WORD.finditer(text)]
+# the compiler's default background: records and seed (the records file shipped with a reader must match them)
+N_BACKGROUND, N_KEYS, BACKGROUND_SEED = 32, 8, 7
 
 
 def derive_template(policy: str, answers: Sequence[str]) -> tuple[str, str] | None:
@@ -65,14 +78,9 @@ def derive_template(policy: str, answers: Sequence[str]) -> tuple[str, str] | No
     return _shared_prefix(policy, answers) or _shared_signoff(policy, answers)
 
 
-def _whole_word(word: str) -> re.Pattern:
-    """`word` not inside a longer alphanumeric run."""
-    return re.compile(rf"(?<![A-Za-z0-9]){re.escape(word)}(?![A-Za-z0-9])")
-
-
 def _word_in(policy: str, text: str) -> list[re.Match]:
     """Whole-word occurrences of the policy's words in `text`."""
-    return [m for word, _, _ in policy_words(policy) for m in _whole_word(word).finditer(text)]
+    return [m for word, _, _ in policy_words(policy) for m in whole_word(word).finditer(text)]
 
 
 def _shared_prefix(policy: str, answers: Sequence[str]) -> tuple[str, str] | None:
@@ -112,25 +120,12 @@ def _shared_signoff(policy: str, answers: Sequence[str]) -> tuple[str, str] | No
         best.group(0)
 
 
-_QUOTED = re.compile(r"(?<![A-Za-z0-9])(?:'([^'\n]{1,40})'|\"([^\"\n]{1,40})\")(?![A-Za-z0-9])")  # not "don't"
-
-
-def quoted_spans(text: str) -> list[tuple[str, int, int]]:
-    """(content, start, end) of each single- or double-quoted run of 1-40 characters, the span being the content's
-    inside the quotes; an apostrophe inside a word ("don't", "customer's") opens no quote."""
-    out = []
-    for m in _QUOTED.finditer(text):
-        g = 1 if m.group(1) is not None else 2
-        out.append((m.group(g), m.start(g), m.end(g)))
-    return out
-
-
 def quoted_literal(policy: str, word: str) -> str | None:
     """The policy's quoted text that holds `word` and punctuation besides it ('Noted:', '-- Desk', '- Noted'),
     stripped; None if no quote holds the word, or the quote is the bare word ('Noted', "Memo")."""
     for content, _, _ in quoted_spans(policy):
         q = content.strip()
-        if _whole_word(word).search(q) and q != word \
+        if whole_word(word).search(q) and q != word \
                 and re.search(r"[^\w\s]", q.replace(word, "")):
             return q
     return None
@@ -141,29 +136,6 @@ def split_template(filled: str) -> tuple[str, str]:
     if filled.startswith(REPLY):
         return "signoff", filled[len(REPLY):]
     return "prefix", filled
-
-
-def token_spans(tokenizer: Any, ids: Sequence[int]) -> list[tuple[int, int]]:
-    """Character span of each token in ``tokenizer.decode(ids)`` (by incremental decoding)."""
-    spans, prev = [], 0
-    for i in range(len(ids)):
-        n = len(tokenizer.decode(list(ids[: i + 1])))
-        spans.append((prev, max(prev, n)))
-        prev = max(prev, n)
-    return spans
-
-
-_SENTENCE_END = re.compile(r"(?<=[A-Za-z)\"'])[.!?](?=\s|$)")
-
-
-def sentence_ends(tokenizer: Any, ids: Sequence[int]) -> list[int]:
-    """Indices of the tokens after which a sentence of ``tokenizer.decode(ids)`` ends: '.', '!' or '?' after a
-    letter, a bracket or a quote, followed by white space or the end of the text (not "3.5", not "1. ")."""
-    if not ids:
-        return []
-    text = tokenizer.decode(list(ids))
-    stops = [m.end() for m in _SENTENCE_END.finditer(text)]
-    return [i for i, (a, b) in enumerate(token_spans(tokenizer, ids)) if any(a < e <= b for e in stops)]
 
 
 def word_features(h: torch.Tensor, spans: Sequence[tuple[int, int]], words: Sequence[tuple[str, int, int]]
@@ -237,29 +209,71 @@ class ReplyPrefixHead(nn.Module):
         return head.eval()
 
 
-def _builtin_records(n: int, seed: int) -> list[str]:
-    """Records of every choice family from the built-in generator (offline, deterministic)."""
-    from hyperlora.tasks.generator import generate_tasks
+def save_background_records(directory: str | Path, records: Sequence[str], *, seed: int,
+                            source: str = "") -> Path:
+    """Write the compiler's background records (``BACKGROUND_FILE``) into a reader directory; returns the path.
+    ``seed`` is the compiler seed they were drawn with, ``source`` says how (free text)."""
+    recs = _check_records(records, "records")
+    path = Path(directory) / BACKGROUND_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    body = {"n_records": len(recs), "seed": int(seed), "source": source, "records": recs}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(body, indent=1, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+    return path
 
-    per = max(1, n // 4)
-    recs: list[str] = []
-    for fam in ("topic", "routing", "conjunction", "threshold"):
-        tasks = generate_tasks(fam, "train", per, seed=seed, examples_per_task=2, strict=False)
-        recs += [t.examples[0].input for t in tasks][:per]
-    return recs[:n]
+
+def load_background_records(directory: str | Path, *, n: int = N_BACKGROUND + N_KEYS,
+                            seed: int = BACKGROUND_SEED) -> list[str] | None:
+    """The background records shipped in a reader directory, or None if it has no ``BACKGROUND_FILE``.
+
+    Raises ValueError when the file is malformed or was written for another record count or seed than the
+    compiler's (``n`` = n_background + n_keys, ``seed``): its adapters would differ from the ones it was made for."""
+    path = Path(directory) / BACKGROUND_FILE
+    if not path.is_file():
+        return None
+    try:
+        body = json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(body, dict) or "records" not in body:
+        raise ValueError(f"{path} holds no 'records' list")
+    recs = _check_records(body["records"], str(path))
+    if len(recs) != n or body.get("seed") != seed:
+        raise ValueError(f"{path} holds {len(recs)} records for seed {body.get('seed')!r}; the reply-prefix "
+                         f"compiler needs {n} records for seed {seed}")
+    return recs
+
+
+def _check_records(records: Any, where: str) -> list[str]:
+    if isinstance(records, str) or not isinstance(records, Sequence):
+        raise ValueError(f"{where}: background records must be a list of texts, got {type(records).__name__}")
+    bad = [i for i, r in enumerate(records) if not isinstance(r, str) or not r.strip()]
+    if bad:
+        raise ValueError(f"{where}: background records {bad[:5]} are not non-empty texts")
+    if not records:
+        raise ValueError(f"{where}: no background records")
+    return list(records)
 
 
 class PrefixCompiler:
     """Prefix string -> rank-K LoRA factors (A [K, d_in], B [d_out, K]) on the last layer's ``down_proj`` that
     make greedy replies start with the prefix (``__call__``), or end with a sign-off (``signoff``). The
-    background statistics (the base model's states over its own replies to built-in records) are computed once
-    per kind, on first use (~10-20 s for prefixes, ~45 s for sign-offs on one CPU thread), and cached on disk."""
+    background statistics (the base model's states over its own replies to the background ``records``: the
+    first ``n_background`` give the ridge background, the next ``n_keys`` the key records) are computed once
+    per kind, on first use (~10-20 s for prefixes, ~45 s for sign-offs on one CPU thread), and cached on disk.
 
-    def __init__(self, model: nn.Module, tokenizer: Any, *, n_background: int = 32, n_keys: int = 8,
-                 ridge: float = 1.0, key_weight: float = 20.0, init_scale: float = 40.0, margin: float = 4.0,
-                 max_tokens: int = 16, seed: int = 7, signoff_tokens: int = 48):
-        from hyperlora.hypernets.reader.reader import module_name
+    ``records``: n_background + n_keys user messages, the ones shipped with a reader
+    (``load_background_records``; ``hyperlora.training.reply_background`` draws them from the task generator)."""
 
+    def __init__(self, model: nn.Module, tokenizer: Any, *, records: Sequence[str], n_background: int = N_BACKGROUND,
+                 n_keys: int = N_KEYS, ridge: float = 1.0, key_weight: float = 20.0, init_scale: float = 40.0,
+                 margin: float = 4.0, max_tokens: int = 16, seed: int = BACKGROUND_SEED, signoff_tokens: int = 48):
+        recs = _check_records(records, "PrefixCompiler")
+        if len(recs) != n_background + n_keys:
+            raise ValueError(f"PrefixCompiler needs n_background + n_keys = {n_background + n_keys} background "
+                             f"records, got {len(recs)}")
+        self.records = recs
         self.model, self.tokenizer = model, tokenizer
         self.layer = int(model.config.num_hidden_layers) - 1
         self.name = module_name(model, self.layer, "down_proj")
@@ -301,12 +315,9 @@ class PrefixCompiler:
         return out
 
     def _cache_file(self, kind: str = "background") -> Path:
-        """Where the `kind` statistics of this model and these settings are kept between processes."""
-        import hashlib
-
-        from hyperlora.modeling.base_model import cache_dir
-
+        """Where the `kind` statistics of this model, these settings and these records are kept between processes."""
         h = hashlib.sha256((self.settings() if kind == "signoff" else self._prefix_settings()).encode())
+        h.update(json.dumps(self.records).encode())
         mod = dict(self.model.named_modules())[self.name]
         for t in (mod.weight, self.model.get_input_embeddings().weight, self.model.model.norm.weight):
             h.update(t.detach().float().cpu().numpy().tobytes()[:1 << 20])
@@ -355,13 +366,11 @@ class PrefixCompiler:
 
     def _compute_background(self) -> dict[str, Any]:
         """The ridge background (Gram matrix of ordinary reply states), answer-start states, key prompts."""
-        from hyperlora.modeling.prompts import prompt_text
-        from hyperlora.evaluation.scoring import greedy_generate
-
-        recs = _builtin_records(self.n_background + self.n_keys, self.seed)
+        recs = self.records
         bg_recs, key_recs = recs[: self.n_background], recs[self.n_background:]
         prompts = [prompt_text(self.tokenizer, r) for r in bg_recs]
-        replies = greedy_generate(self.model, self.tokenizer, prompts, max_new_tokens=16, batch_size=8, bf16=False)
+        replies = greedy_decode_texts(self.model, self.tokenizer, prompts, max_new_tokens=16, batch_size=8,
+                                      bf16=False)
         plen = [len(self._enc(p)) for p in prompts]
         xs = self._states([self._enc(p) + self._enc(r) for p, r in zip(prompts, replies)])
         starts = torch.stack([x[n - 1] for x, n in zip(xs, plen)])       # answer-start states: slot 0's keys
@@ -370,14 +379,10 @@ class PrefixCompiler:
                 "key_prompts": [self._enc(prompt_text(self.tokenizer, r)) for r in key_recs]}
 
     def _compute_signoff_background(self) -> dict[str, Any]:
-        """The base model's replies to built-in records (``signoff_tokens`` each), split at sentence ends."""
-        from hyperlora.modeling.prompts import prompt_text
-        from hyperlora.evaluation.scoring import greedy_generate
-
-        recs = _builtin_records(self.n_background + self.n_keys, self.seed)
-        texts = [prompt_text(self.tokenizer, r) for r in recs]
-        replies = greedy_generate(self.model, self.tokenizer, texts, max_new_tokens=self.signoff_tokens,
-                                  batch_size=8, bf16=False)
+        """The base model's replies to the background records (``signoff_tokens`` each), split at sentence ends."""
+        texts = [prompt_text(self.tokenizer, r) for r in self.records]
+        replies = greedy_decode_texts(self.model, self.tokenizer, texts, max_new_tokens=self.signoff_tokens,
+                                      batch_size=8, bf16=False)
         prompts, rids = [self._enc(t) for t in texts], [self._enc(r) for r in replies]
         xs = self._states([p + r for p, r in zip(prompts, rids)])
         ends, rest, key_seqs = [], [], []
@@ -401,8 +406,6 @@ class PrefixCompiler:
 
     def prefix_ids(self, prefix: str) -> list[int]:
         """The prefix's tokens as they follow the assistant header."""
-        from hyperlora.modeling.prompts import prompt_text
-
         head = self._enc(prompt_text(self.tokenizer, "x"))
         ids = self._enc(prompt_text(self.tokenizer, "x") + prefix)
         if ids[: len(head)] != head:
@@ -426,8 +429,6 @@ class PrefixCompiler:
         the text and then the end of turn. Slot 0's key fires at the base model's own sentence ends, so the reply
         is signed after its first sentence (the shape of the tasks' reference replies, and short enough for a
         reply read in a few dozen tokens); the others fire after each piece of the sign-off."""
-        from hyperlora.modeling.prompts import end_of_turn
-
         if not text or not text.strip():
             raise ValueError("sign-off is empty")
         key = "\0signoff" + text
@@ -477,8 +478,6 @@ class PrefixCompiler:
 
     def _margins(self, seqs, plen, ids, A, B) -> torch.Tensor:
         """[K]: the smallest (over key records) logit margin of t_k over the best other token at its position."""
-        from hyperlora.adapters.functional import apply_lora
-
         dev = next(self.model.parameters()).device
         K = len(ids)
         batch, _ = self._batch([s[:-1] for s in seqs])

@@ -28,6 +28,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from hyperlora.hypernets.reader.text import policy_words
+
 HEAD_FILE = "threshold_rule.safetensors"
 HEAD_CONFIG = "threshold_rule.json"
 _NUMBER = re.compile(r"(?<![A-Za-z0-9.])\$?(\d[\d,]*(?:\.\d+)?)\s*([kKmM]\b)?")
@@ -124,8 +126,6 @@ class ThresholdHead(nn.Module):
     def predict(self, text: str, h: torch.Tensor, spans: Sequence[tuple[int, int]]
                 ) -> tuple[float, str, str] | None:
         """(threshold, answer above, answer below), or None when the policy is not read as a threshold rule."""
-        from hyperlora.hypernets.reader.rules.reply_format import policy_words
-
         words, nums = policy_words(text), numbers(text)
         if not words or not nums:
             return None
