@@ -546,7 +546,7 @@ class _TargetRule:
         if isinstance(self.exclude, str):
             patterns.compile(self.exclude, "exclude_modules")
         for p in self.layer_patterns:
-            patterns.compile(self._layer_regex(p), f"layers_pattern {p!r}")
+            patterns.compile(self._layer_regex(p), f"layers_pattern {p[:80]!r}")
         self._cache: dict[str, bool] = {}
 
     @staticmethod
@@ -585,7 +585,7 @@ class _TargetRule:
             m = _LAYER_RE.match(name)
         else:
             for p in self.layer_patterns:
-                m = self.patterns.run(self._layer_regex(p), name, f"layers_pattern {p!r}", full=False)
+                m = self.patterns.run(self._layer_regex(p), name, f"layers_pattern {p[:80]!r}", full=False)
                 if m is not None:
                     break
         idx = m.group("idx") if m is not None else None
@@ -602,7 +602,7 @@ def _pattern_value(patterns: _Patterns, table: dict[str, Any], name: str, defaul
     """PEFT's rank_pattern / alpha_pattern lookup (get_pattern_key): the first key, in file order, matching the end
     of the module name as a regex `(.*\\.)?(key)$`."""
     for key, value in table.items():
-        if patterns.run(rf"(.*\.)?({key})$", name, f"{what} key {key!r}", full=False):
+        if patterns.run(rf"(.*\.)?({key})$", name, f"{what} key {key[:80]!r}", full=False):
             return value
     return default
 
@@ -685,14 +685,14 @@ def read_peft(directory: str | Path, *, targets: dict[str, tuple[int, int]] | No
     patterns = _Patterns(cfg_path)
     for what, table in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
         for k, v in table.items():
-            patterns.compile(rf"(.*\.)?({k})$", f"{what} key {k!r}")
-            v = _check_number(v, f"{what}[{k!r}]", cfg_path, positive_int=what == "rank_pattern")
+            patterns.compile(rf"(.*\.)?({k})$", f"{what} key {k[:80]!r}")
+            v = _check_number(v, f"{what}[{k[:80]!r}]", cfg_path, positive_int=what == "rank_pattern")
             _refuse(what == "rank_pattern" and int(v) > max_rank, cfg_path,
-                    f"rank_pattern[{k!r}]={int(v)} exceeds the pool's max_rank={max_rank}")
+                    f"rank_pattern[{k[:80]!r}]={int(v)} exceeds the pool's max_rank={max_rank}")
     _refuse(bool(config.get("use_dora")), cfg_path, "DoRA adapters (use_dora) are not supported: their magnitude "
                                                     "vector rescales the base weight, which a LoRA slot cannot express")
     _refuse(config.get("bias", "none") not in (None, "none"), cfg_path,
-            f"bias={config.get('bias')!r} trains the base model's biases, which a LoRA slot cannot apply; "
+            f"bias={str(config.get('bias'))[:40]!r} trains the base model's biases, which a LoRA slot cannot apply; "
             f"only bias='none' adapters are supported")
     _refuse(bool(config.get("lora_bias")), cfg_path, "lora_bias adds a bias to lora_B, which is not supported")
     _refuse(bool(config.get("modules_to_save")), cfg_path,
@@ -772,7 +772,8 @@ def read_peft(directory: str | Path, *, targets: dict[str, tuple[int, int]] | No
             f"makes PEFT initialise them randomly")
     ranks: dict[str, int] = {}
     for name, ab in applied.items():
-        _refuse(set(ab) != {"lora_A", "lora_B"}, w_path, f"module {name!r} has {sorted(ab)} but needs lora_A and lora_B")
+        _refuse(set(ab) != {"lora_A", "lora_B"}, w_path,
+                f"module {name!r} has {sorted(ab)} but needs lora_A and lora_B")
         ia, ib = h.tensors[ab["lora_A"]], h.tensors[ab["lora_B"]]
         _refuse(len(ia.shape) != 2 or len(ib.shape) != 2, w_path, f"module {name!r} weights must be 2-D")
         d_in, d_out = targets[name] if targets is not None else (ia.shape[1], ib.shape[0])

@@ -146,7 +146,8 @@ def test_benign_patterns_keep_peft_semantics(tmp_path, targets):
     p = d / "adapter_model.safetensors"
     t = load_file(str(p))
     k = "base_model.model.model.layers.1.self_attn.v_proj"
-    t[f"{k}.lora_A.weight"], t[f"{k}.lora_B.weight"] = t[f"{k}.lora_A.weight"][:4], t[f"{k}.lora_B.weight"][:, :4].contiguous()
+    t[f"{k}.lora_A.weight"] = t[f"{k}.lora_A.weight"][:4]
+    t[f"{k}.lora_B.weight"] = t[f"{k}.lora_B.weight"][:, :4].contiguous()
     save_file(t, str(p))
     ad = read_peft(d, targets=targets, max_rank=8)
     assert ad.raw["model.layers.1.self_attn.v_proj"][0].shape[0] == 4

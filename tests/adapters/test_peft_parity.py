@@ -114,15 +114,21 @@ def test_hand_edited_config_is_read_as_peft_reads_it(case, tmp_path):
     assert read_peft(d).ignored, "some tensors in the file are not applied by PEFT, and are listed"
 
 
-def test_tensor_of_an_unwrapped_module_the_model_lacks_is_ignored_like_peft(tmp_path):
-    """A tensor PEFT does not wrap is ignored even if the model has no such module (and it is never read)."""
+def test_tensors_of_unwrapped_modules_are_ignored_like_peft(tmp_path):
+    """Tensors of modules PEFT does not wrap are ignored, whether the model has the module (layer 0's up_proj,
+    not served here) or not (layer 7's)."""
     model = tiny_model("llama")
     d = make_peft_dir(model, tmp_path / "a", targets=("q_proj",), seed=2)
-    _edit_tensors(d, lambda t: t.update({"base_model.model.model.layers.0.mlp.up_proj.lora_A.weight": torch.ones(4, 48),
-                                          "base_model.model.model.layers.0.mlp.up_proj.lora_B.weight": torch.ones(80, 4)}))
+
+    def add(t):
+        for layer in (0, 7):
+            k = f"base_model.model.model.layers.{layer}.mlp.up_proj"
+            t[f"{k}.lora_A.weight"], t[f"{k}.lora_B.weight"] = torch.ones(4, 48), torch.ones(80, 4)
+    _edit_tensors(d, add)
     ids, mask, _ = padded_batch([5])
     want = _peft_logits(model, d, ids, mask)
     torch.testing.assert_close(_ours(model, d, ids, mask, ["q_proj"]), want, rtol=1e-4, atol=1e-4)
+    assert len(read_peft(d).ignored) == 4
 
 
 def test_keys_with_and_without_the_prefix_are_refused(tmp_path):
