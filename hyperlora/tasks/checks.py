@@ -14,7 +14,7 @@ pattern like ``^(a+)+$``. Two layers keep an eval from hanging:
    an eval either. In the main thread of a POSIX process (the CLI, the tests) the search is
    ``re.search`` itself, interrupted by a SIGALRM interval timer: exactly the old results. Elsewhere
    (another thread, Windows) it is the ``regex`` package's ``timeout=``, which differs from ``re`` in
-   corners (``re``'s ``\s`` matches ``\x1c``-``\x1f``, ``regex``'s does not).
+   corners (``re``'s ``\\s`` matches ``\\x1c``-``\\x1f``, ``regex``'s does not).
 """
 from __future__ import annotations
 
