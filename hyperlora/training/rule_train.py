@@ -24,13 +24,17 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from hyperlora.hypernets.reader.reader import PolicyFeatures, PolicyReader
+from hyperlora.modeling.base_model import load_base_model
 from hyperlora.modeling.capture import InputCapture
 from hyperlora.modeling.padding import pad_ids
+from hyperlora.modeling.prompts import prompt_text
 from hyperlora.ops.precision import use_bf16
 from hyperlora.hypernets.reader.rules.reply_format import ReplyPrefixHead, derive_template, policy_words, token_spans, word_features
 from hyperlora.tasks.format import PolicyTask
+from hyperlora.tasks.generator import SPLITS, generate_tasks
 from hyperlora.hypernets.reader.rules.threshold import ThresholdHead, context_features, derive_threshold, numbers
-from hyperlora.training.reply_background import write_background_records
+from hyperlora.training.reader_train import read_policies_cached
 
 
 def _label(task: PolicyTask) -> tuple[str, str] | None:
@@ -87,8 +91,6 @@ def threshold_probe(model: Any, tokenizer: Any, module: str, tasks: Sequence[Pol
                     log: Callable[[str], None] = print) -> torch.Tensor:
     """Ridge read-out (no intercept: LoRA has none) of log(deciding number) from `module`'s input at the answer
     position of the threshold training tasks' records (no adapter)."""
-    from hyperlora.modeling.prompts import prompt_text
-
     recs, vals = [], []
     for t in tasks:
         lab = derive_threshold(t)
@@ -211,11 +213,8 @@ def prefix_accuracy(head: ReplyPrefixHead, tasks: Sequence[PolicyTask], features
 
 
 def train_rule_heads(cfg: Any, out: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
-    from hyperlora.modeling.base_model import load_base_model
-    from hyperlora.hypernets.reader.reader import PolicyFeatures, PolicyReader
-    from hyperlora.tasks.generator import SPLITS, generate_tasks
-    from hyperlora.training.reader_train import read_policies_cached
-
+    """`hyperlora train --method rule_heads`: fit both rule heads on the reader in `cfg.reader_init` and write
+    ``<out>/final`` (the reader plus the heads). Returns the results dict (held-out head accuracies)."""
     if not cfg.reader_init:
         raise ValueError("--method rule_heads needs reader_init: the trained reader directory to add the heads to")
     t0 = time.time()
@@ -257,6 +256,5 @@ def train_rule_heads(cfg: Any, out: Path, log: Callable[[str], None] = print) ->
         log(f"{sp}: {held[sp]}")
     trained = {"reader_init": str(cfg.reader_init), "policies": len(train), "held_out": held}
     prefix_head.save(final, extra={"trained": trained})
-    write_background_records(final)  # the compiler's records, shipped beside its head (serving never draws them)
     thr_head.save(final, extra={"trained": trained})
     return {"method": "rule_heads", "eval": held, "templates": templates, "train_seconds": round(time.time() - t0, 1)}
