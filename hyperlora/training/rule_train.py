@@ -34,6 +34,7 @@ from hyperlora.hypernets.reader.rules.reply_format import ReplyPrefixHead, deriv
 from hyperlora.tasks.format import PolicyTask
 from hyperlora.tasks.generator import SPLITS, generate_tasks
 from hyperlora.hypernets.reader.rules.threshold import ThresholdHead, context_features, derive_threshold, numbers
+from hyperlora.training.reply_background import write_background_records
 from hyperlora.training.reader_train import read_policies_cached
 
 
@@ -256,5 +257,6 @@ def train_rule_heads(cfg: Any, out: Path, log: Callable[[str], None] = print) ->
         log(f"{sp}: {held[sp]}")
     trained = {"reader_init": str(cfg.reader_init), "policies": len(train), "held_out": held}
     prefix_head.save(final, extra={"trained": trained})
+    write_background_records(final)  # the compiler's records, shipped beside its head (serving never draws them)
     thr_head.save(final, extra={"trained": trained})
     return {"method": "rule_heads", "eval": held, "templates": templates, "train_seconds": round(time.time() - t0, 1)}

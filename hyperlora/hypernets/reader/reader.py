@@ -42,12 +42,11 @@ from hyperlora.hypernets.reader.rules.reply_format import (PrefixCompiler, Reply
                                                            split_template)
 from hyperlora.hypernets.reader.rules.threshold import ThresholdHead, compile_threshold
 from hyperlora.hypernets.reader.text import token_spans
+from hyperlora.modeling.capture import InputCapture
+from hyperlora.modeling.padding import pad_ids
 from hyperlora.modeling.prompts import prompt_text
 from hyperlora.modeling.targets import module_name  # re-exported: its home before modeling/targets.py
 from hyperlora.ops.precision import use_bf16
-
-from hyperlora.modeling.capture import InputCapture
-from hyperlora.modeling.padding import pad_ids
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "reader.safetensors"
