@@ -19,6 +19,8 @@ LAYERS = ["ops", "modeling", "adapters", "hypernets", "runtime", "tasks", "train
 # Top-level modules and where they sit: the compiled extensions and small shared helpers are at the bottom.
 ROOT_MODULES = {"hyperlora._C": "ops", "hyperlora._cpu": "ops", "hyperlora._io": "ops", "hyperlora.kernels": "ops"}
 # Function-level imports of these (optional: Triton, the compiled extensions) are allowed, with a comment.
+# The one exception: each CLI command imports its work inside run(), so `hyperlora --help` loads no torch.
+CLI = "hyperlora.cli."
 OPTIONAL_INTERNAL = ("hyperlora.kernels", "hyperlora._C", "hyperlora._cpu", "hyperlora.ops._cuda",
                      "hyperlora.ops._cpu_kernel")
 
@@ -165,7 +167,7 @@ def test_function_level_internal_imports_are_optional_backends_with_a_comment():
     bad = [f"{e.src}:{e.line} imports {e.dst} inside a function"
            + ("" if e.dst.startswith(OPTIONAL_INTERNAL) else " (not an optional backend: import it at the top)")
            + ("" if e.commented else " without a comment saying why")
-           for e in _edges() if e.in_function and e.src != "hyperlora.__main__"
+           for e in _edges() if e.in_function and e.src != "hyperlora.__main__" and not e.src.startswith(CLI)
            and not (e.dst.startswith(OPTIONAL_INTERNAL) and e.commented)]
     assert not bad, "function-level imports of hyperlora modules:\n" + "\n".join(bad)
 

@@ -10,8 +10,11 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from hyperlora.adapters.functional import adapters_from_generated
+from hyperlora.adapters.peft_io import read_peft
 from hyperlora.evaluation.scoring import AdapterSet
 from hyperlora.hypernets.checkpoints import SHIPPED_DIR, find_hypernet_dir, load_hypernet
+from hyperlora.hypernets.reader.reader import ReaderSource, is_reader_dir
 from hyperlora.training.oracle import train_policy_lora  # the one oracle LoRA trainer, re-exported for callers
 
 log = logging.getLogger(__name__)
@@ -30,8 +33,6 @@ class HypernetSource:
     def from_dir(cls, directory: str | Path, model: nn.Module, tokenizer: Any) -> "HypernetSource":
         """The checkpoint in ``directory`` as an adapter source; a policy reader directory (config kind "reader")
         gives a ``ReaderSource`` instead."""
-        from hyperlora.hypernets.reader.reader import ReaderSource, is_reader_dir
-
         d = Path(directory)
         if is_reader_dir(d):
             return ReaderSource.from_dir(d, model, tokenizer)  # type: ignore[return-value]
@@ -40,8 +41,6 @@ class HypernetSource:
 
     @torch.no_grad()
     def __call__(self, texts: Sequence[str]) -> AdapterSet:
-        from hyperlora.adapters.functional import adapters_from_generated
-
         emb = self.encode(list(texts)).float()
         p = next(self.hypernet.parameters())
         gen = self.hypernet.generate(emb.to(p.device, p.dtype))
@@ -53,8 +52,6 @@ class HypernetSource:
 def read_lora_dir(path: str | Path) -> AdapterSet:
     """One LoRA from a PEFT-format directory as P=1, read and validated by `hyperlora.adapters.peft_io.read_peft`
     (per-module scales, rank_pattern / alpha_pattern included, are folded into B)."""
-    from hyperlora.adapters.peft_io import read_peft
-
     d = Path(path)
     if not (d / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{str(d)!r} is not a LoRA directory: it needs adapter_config.json and "
