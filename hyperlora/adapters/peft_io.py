@@ -809,7 +809,10 @@ def read_peft(directory: str | Path, *, targets: dict[str, tuple[int, int]] | No
         alpha = float(_pattern_value(patterns, alpha_pattern, name, alpha_default, "alpha_pattern"))
         scale = alpha / (math.sqrt(r) if use_rslora else r)
         raw[name] = (a, b, scale)
-        modules[name] = (a, (b.to(torch.float32) * scale).to(b.dtype) if b.dtype != torch.float64 else b * scale)
+        scaled = (b.to(torch.float32) * scale).to(b.dtype) if b.dtype != torch.float64 else b * scale
+        _refuse(not torch.isfinite(scaled).all(), w_path,
+                f"module {name!r}: lora_B times lora_alpha / r = {scale:g} overflows {b.dtype} (found by the fuzz run)")
+        modules[name] = (a, scaled)
     rank = max(a.shape[0] for a, _, _ in raw.values())
     return PeftAdapter(modules=modules, raw=raw, rank=int(rank), key="peft:" + hasher.hexdigest(), config=config,
                        source=str(d), ignored=ignored)

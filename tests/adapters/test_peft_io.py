@@ -145,6 +145,8 @@ def _edit_config(tmp_path, **changes):
     ({"lora_alpha": "big"}, "lora_alpha must be a number"),
     ({"target_modules": ["gate_proj"]}, r"target_modules \['gate_proj'\] are not among"),
     ({"peft_type": "IA3"}, "not LORA"),
+    # finite alpha and B whose product overflows float32 (the PEFT fuzz run's one crash: it loaded as Inf)
+    ({"lora_alpha": 1e300}, "overflows"),
 ])
 def test_read_peft_refuses_bad_configs(tmp_path, changes, match):
     targets = _exported(tmp_path)
