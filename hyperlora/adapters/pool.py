@@ -221,14 +221,18 @@ class AdapterPool:
                     raise ValueError(f"key {key[:12]}... is already allocated with rank {self._rank[slot]} and scale "
                                      f"{self._scale[slot]}, not {rank} and {scale}: keys must include rank and scale")
                 return slot
-            slot = self._free_slot()
-            if slot is None:
-                slot = self._evict_one()
-            self._slot_key[slot] = key
-            self._state[slot] = _WRITING
-            self._lru[key] = slot
-            self._set_meta(slot, rank, scale)
-            return slot
+            return self._claim(key, rank, scale)
+
+    def _claim(self, key: str, rank: int, scale: float) -> int:
+        """A free slot (else the LRU evictable one) marked "writing" under `key`; the caller holds the lock."""
+        slot = self._free_slot()
+        if slot is None:
+            slot = self._evict_one()
+        self._slot_key[slot] = key
+        self._state[slot] = _WRITING
+        self._lru[key] = slot
+        self._set_meta(slot, rank, scale)
+        return slot
 
     @contextlib.contextmanager
     def reserve_many(self, entries: Sequence[tuple[str, int, float]]) -> Iterator[list[int]]:
@@ -261,13 +265,7 @@ class AdapterPool:
                 raise self._full_error(len(checked))
             try:
                 for key, rank, scale in checked:
-                    slot = self._free_slot()
-                    if slot is None:
-                        slot = self._evict_one()
-                    self._slot_key[slot] = key
-                    self._state[slot] = _WRITING
-                    self._lru[key] = slot
-                    self._set_meta(slot, rank, scale)
+                    slot = self._claim(key, rank, scale)
                     self._reserved.add(slot)
                     slots.append(slot)
             except BaseException:
