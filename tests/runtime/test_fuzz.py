@@ -19,7 +19,7 @@ import hyperlora
 from hyperlora.adapters.pool import PoolFullError
 
 # hypothesis is a test-only dependency (the `test` extra): skipped where it is missing.
-hypothesis = pytest.importorskip("hypothesis")
+import hypothesis  # a test dependency (pyproject [test]): missing, the suite must fail, not skip
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-hypothesis = pytest.importorskip("hypothesis")  # optional test dependency
+import hypothesis  # a test dependency (pyproject [test]): missing, the suite must fail, not skip
 from hypothesis import HealthCheck, event, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 

@@ -258,7 +258,7 @@ def test_prompt_format_fallback_chatml():
 
 @pytest.mark.slow
 def test_prompt_format_with_real_template():
-    transformers = pytest.importorskip("transformers")
+    import transformers  # a test dependency (pyproject [test]): missing, the suite must fail, not skip
     from hyperlora.modeling.base_model import _cached_default_dir, _is_complete, load_base_model
 
     d = _cached_default_dir()

