@@ -2,9 +2,9 @@
 
     hyperlora train --config hyperlora/training/configs/cpu.json [--method sft] [--out runs/x] [--set key=value]
 
-Methods: sft (the T2L-style hypernetwork), reader (the policy reader, hyperlora/reader.py), rule_heads (the
-reader's heads for reply-format rules (prefixes, sign-offs) and numeric thresholds, hyperlora/reply_prefix.py and
-hyperlora/threshold_rule.py; needs reader_init), multitask_lora (one LoRA, policy in the prompt), oracle_lora (one LoRA per
+Methods: sft (the T2L-style hypernetwork), reader (the policy reader, hyperlora/hypernets/reader/reader.py), rule_heads (the
+reader's heads for reply-format rules (prefixes, sign-offs) and numeric thresholds, hyperlora/hypernets/reader/rules/reply_format.py and
+hyperlora/hypernets/reader/rules/threshold.py; needs reader_init), multitask_lora (one LoRA, policy in the prompt), oracle_lora (one LoRA per
 held-out policy), reconstruct (regress a library of PEFT LoRAs, each with its policy.txt, onto the T2L-style
 hypernetwork: --set lora_library='"DIR"', or --set build_library=true to train one oracle LoRA per training task
 first; hyperlora/training/reconstruct.py). Every method uses the same tasks, target modules, rank and step

@@ -288,7 +288,7 @@ def _torch_decode_dense(ys, x, as_, bs, scales, rank_l, token_ids, segs, n_tok) 
 # no unused adapter read. Measured on the 2-core CPU machine (one thread, CPU time, T=64, 64 adapters,
 # r=16, adapters read from DRAM): float32 d=4096 2.0-2.4 ms (per-adapter loop 4.1-4.5 ms, the padded
 # dense path 2.1-2.6 ms). The two bmm are ~75% of it: MKL's one-row GEMMs stream the 33.6 MB of
-# adapters at ~19-22 GB/s where summing them runs at ~27-31 GB/s (benchmarks/add_lora_decode_bound.py).
+# adapters at ~19-22 GB/s where summing them runs at ~27-31 GB/s (benchmarks/bench_add_lora.py (test_decode_bound)).
 # Half dtypes upcast each run in float32 chunks of <= 1 MB (larger fresh buffers page-fault):
 # bfloat16 d=4096 3.4 ms vs 4.3 ms for the segment loop (6.9 ms for the loop), d=1024 1.0 vs 1.8 ms.
 _RUNS_MIN_SEGMENTS = 8

@@ -1,4 +1,4 @@
-"""`hyperlora train --method reader`: train the policy reader (hyperlora/reader.py) through the frozen base model.
+"""`hyperlora train --method reader`: train the policy reader (hyperlora/hypernets/reader/reader.py) through the frozen base model.
 
 Same data, batches, option loss and fast path as the SFT of the T2L-style hypernetwork (`sft.py`), plus an
 auxiliary loss on the reader's signed gates where a training policy's rule is known (topic and routing
@@ -291,7 +291,7 @@ def train_reader(session: Session, log: Callable[[str], None] = print, resume: b
     t0 = time.time()
     read_policies_cached(features, texts, str(cfg.base_model or "default"))
     log(f"read {len(set(texts))} policy texts with the base model in {time.time() - t0:.0f} s")
-    if rcfg.clause_keys:  # routing policies' clauses are read alone too (hyperlora/clause_keys.py); own cache file
+    if rcfg.clause_keys:  # routing policies' clauses are read alone too (hyperlora/hypernets/reader/clause_keys.py); own cache file
         t0 = time.time()
         ctexts = clause_texts(features, texts)
         read_policies_cached(features, ctexts, str(cfg.base_model or "default"))

@@ -1,5 +1,5 @@
-"""Train the rule heads of a trained policy reader: reply-prefix format rules (``hyperlora/reply_prefix.py``)
-and numeric thresholds (``hyperlora/threshold_rule.py``).
+"""Train the rule heads of a trained policy reader: reply-prefix format rules (``hyperlora/hypernets/reader/rules/reply_format.py``)
+and numeric thresholds (``hyperlora/hypernets/reader/rules/threshold.py``).
 
     hyperlora train --config hyperlora/training/configs/rule_heads_cpu.json
 

@@ -395,8 +395,8 @@ class ReaderHypernet:
         """Per policy: {module name: (A [r, d_in], B [d_out, r])}, r <= config.rank, scale 1 (folded in).
 
         With rule heads, a policy read as a reply-format rule gets the compiled prefix or sign-off adapter
-        instead (``hyperlora/reply_prefix.py``), one read as a threshold rule the compiled threshold slot
-        (``hyperlora/threshold_rule.py``); both on ``down_proj``, with a zero rank-1 adapter on the other modules."""
+        instead (``hyperlora/hypernets/reader/rules/reply_format.py``), one read as a threshold rule the compiled threshold slot
+        (``hyperlora/hypernets/reader/rules/threshold.py``); both on ``down_proj``, with a zero rank-1 adapter on the other modules."""
         feats = self.features(list(texts))
         adapters, gates = self.reader(feats)
         if self.reader.cfg.clause_keys:

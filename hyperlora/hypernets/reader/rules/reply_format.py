@@ -2,7 +2,7 @@
 start") or how it ends ("End every reply with the sign-off '-- Desk'"). Read which format a policy demands, and
 compile it into a last-layer adapter that makes replies follow it.
 
-Why a separate path: the policy reader (``hyperlora/reader.py``) raises the logit of an answer word at the
+Why a separate path: the policy reader (``hyperlora/hypernets/reader/reader.py``) raises the logit of an answer word at the
 answer position. A format rule needs 2-6 exact tokens in order (``[``, ``Help``, ``desk``, ``]``), each at its own
 position, and a copied embedding also raises its neighbours (docs/EXPERIMENTS.md 7b). So:
 
