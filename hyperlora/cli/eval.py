@@ -21,7 +21,9 @@ from hyperlora.evaluation.evaluate import (CONDITIONS, HELD_OUT_SPLITS, AdapterS
 log = logging.getLogger("hyperlora.evaluation.evaluate")
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tasks", help="JSONL task file (default: the generated held-out splits)")
+    p.add_argument("--tasks", nargs="+", metavar="FILE",
+                   help="JSONL task file(s) (default: the generated held-out splits); with several, every record "
+                        "carries its file and the report breaks down per file (--max-policies applies per file)")
     p.add_argument("--seed", type=int, default=0, help="generator seed for the default tasks, and shuffling")
     p.add_argument("--splits", nargs="+", default=list(HELD_OUT_SPLITS),
                    help="generated splits to evaluate (add 'train' to score training policies)")
@@ -30,7 +32,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--multitask-lora", help="multi-task LoRA: multitask_lora.safetensors from `hyperlora train "
                                             "--method multitask_lora`, its --out directory, or a PEFT directory "
                                             "(default: hyperlora/checkpoints/multitask_lora[.safetensors] if present)")
-    p.add_argument("--conditions", nargs="+", default=list(CONDITIONS), choices=CONDITIONS)
+    p.add_argument("--conditions", nargs="+", default=list(CONDITIONS), choices=CONDITIONS,
+                   help="in_context: policy in the --where turn; in_context_user: in the user turn; "
+                        "in_context_fewshot: policy in the system turn plus two labelled records of the same "
+                        "policy (never the scored one) as earlier chat turns (default: all)")
     p.add_argument("--max-policies", type=int, default=2, help="policies per (split, family) (default 2)")
     p.add_argument("--examples-per-policy", type=int, default=10, help="examples scored per policy (default 10)")
     p.add_argument("--oracle-policies", type=int, default=3,
@@ -46,6 +51,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="where in_context / multitask_lora put the policy")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=32, help="greedy tokens for free-text tasks")
+    p.add_argument("--reply-tokens", type=int, default=16,
+                   help="greedy tokens of the reply each label record also gets for the reply-level metrics "
+                        "(stops at the end of turn; default 16: room for multi-word labels)")
+    p.add_argument("--no-replies", action="store_true",
+                   help="skip the label records' greedy replies (reply acc / clean rate; loop rate then covers "
+                        "free-text generations only; collapse rate needs no replies)")
     p.add_argument("--fp32", action="store_true",
                    help="no bfloat16 autocast (default: bf16 where the device runs it natively, else float32)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -81,9 +92,20 @@ def run(args: argparse.Namespace) -> int:
         args.max_policies, args.examples_per_policy = max(args.max_policies, 8), max(args.examples_per_policy, 16)
         args.oracle_policies = max(args.oracle_policies, 3)
     t_start = time.perf_counter()
+    if args.reply_tokens < 1:
+        raise UsageError(f"--reply-tokens must be >= 1, got {args.reply_tokens}")
+    sources: list[str] | None = None
     if args.tasks:
-        tasks = load_tasks(args.tasks)
-        source = str(args.tasks)
+        files = list(dict.fromkeys(str(f) for f in args.tasks))
+        names = [Path(f).name for f in files]
+        if len(set(names)) < len(names):  # same file name in two folders: report the paths
+            names = files
+        tasks, sources = [], []
+        for f, n in zip(files, names):
+            ts = load_tasks(f)
+            tasks += ts
+            sources += [n] * len(ts)
+        source = files[0] if len(files) == 1 else files
     else:
         bad = [s for s in args.splits if s not in ("train",) + HELD_OUT_SPLITS]
         if bad:
@@ -94,9 +116,10 @@ def run(args: argparse.Namespace) -> int:
                                examples_per_task=n_ex)
         tasks = [t for s in args.splits for t in suite[s]]
         source = f"generate_suite(seed={args.seed}) splits {args.splits}"
+        sources = ["generated"] * len(tasks)
     try:
         etasks = select_tasks(tasks, max_policies=args.max_policies, examples_per_policy=args.examples_per_policy,
-                              oracle_per_family=args.oracle_policies)
+                              oracle_per_family=args.oracle_policies, sources=sources)
     except ValueError as exc:  # --max-policies / --examples-per-policy below 1
         raise UsageError(str(exc)) from exc
     # oracles that cannot be trained (free text without reference replies) were named by select_tasks, up front
@@ -139,12 +162,14 @@ def run(args: argparse.Namespace) -> int:
 
     results, info = evaluate(model, tok, etasks, conditions=conds, hypernet=hn, multitask=multitask,
                              oracle_trainer=oracle, where=args.where, batch_size=args.batch_size, bf16=bf16,
-                             max_new_tokens=args.max_new_tokens, seed=args.seed, progress=not args.no_progress)
+                             max_new_tokens=args.max_new_tokens, seed=args.seed, progress=not args.no_progress,
+                             replies=not args.no_replies, reply_tokens=args.reply_tokens)
     config = {
         "tasks": source, "n_policies": len(etasks), "n_examples": sum(len(e.examples) for e in etasks),
         "max_policies": args.max_policies, "examples_per_policy": args.examples_per_policy,
         "oracle_policies_per_family": args.oracle_policies, "oracle_steps": args.oracle_steps, "oracle_lr": args.oracle_lr,
-        "where": args.where, "bf16": bf16, "hypernet": str(find_hypernet_dir(args.hypernet) or "") if hn else None,
+        "where": args.where, "replies": not args.no_replies, "reply_tokens": args.reply_tokens,
+        "max_new_tokens": args.max_new_tokens, "bf16": bf16, "hypernet": str(find_hypernet_dir(args.hypernet) or "") if hn else None,
         "multitask_lora": str(mt_path) if mt_path else None, "oracle": {"trainer": "train_policy_lora (CE on answer+eot, plus option choice)",
                                                                        **{k: v for k, v in oracle_kw.items() if k != "module_names"},
                                                                        "n_modules": len(oracle_kw.get("module_names", []))

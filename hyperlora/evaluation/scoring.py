@@ -23,12 +23,12 @@ import torch
 
 from hyperlora.adapters.adapter_set import AdapterSet
 from hyperlora.adapters.functional import apply_lora
-from hyperlora.modeling.decoding import bf16_autocast, greedy_decode_texts, pad_id
+from hyperlora.modeling.decoding import bf16_autocast, greedy_decode_ids, greedy_decode_texts, pad_id
 from hyperlora.modeling.padding import left_pad
 from hyperlora.modeling.prompts import target_text
 
-__all__ = ["ScoreRequest", "AdapterSet", "option_logprobs", "predict_options", "greedy_generate", "regex_pass",
-           "balanced_accuracy", "macro_balanced_accuracy"]
+__all__ = ["ScoreRequest", "AdapterSet", "option_logprobs", "predict_options", "greedy_generate", "greedy_generate_ids",
+           "regex_pass", "balanced_accuracy", "macro_balanced_accuracy"]
 
 
 @dataclass
@@ -206,6 +206,17 @@ def greedy_generate(model: Any, tokenizer: Any, prompts: Sequence[str], rows: Se
     return greedy_decode_texts(model, tokenizer, prompts, rows,
                                batch_context=lambda batch_rows: _adapter_ctx(model, adapters, batch_rows),
                                max_new_tokens=max_new_tokens, batch_size=batch_size, bf16=bf16, progress=progress)
+
+
+def greedy_generate_ids(model: Any, tokenizer: Any, prompts: Sequence[str], rows: Sequence[int] | None = None, *,
+                        adapters: AdapterSet | None = None, max_new_tokens: int = 32, batch_size: int = 8,
+                        bf16: bool = True, eos_token_id: int | Sequence[int] | None = None,
+                        progress: Callable[[int], None] | None = None) -> list[list[int]]:
+    """``greedy_generate`` as token ids (cut before the first of ``eos_token_id``, default the tokenizer's)."""
+    return greedy_decode_ids(model, tokenizer, prompts, rows,
+                             batch_context=lambda batch_rows: _adapter_ctx(model, adapters, batch_rows),
+                             max_new_tokens=max_new_tokens, batch_size=batch_size, bf16=bf16,
+                             eos_token_id=eos_token_id, progress=progress)
 
 
 def regex_pass(generation: str, regex: str) -> bool:

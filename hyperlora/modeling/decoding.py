@@ -5,10 +5,11 @@
   would get when decoded alone: positions come from the row's own attention mask (left padding never shifts
   them), and sampling draws from a generator per row, so a row's random stream does not depend on its
   batch-mates.
-* `greedy_decode_texts`: prompt texts in, greedy reply texts out, through transformers' ``generate`` in
-  length-sorted left-padded batches, optionally inside a per-batch context (e.g. per-row adapters). The one
-  copy used by serving code (the reply-format compiler's background replies) and by evaluation
-  (``hyperlora.evaluation.scoring.greedy_generate`` wraps it with an ``AdapterSet``).
+* `greedy_decode_texts` (and `greedy_decode_ids`, the token ids it decodes): prompt texts in, greedy reply
+  texts out, through transformers' ``generate`` in length-sorted left-padded batches, optionally inside a
+  per-batch context (e.g. per-row adapters). The one copy used by serving code (the reply-format compiler's
+  background replies) and by evaluation (``hyperlora.evaluation.scoring.greedy_generate`` and
+  ``greedy_generate_ids`` wrap them with an ``AdapterSet``).
 """
 from __future__ import annotations
 
@@ -167,16 +168,19 @@ def bf16_autocast(enabled: bool, device: torch.device) -> ContextManager[Any]:
 
 
 @torch.no_grad()
-def greedy_decode_texts(model: nn.Module, tokenizer: Any, prompts: Sequence[str],
-                        rows: Sequence[int] | None = None, *,
-                        batch_context: Callable[[list[int]], ContextManager[Any]] | None = None,
-                        max_new_tokens: int = 32, batch_size: int = 8, bf16: bool = True,
-                        progress: Callable[[int], None] | None = None) -> list[str]:
-    """Greedy continuations (decoded, special tokens dropped) of each prompt text.
+def greedy_decode_ids(model: nn.Module, tokenizer: Any, prompts: Sequence[str],
+                      rows: Sequence[int] | None = None, *,
+                      batch_context: Callable[[list[int]], ContextManager[Any]] | None = None,
+                      max_new_tokens: int = 32, batch_size: int = 8, bf16: bool = True,
+                      eos_token_id: int | Sequence[int] | None = None,
+                      progress: Callable[[int], None] | None = None) -> list[list[int]]:
+    """The new token ids of each prompt's greedy continuation, cut before the first end token.
 
     Prompts are tokenized without special tokens, sorted by length and decoded ``batch_size`` at a time with
     left padding. ``rows`` (default all -1) is one integer per prompt that only ``batch_context`` reads: each
-    batch runs inside ``batch_context(rows of the batch)`` (e.g. per-row adapters); None runs the base model."""
+    batch runs inside ``batch_context(rows of the batch)`` (e.g. per-row adapters); None runs the base model.
+    ``eos_token_id``: the id(s) that end a reply (default the tokenizer's ``eos_token_id``); generation stops
+    at the first of them and the returned ids exclude it."""
     rows = list(rows) if rows is not None else [-1] * len(prompts)
     if len(rows) != len(prompts):
         raise ValueError(f"rows has {len(rows)} entries for {len(prompts)} prompts")
@@ -184,10 +188,13 @@ def greedy_decode_texts(model: nn.Module, tokenizer: Any, prompts: Sequence[str]
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = next(model.parameters()).device
     pad = pad_id(tokenizer)
-    eos = getattr(tokenizer, "eos_token_id", None)
+    eos = eos_token_id if eos_token_id is not None else getattr(tokenizer, "eos_token_id", None)
+    stop = set() if eos is None else ({int(eos)} if isinstance(eos, int) else {int(e) for e in eos})
+    if isinstance(eos, (list, tuple)):
+        eos = list(eos)
     enc = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(enc[i]))
-    out = [""] * len(prompts)
+    out: list[list[int]] = [[] for _ in prompts]
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
         ids, mask = left_pad([enc[i] for i in idx], pad, device)
@@ -197,7 +204,22 @@ def greedy_decode_texts(model: nn.Module, tokenizer: Any, prompts: Sequence[str]
                                  pad_token_id=pad, eos_token_id=eos)
         new = gen[:, ids.shape[1]:]
         for j, i in enumerate(idx):
-            out[i] = tokenizer.decode(new[j].tolist(), skip_special_tokens=True)
+            toks = new[j].tolist()
+            cut = next((k for k, t in enumerate(toks) if t in stop), len(toks))
+            out[i] = toks[:cut]
         if progress is not None:
             progress(len(idx))
     return out
+
+
+@torch.no_grad()
+def greedy_decode_texts(model: nn.Module, tokenizer: Any, prompts: Sequence[str],
+                        rows: Sequence[int] | None = None, *,
+                        batch_context: Callable[[list[int]], ContextManager[Any]] | None = None,
+                        max_new_tokens: int = 32, batch_size: int = 8, bf16: bool = True,
+                        progress: Callable[[int], None] | None = None) -> list[str]:
+    """Greedy continuations (decoded, special tokens dropped) of each prompt text (``greedy_decode_ids``,
+    stopping at the tokenizer's ``eos_token_id``)."""
+    ids = greedy_decode_ids(model, tokenizer, prompts, rows, batch_context=batch_context,
+                            max_new_tokens=max_new_tokens, batch_size=batch_size, bf16=bf16, progress=progress)
+    return [tokenizer.decode(t, skip_special_tokens=True) for t in ids]

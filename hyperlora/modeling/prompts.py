@@ -9,7 +9,7 @@ A tokenizer without a chat template (e.g. a tiny test tokenizer) gets a plain Ch
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 __all__ = ["build_messages", "prompt_text", "target_text", "end_of_turn", "PolicyPlacement"]
 
@@ -17,15 +17,22 @@ PolicyPlacement = Literal["system", "user"]
 _MARK = "\u2063ANSWER\u2063"
 
 
-def build_messages(record: str, policy: str | None = None, where: PolicyPlacement = "system") -> list[dict[str, str]]:
-    """Chat messages for one record; the policy (if given) goes into the system or the user turn."""
+def build_messages(record: str, policy: str | None = None, where: PolicyPlacement = "system",
+                   shots: Sequence[tuple[str, str]] = ()) -> list[dict[str, str]]:
+    """Chat messages for one record; the policy (if given) goes into the system or the user turn.
+
+    ``shots``: labelled (record, answer) pairs shown before the record as earlier user / assistant turns (the
+    few-shot in-context baseline); with ``where="user"`` the policy is put in the first user turn only."""
     if where not in ("system", "user"):
         raise ValueError(f"where must be 'system' or 'user', got {where!r}")
+    turns = [r for rec, ans in shots for r in ({"role": "user", "content": rec}, {"role": "assistant", "content": ans})]
+    turns.append({"role": "user", "content": record})
     if policy is None:
-        return [{"role": "user", "content": record}]
+        return turns
     if where == "system":
-        return [{"role": "system", "content": policy}, {"role": "user", "content": record}]
-    return [{"role": "user", "content": f"Policy: {policy}\n\nRecord: {record}"}]
+        return [{"role": "system", "content": policy}] + turns
+    turns[0] = {"role": "user", "content": f"Policy: {policy}\n\nRecord: {turns[0]['content']}"}
+    return turns
 
 
 def _chatml(messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
@@ -39,10 +46,12 @@ def _render(tokenizer: Any, messages: list[dict[str, str]], add_generation_promp
     return _chatml(messages, add_generation_prompt)
 
 
-def prompt_text(tokenizer: Any, record: str, policy: str | None = None, where: PolicyPlacement = "system") -> str:
+def prompt_text(tokenizer: Any, record: str, policy: str | None = None, where: PolicyPlacement = "system",
+                shots: Sequence[tuple[str, str]] = ()) -> str:
     """The full prompt string up to (and including) the assistant header; tokenize it without special
-    tokens added (``add_special_tokens=False``): the template already holds them."""
-    return _render(tokenizer, build_messages(record, policy, where), add_generation_prompt=True)
+    tokens added (``add_special_tokens=False``): the template already holds them. ``shots``: see
+    ``build_messages``."""
+    return _render(tokenizer, build_messages(record, policy, where, shots), add_generation_prompt=True)
 
 
 _EOT_CACHE: dict[int, str] = {}
