@@ -13,6 +13,8 @@ so the runtime asks the source what it needs instead of probing attributes:
     adapters_for(texts, task_emb=None)   per policy {full module name: (A [r, d_in], B [d_out, r])}, scale NOT
                       applied, r <= config.rank (may differ per policy).
     weights_id()      a stable hash of everything that changes the adapters (the source's part of a content key).
+    check_policy(text)   raise a named ValueError for a text the source cannot read whole (the policy reader:
+                      ``limits.PolicyTooLongError`` above ``MAX_POLICY_TOKENS``), before anything is generated.
     types / targets() / module_names(type)   the modules it writes.
 """
 from __future__ import annotations
@@ -39,6 +41,8 @@ class AdapterSource(Protocol):
 
     def weights_id(self) -> str: ...
 
+    def check_policy(self, text: str) -> None: ...
+
     def targets(self) -> dict[str, tuple[int, int]]: ...
 
     def module_names(self, module_type: str) -> list[str]: ...
@@ -49,7 +53,7 @@ class AdapterSource(Protocol):
 
 def check_source(source: Any) -> AdapterSource:
     """`source` if it implements `AdapterSource`, else a TypeError naming what it lacks."""
-    missing = [n for n in ("types", "config", "needs_encoder", "supports_latent", "weights_id", "targets",
+    missing = [n for n in ("types", "config", "needs_encoder", "supports_latent", "weights_id", "check_policy", "targets",
                            "module_names", "adapters_for") if not hasattr(source, n)]
     if missing:
         raise TypeError(f"{type(source).__name__} is not an AdapterSource (hyperlora.hypernets.source): it lacks "

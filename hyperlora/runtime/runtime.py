@@ -347,6 +347,10 @@ class Runtime:
         if self.hypernet is None:
             raise ValueError(f"{what} = {e[:60]!r} is neither a loaded PEFT adapter name ({loaded}) nor servable as "
                              f"a policy text: this runtime has no hypernetwork (attach(model, hypernet=...))")
+        try:
+            self.hypernet.check_policy(e)
+        except ValueError as err:  # e.g. PolicyTooLongError: re-raised as itself, naming the entry
+            raise type(err)(f"{what}: {err}") from None
         return "text"
 
     def _resolve(self, entries: Sequence[Any], stack: contextlib.ExitStack) -> tuple[list[int], list[bool]]:

@@ -44,3 +44,32 @@ def test_shipped_hypernet_loads_and_generates_policy_dependent_adapters():
         assert not torch.equal(with_adapter, base)
     finally:
         rt.detach()
+
+
+@pytest.mark.slow
+def test_shipped_reader_reads_a_rule_after_token_200():
+    # issue 19 row 12: the reader read only a policy's first 96 tokens, so a rule after token 223 moved the
+    # adapter by at most 0.30 (Frobenius), against 52-58 for the same change inside the window
+    from hyperlora.hypernets.checkpoints import default_dir, load
+    from hyperlora.modeling.base_model import load_base_model
+
+    model, tok = load_base_model()
+    hypernet, _ = load(model, tok, default_dir())
+    preamble = ("This policy applies to every message that reaches the customer operations desk, whether it comes "
+                "by email, chat, phone transcript or web form, and whatever language it is written in. Agents "
+                "read the whole message before deciding, including quoted text and attachments' descriptions. ")
+    preamble = preamble * 4
+    assert len(tok(preamble, add_special_tokens=False)["input_ids"]) > 200
+    rule_a = "Answer 'escalate' if the ticket reports a security vulnerability; otherwise answer 'close'."
+    rule_b = "Answer 'refund' if the customer asks for their money back; otherwise answer 'ignore'."
+
+    def delta(text):
+        mods = hypernet.adapters_for_texts([text])[0]
+        return {n: b @ a for n, (a, b) in mods.items()}
+
+    def moved(x, y):
+        return sum(float((x[n] - y[n]).norm()) for n in x)
+
+    short = moved(delta(rule_a), delta(rule_b))
+    long = moved(delta(preamble + rule_a), delta(preamble + rule_b))
+    assert long > 0.25 * short, (long, short)

@@ -411,3 +411,61 @@ def test_reader_fine_tunes_from_a_trained_reader(tiny_model, tmp_path, monkeypat
     assert _run([*_reader_args(tiny_model, out), "--steps", "2", "--set", f"reader_init=\"{first / 'final'}\"",
                  "--set", "reader_tail=0.5"]) == 0
     assert "initialised from the reader" in (out / "log.txt").read_text()
+
+
+_FILLER = ("This policy covers every message the operations desk receives, from any channel, in any language. " * 12)
+
+
+def test_long_policy_is_read_whole_past_the_training_window(tiny_model):
+    # the reader once read only the first cfg.max_tokens (here 40) tokens: a rule after them changed nothing
+    model, tok, feats, _ = _reader(tiny_model)
+    a = _FILLER + "Answer 'flag' if the message asks for a refund; otherwise answer 'pass'."
+    b = _FILLER + "Answer 'hold' if the message mentions a lawyer; otherwise answer 'open'."
+    n_filler = len(tok(_FILLER, add_special_tokens=False)["input_ids"])
+    assert n_filler > 200 > feats.cfg.max_tokens
+    fa, fb = feats([a, b])
+    own = tok(a, add_special_tokens=False)["input_ids"]
+    assert fa["ids"][: len(own)].tolist() == own  # every policy token, then the template's tail
+    assert not torch.equal(fa["ids"], fb["ids"])
+    # the rules after token 200 reach the adapted modules' inputs at their own positions
+    m = min(len(fa["o_proj"]), len(fb["o_proj"]))
+    assert not torch.allclose(fa["o_proj"][n_filler:m], fb["o_proj"][n_filler:m])
+
+
+def test_policy_over_the_limit_is_refused_by_name(tiny_model):
+    from hyperlora.hypernets.limits import MAX_POLICY_TOKENS, PolicyTooLongError
+    from hyperlora.hypernets.reader.reader import PolicyFeatures
+
+    model, tok, feats, _ = _reader(tiny_model)
+    assert feats.max_policy_tokens == MAX_POLICY_TOKENS >= 1024
+    text = "Answer 'flag' for refunds. " * 200
+    n = len(tok(text, add_special_tokens=False)["input_ids"])
+    assert n > MAX_POLICY_TOKENS
+    with pytest.raises(PolicyTooLongError, match=rf"{n} tokens, more than the {MAX_POLICY_TOKENS}"):
+        feats([text])
+    assert issubclass(PolicyTooLongError, ValueError)
+    small = PolicyFeatures(model, tok, feats.cfg, max_policy_tokens=10)
+    with pytest.raises(PolicyTooLongError, match="more than the 10"):
+        small(["Answer 'flag' if the message asks for a refund; otherwise answer 'pass'."])
+    assert small(["Say 'x' now."])[0]["ids"].numel() > 0  # within the limit: read
+
+
+def test_runtime_refuses_a_too_long_policy_and_leaks_no_slot(tiny_model):
+    import hyperlora
+    from hyperlora.hypernets.limits import PolicyTooLongError
+    from hyperlora.hypernets.reader.reader import ReaderHypernet
+
+    model, tok, feats, reader = _trained_like(tiny_model, seed=5)
+    feats.max_policy_tokens = 60
+    hn = ReaderHypernet(reader, feats, max_rank=4)
+    rt = hyperlora.attach(model, hn, max_adapters=2, max_rank=4)
+    try:
+        before = rt.stats()
+        with pytest.raises(PolicyTooLongError):
+            with rt.policies(["Say 'x' now.", _FILLER]):
+                pass
+        assert rt.stats() == before  # no slot stays reserved, nothing registered
+        with rt.policies(["Say 'x' now.", "Say 'y' now."]):  # both slots still usable
+            pass
+    finally:
+        rt.detach()

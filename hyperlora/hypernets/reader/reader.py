@@ -19,7 +19,7 @@ not transfer (docs/EXPERIMENTS.md, runs E1-X2). The reader replaces the learned 
 So ``delta logit(word) ~ sum_j g_j [tok_j == word] * similarity(record, condition_j)``. The gate is trained with
 an auxiliary target where the training rule is known (topic and routing policies), and everything end to end
 through the frozen base model with the option loss, then fine-tuned on the answer's later tokens and on more
-policies (docs/READER.md: three stages), plus two rule heads for format rules and thresholds (stage 4). `PolicyReader` gives rank = number of policy tokens (<= max_tokens); `ReaderHypernet` serves each
+policies (docs/READER.md: three stages), plus two rule heads for format rules and thresholds (stage 4). `PolicyReader` gives rank = number of policy tokens (<= limits.MAX_POLICY_TOKENS); `ReaderHypernet` serves each
 policy's 16 largest-|gate| tokens.
 """
 from __future__ import annotations
@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from hyperlora.adapters.adapter_set import AdapterSet
+from hyperlora.hypernets.limits import MAX_POLICY_TOKENS, check_policy_tokens, token_count
 from hyperlora.hypernets.reader.clause_keys import with_clause_keys
 from hyperlora.hypernets.reader.rules.reply_format import (PrefixCompiler, ReplyPrefixHead, load_background_records,
                                                            split_template)
@@ -64,7 +65,7 @@ class ReaderConfig:
     features: dict[str, int] = field(default_factory=dict)  # module type -> its in_features
     gate_layer: int = 20            # hidden states read by the gate and the attention
     d_attn: int = 64
-    max_tokens: int = 96            # policy tokens read (= the adapters' maximum rank)
+    max_tokens: int = 96            # the training window of older readers; reading is bounded by limits.MAX_POLICY_TOKENS
     init_scale: float = 50.0
     serve_scale: float = 1.0        # B is multiplied by this when served (calibrated after training; see READER.md)
     clause_keys: bool = False       # serve routed answer words with keys read from their own clause (clause_keys.py)
@@ -87,11 +88,16 @@ class ReaderConfig:
 
 class PolicyFeatures:
     """The base model's reading of policy texts: per text, its token ids and, at each of its positions, the
-    hidden state after `gate_layer` layers and the inputs of the adapted modules. Cached by text."""
+    hidden state after `gate_layer` layers and the inputs of the adapted modules. Cached by text.
 
-    def __init__(self, model: nn.Module, tokenizer: Any, cfg: ReaderConfig, bf16: bool | None = None):
+    A policy is read whole up to ``max_policy_tokens`` (default ``limits.MAX_POLICY_TOKENS``, 1,024) and refused
+    above it with ``PolicyTooLongError``: never cut."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any, cfg: ReaderConfig, bf16: bool | None = None,
+                 max_policy_tokens: int = MAX_POLICY_TOKENS):
         """``bf16``: read under bfloat16 autocast on a CPU; None (default) = where the CPU runs bf16 natively."""
         self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
+        self.max_policy_tokens = int(max_policy_tokens)
         dev = next(model.parameters()).device
         self.bf16 = dev.type == "cpu" and use_bf16(bf16, dev)
         self._cache: dict[str, dict[str, torch.Tensor]] = {}
@@ -103,8 +109,8 @@ class PolicyFeatures:
     def prompt_ids(self, text: str) -> list[int]:
         if not text or not text.strip():
             raise ValueError("policy text is empty")
-        ids = self.tokenizer(prompt_text(self.tokenizer, text), add_special_tokens=False)["input_ids"]
-        return ids[: self.prefix + self.cfg.max_tokens]
+        check_policy_tokens(text, token_count(self.tokenizer, text), self.max_policy_tokens)
+        return self.tokenizer(prompt_text(self.tokenizer, text), add_special_tokens=False)["input_ids"]
 
     @torch.no_grad()
     def __call__(self, texts: Sequence[str], batch_size: int = 32, progress: bool = False
@@ -367,6 +373,10 @@ class ReaderHypernet:
 
     def targets(self) -> dict[str, tuple[int, int]]:
         return dict(self._targets)
+
+    def check_policy(self, text: str) -> None:
+        """`AdapterSource.check_policy`: ``PolicyTooLongError`` for a text over the reader's token limit."""
+        check_policy_tokens(text, token_count(self.features.tokenizer, text), self.features.max_policy_tokens)
 
     def weights_id(self) -> str:
         """Hash of the reader's weights and pruning settings (its identity in pool content keys)."""

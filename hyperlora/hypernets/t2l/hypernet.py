@@ -341,6 +341,10 @@ class HyperNetwork(nn.Module):
     def _version_key(self) -> tuple:
         return tuple((n, p.data_ptr(), p._version, p.dtype, p.device) for n, p in self.named_parameters())
 
+    def check_policy(self, text: str) -> None:
+        """`AdapterSource.check_policy`: nothing to check here; the runtime's policy encoder reads the text (MiniLM
+        warns past its window, the base-model encoders refuse texts over ``limits.MAX_POLICY_TOKENS``)."""
+
     def weights_id(self) -> str:
         """A stable hash of (config, every weight's bytes): the hypernetwork's identity in pool content keys.
 

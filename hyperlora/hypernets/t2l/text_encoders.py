@@ -24,6 +24,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from hyperlora.hypernets.limits import MAX_POLICY_TOKENS, check_policy_tokens
 from hyperlora.hypernets.t2l.minilm import PolicyEncoder
 from hyperlora.modeling.layer_split import LayerSplit
 from hyperlora.modeling.padding import pad_right
@@ -92,7 +93,9 @@ class PolicyTextEncoder:
             split = LayerSplit(self.model, self.layer)
             for s in range(0, len(todo), 32):
                 chunk = todo[s:s + 32]
-                seqs = [self.tokenizer(t, add_special_tokens=False)["input_ids"][: self.max_tokens] for t in chunk]
+                seqs = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in chunk]
+                for t, q in zip(chunk, seqs):  # read whole or refused (max_tokens is the old window, unused)
+                    check_policy_tokens(t, len(q), MAX_POLICY_TOKENS)
                 ids, last = pad_right(seqs, self.tokenizer.pad_token_id or 0)
                 with torch.autocast("cpu", dtype=torch.bfloat16):
                     h = split.lower(ids.to(split.embed.weight.device))
