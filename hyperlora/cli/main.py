@@ -22,6 +22,7 @@ COMMANDS = {
     "demo": ("hyperlora.cli.demo", "policies -> adapters -> one mixed batch on SmolLM2, beside the base model"),
     "train": ("hyperlora.cli.train", "train a hypernetwork (--method reader: the policy reader; sft: T2L-style) or a baseline LoRA (multitask_lora, oracle_lora)"),
     "eval": ("hyperlora.cli.eval", "held-out policy evaluation against the baselines"),
+    "serve": ("hyperlora.cli.serve", "an OpenAI-compatible HTTP server: a policy per request, mixed-policy batching"),
 }
 
 

@@ -1,0 +1,92 @@
+"""`hyperlora serve`: an OpenAI-compatible HTTP server, one policy per request, mixed-policy continuous batching.
+
+    hyperlora serve                                   # the embedded SmolLM2 + the shipped hypernetwork, 127.0.0.1:8000
+    hyperlora serve --adapter-dir ./adapters --api-key "$KEY" --port 8080
+
+    from openai import OpenAI
+    client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")
+    client.chat.completions.create(model="smollm2-135m-instruct", messages=[...],
+                                   extra_body={"policy": "Answer 'flag' if ...; otherwise answer 'pass'."})
+
+Loads the base model and hypernetwork (as `hyperlora demo` does), attaches the runtime, loads the PEFT adapters
+found under each ``--adapter-dir``, and serves until SIGTERM / Ctrl-C, which stops admitting requests and drains
+the ones in flight. What the server does and measures: docs/SERVING.md.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+from hyperlora.cli.errors import UsageError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model", help="base model directory or .gguf (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--model-id", help="the name clients pass as `model` for the base model (default: the model "
+                                      "directory's name, or smollm2-135m-instruct)")
+    p.add_argument("--hypernet", help="hypernetwork directory (default: the shipped hyperlora/checkpoints/)")
+    p.add_argument("--adapter-dir", action="append", default=[], metavar="DIR",
+                   help="a PEFT adapter directory, or a folder of them, served by name (repeatable)")
+    p.add_argument("--api-key", default=os.environ.get("HYPERLORA_API_KEY"),
+                   help="require `Authorization: Bearer KEY` on /v1 routes (default $HYPERLORA_API_KEY; none: open)")
+    p.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429 (default 256)")
+    p.add_argument("--max-batch", type=int, default=32, help="rows decoded together (default 32)")
+    p.add_argument("--max-prefill-rows", type=int, default=8, help="requests prefilled per step (default 8)")
+    p.add_argument("--max-prefill-tokens", type=int, default=2048, help="prompt tokens prefilled per step")
+    p.add_argument("--max-tokens", type=int, default=512, help="most tokens one request may generate (default 512)")
+    p.add_argument("--max-policy-tokens", type=int, default=1024, help="longest policy text, in tokens")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
+    p.add_argument("--max-adapters", type=int, default=None,
+                   help="adapter pool slots (default max(64, 2 x --max-batch))")
+    p.add_argument("--max-rank", type=int, default=None, help="pool rank (default: the hypernetwork's, at least 16)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+
+
+def run(args: argparse.Namespace) -> int:
+    import logging
+    from pathlib import Path
+
+    import torch
+    import uvicorn
+
+    import hyperlora
+    from hyperlora.hypernets.checkpoints import load
+    from hyperlora.modeling.base_model import DEFAULT_MODEL_ID, load_base_model
+    from hyperlora.serving.app import Server, ServerConfig, create_app
+    from hyperlora.serving.engine import Engine
+    from hyperlora.serving.metrics import Metrics
+    from hyperlora.serving.registry import PolicyRegistry
+
+    for name in ("max_queue", "max_batch", "max_prefill_rows", "max_prefill_tokens", "max_tokens",
+                 "max_policy_tokens", "max_body_bytes"):
+        if getattr(args, name) < (0 if name == "max_queue" else 1):
+            raise UsageError(f"--{name.replace('_', '-')} must be >= {0 if name == 'max_queue' else 1}")
+    if not 0 <= args.port < 65536:
+        raise UsageError(f"--port {args.port} is not a port number")
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tok = load_base_model(args.model)
+    hypernet, encode = load(model, tok, args.hypernet)
+    rank = int(hypernet.config.rank)
+    max_rank = args.max_rank or max(16, rank)
+    rt = hyperlora.attach(model, hypernet, encoder=encode, max_adapters=args.max_adapters or max(64, 2 * args.max_batch),
+                          max_rank=max_rank)
+    model_id = args.model_id or (Path(args.model).name if args.model else DEFAULT_MODEL_ID.rsplit("-q", 1)[0])
+    registry = PolicyRegistry.with_adapters(
+        rt, model_id, args.adapter_dir, max_policy_tokens=args.max_policy_tokens,
+        count_tokens=lambda t: len(tok(t, add_special_tokens=False)["input_ids"]))
+    engine = Engine(rt, max_batch=args.max_batch, max_queue=args.max_queue, max_prefill_rows=args.max_prefill_rows,
+                    max_prefill_tokens=args.max_prefill_tokens, pad_token_id=int(tok.pad_token_id or 0),
+                    metrics=Metrics(rt.stats))
+    app = create_app(engine, tok, registry, ServerConfig(model_id=model_id, api_key=args.api_key or None,
+                                                         max_tokens=args.max_tokens,
+                                                         max_body_bytes=args.max_body_bytes))
+    print(f"hyperlora serve: model {model_id!r}, {len(registry.adapters)} adapters, hypernetwork rank {rank}; "
+          f"http://{args.host}:{args.port}/v1" + (" (API key required)" if args.api_key else ""), flush=True)
+    Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False),
+           engine).run()
+    return 0
