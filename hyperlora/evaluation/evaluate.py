@@ -54,7 +54,7 @@ from typing import Any, Callable, Sequence
 
 from hyperlora._io import atomic_path, atomic_write_text
 from hyperlora.tasks.format import Example, PolicyTask
-from hyperlora.modeling.prompts import prompt_text
+from hyperlora.modeling.prompts import end_of_turn, prompt_text
 from hyperlora.evaluation.replies import collapsed, first_option, has_loop, is_clean
 from hyperlora.evaluation.scoring import (AdapterSet, ScoreRequest, greedy_generate_ids, macro_balanced_accuracy,
                                         option_logprobs, predict_options)
@@ -237,8 +237,6 @@ def _tqdm(total: int, desc: str, enabled: bool):
 
 def _stop_ids(tokenizer: Any) -> list[int]:
     """Token ids that end a reply: the tokenizer's eos and the template's end-of-turn token (if one token)."""
-    from hyperlora.modeling.prompts import end_of_turn
-
     ids = []
     eos = getattr(tokenizer, "eos_token_id", None)
     if eos is not None:
@@ -503,6 +501,9 @@ def summarize(etasks: Sequence[EvalTask], results: dict[str, dict[int, _Preds]],
     return rep
 
 
+_KIND = {"files": "file", "splits": "split", "families": "family"}
+
+
 def _fmt(c: dict[str, Any] | None) -> str:
     if not c or c.get("acc") is None:
         return "–"
@@ -523,7 +524,7 @@ def markdown_table(rep: dict[str, Any]) -> str:
             continue
         for g, cells in rep.get(kind, {}).items():
             ch = cells.get("chance")
-            lines.append(f"| {kind[:-1]}: {g} | " +
+            lines.append(f"| {_KIND[kind]}: {g} | " +
                          " | ".join(_fmt(cells.get(c)) for c in conds) + f" | {ch if ch is not None else '–'} |")
     lines.append("| oracle policies only | " + " | ".join(_fmt(rep["oracle_subset"].get(c)) for c in conds) + " | |")
     lines.append("")
@@ -568,7 +569,7 @@ def _reply_tables(rep: dict[str, Any], conds: Sequence[str]) -> list[str]:
     out += ["", "| group | " + " | ".join(conds) + " |", "|---|" + "---|" * len(conds)]
     for kind in ("files", "families"):
         for g, cells in rep.get(kind, {}).items():
-            out.append(f"| {kind[:-1]}: {g} | " + " | ".join(_reply_short(cells.get(c)) for c in conds) + " |")
+            out.append(f"| {_KIND[kind]}: {g} | " + " | ".join(_reply_short(cells.get(c)) for c in conds) + " |")
     out += ["", "Cells: reply acc · clean % · loop % · collapse %. Reply acc: balanced accuracy with the greedy "
             "reply's first option (longest option first, case-insensitive, at a label boundary) as the prediction; "
             "clean: the stripped reply (one final '.' or '!' allowed) is exactly one option; loop: a token 3-gram "

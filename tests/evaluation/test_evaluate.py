@@ -339,3 +339,173 @@ def test_write_report_is_all_or_nothing(tmp_path):
     assert len(paths["predictions"].read_text().splitlines()) == 4
     assert json.loads(paths["json"].read_text())["config"]["command"] == "c"
     assert not [x for x in tmp_path.iterdir() if x.name.endswith(".tmp")]
+
+
+# ------------------------------------------------------------------ issue 20: replies, several files, fair prompts
+
+
+def _labelled(tid, n=6, opts=("P1", "P10", "TIER-2"), family="routing"):
+    return PolicyTask(f"Policy {tid}: answer P1, P10 or TIER-2.",
+                      [Example(f"{tid} record {i}", list(opts), opts[i % len(opts)]) for i in range(n)],
+                      family=family, id=tid)
+
+
+def test_fewshot_shots_never_the_scored_record_and_two_answers():
+    from hyperlora.evaluation.evaluate import EvalTask, fewshot_shots
+
+    t = _labelled("a", n=6)
+    t.examples.append(Example(t.examples[0].input, list(t.examples[0].options), "P10"))  # same text as record 0
+    et = EvalTask(t, t.examples[:4])
+    for k, ex in enumerate(et.examples):
+        shots = fewshot_shots(et, ex, f"0:0:{k}")
+        assert len(shots) == 2
+        assert all(rec != ex.input for rec, _ in shots)
+        assert len({a for _, a in shots}) == 2  # the policy has several answers: the two shots differ
+        assert shots == fewshot_shots(et, ex, f"0:0:{k}")  # deterministic
+    assert len({tuple(fewshot_shots(et, et.examples[0], f"s:{k}")) for k in range(20)}) > 1  # the key matters
+    one = EvalTask(PolicyTask("p", [Example("x", ["a", "b"], "a"), Example("y", ["a", "b"], "a")]), [])
+    assert fewshot_shots(one, one.task.examples[0], "k") == [("y", "a")]  # fewer records: fewer shots
+
+
+def test_in_context_variants_prompts(tm):
+    """in_context_user puts the policy in the user turn; in_context_fewshot adds two labelled chat turns."""
+    model, tok = tm
+    from hyperlora.evaluation import evaluate as ev
+
+    et = select_tasks([_labelled("a", n=4)], oracle_per_family=0)
+    seen: dict[str, list[str]] = {}
+    orig = ev.option_logprobs
+
+    def spy(model_, tok_, reqs, **kw):
+        seen.setdefault(cur[0], []).extend(r.prompt for r in reqs)
+        return orig(model_, tok_, reqs, **kw)
+
+    cur = [""]
+    try:
+        ev.option_logprobs = spy
+        for c in ("in_context", "in_context_user", "in_context_fewshot"):
+            cur[0] = c
+            evaluate(model, tok, et, conditions=[c], progress=False, replies=False, bf16=False)
+    finally:
+        ev.option_logprobs = orig
+    pol = et[0].task.policy
+    assert all(p.startswith(f"<|im_start|>system\n{pol}<|im_end|>") for p in seen["in_context"])
+    assert all(f"<|im_start|>user\nPolicy: {pol}\n\nRecord: " in p and "system" not in p
+               for p in seen["in_context_user"])
+    for p, ex in zip(seen["in_context_fewshot"], et[0].examples):
+        assert p.startswith(f"<|im_start|>system\n{pol}<|im_end|>")
+        assert p.count("<|im_start|>user\n") == 3 and p.count("<|im_start|>assistant\n") == 3
+        assert p.endswith(f"<|im_start|>user\n{ex.input}<|im_end|>\n<|im_start|>assistant\n")
+        assert p.count(ex.input) == 1  # the scored record is never a shot
+
+
+def test_greedy_decode_ids_stops_at_the_given_end_tokens(tm):
+    model, tok = tm
+    from hyperlora.modeling.decoding import greedy_decode_ids, greedy_decode_texts
+    from hyperlora.modeling.prompts import prompt_text
+
+    prompts = [prompt_text(tok, "hello there"), prompt_text(tok, "a much longer record, to pad the other")]
+    free = greedy_decode_ids(model, tok, prompts, max_new_tokens=12, eos_token_id=[], batch_size=2)
+    assert all(len(f) == 12 for f in free)
+    stop = free[0][3]
+    cut = greedy_decode_ids(model, tok, prompts, max_new_tokens=12, eos_token_id=[stop], batch_size=2)
+    assert cut[0] == free[0][:free[0].index(stop)]
+    assert cut[1] == (free[1][:free[1].index(stop)] if stop in free[1] else free[1])
+    texts = greedy_decode_texts(model, tok, prompts, max_new_tokens=12, batch_size=2)
+    ids = greedy_decode_ids(model, tok, prompts, max_new_tokens=12, batch_size=2)
+    assert texts == [tok.decode(t, skip_special_tokens=True) for t in ids]
+
+
+def test_evaluate_replies_are_the_greedy_replies_under_each_adapter(tm):
+    """Every label record of every condition gets a reply; under `generated` it is the greedy reply of the
+    bare prompt with that policy's adapter (the same one a user gets), at most reply_tokens long."""
+    model, tok = tm
+    from hyperlora.evaluation.scoring import greedy_generate_ids
+    from hyperlora.modeling.prompts import prompt_text
+
+    et = select_tasks([_labelled("a", n=4), _labelled("b", n=4, family="topic"), _answerless_free_text(3)],
+                      oracle_per_family=0)
+    hn = HypernetSource(tiny_hypernet(model), hash_encoder)
+    results, _ = evaluate(model, tok, et, conditions=["base", "generated"], hypernet=hn, progress=False,
+                          reply_tokens=5, max_new_tokens=6, bf16=False)
+    for cond, preds in results.items():
+        for i, p in preds.items():
+            assert len(p.replies) == len(p.golds) == len(p.loops)
+            assert all(r is not None for r in p.replies) and all(isinstance(x, bool) for x in p.loops)
+    ad = hn([et[1].task.policy])
+    ids = greedy_generate_ids(model, tok, [prompt_text(tok, e.input) for e in et[1].examples], [0] * 4, adapters=ad,
+                              max_new_tokens=5, bf16=False)
+    assert results["generated"][1].replies == [tok.decode(t, skip_special_tokens=True) for t in ids]
+    assert all(len(t) <= 5 for t in ids)
+    assert results["generated"][2].replies == results["generated"][2].outputs  # free text: the generation
+    rep = summarize(et, results, {}, {"date": "d", "command": "c"})
+    r = rep["replies"]["generated"]
+    assert r["label_policies"] == 2 and r["label_replies"] == 8 and r["replies"] == 11
+    # without replies: no extra generations, collapse still reported
+    res2, _ = evaluate(model, tok, et, conditions=["base"], progress=False, replies=False, bf16=False, max_new_tokens=2)
+    assert res2["base"][0].replies == [None] * 4
+    r2 = summarize(et, res2, {}, {})["replies"]["base"]
+    assert r2["reply_acc"] is None and r2["collapse_policies"] == 2 and r2["replies"] == 3
+    with pytest.raises(ValueError, match="reply_tokens"):
+        evaluate(model, tok, et, conditions=["base"], progress=False, reply_tokens=0)
+
+
+def test_select_tasks_per_file_limits_and_sources():
+    a = [_labelled(f"a{i}") for i in range(3)]
+    b = [_labelled(f"b{i}") for i in range(3)]
+    et = select_tasks(a + b, max_policies=2, oracle_per_family=0, sources=["one.jsonl"] * 3 + ["two.jsonl"] * 3)
+    assert [e.task.id for e in et] == ["a0", "a1", "b0", "b1"]  # --max-policies counts per file
+    assert [e.file for e in et] == ["one.jsonl"] * 2 + ["two.jsonl"] * 2
+    assert select_tasks(a, oracle_per_family=0)[0].file == "tasks"
+    with pytest.raises(ValueError, match="sources"):
+        select_tasks(a, sources=["x"])
+
+
+def test_cli_several_task_files_report_per_file(tm, tmp_path):
+    model, tok = tm
+    mdir = tmp_path / "model"
+    model.save_pretrained(mdir)
+    tok.save_pretrained(mdir)
+    d1, d2 = tmp_path / "x", tmp_path / "y"
+    d1.mkdir()
+    d2.mkdir()
+    from hyperlora.tasks.format import save_tasks
+
+    save_tasks([_labelled("r1"), _labelled("r2", family="topic")], d1 / "dev.jsonl")
+    save_tasks([_labelled("r1", opts=("yes", "no")), _answerless_free_text(4)], d2 / "test.jsonl")  # same id r1
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    out = tmp_path / "res"
+    args = p.parse_args(["--tasks", str(d1 / "dev.jsonl"), str(d2 / "test.jsonl"), "--model", str(mdir),
+                         "--conditions", "base", "in_context", "in_context_user", "in_context_fewshot",
+                         "--oracle-policies", "0", "--examples-per-policy", "4", "--max-new-tokens", "3", "--reply-tokens", "4",
+                         "--out", str(out), "--no-progress", "--fp32"])
+    assert run(args) == 0
+    rep = json.loads((out / "quality.json").read_text())
+    assert set(rep["files"]) == {"dev.jsonl", "test.jsonl"}
+    assert rep["files"]["dev.jsonl"]["base"]["policies"] == 2 and rep["files"]["test.jsonl"]["base"]["examples"] == 8
+    assert rep["files"]["dev.jsonl"]["base"]["label_replies"] == 8
+    assert rep["files"]["test.jsonl"]["base"]["replies"] == 8  # 4 label replies + 4 free-text generations
+    assert rep["config"]["tasks"] == [str(d1 / "dev.jsonl"), str(d2 / "test.jsonl")]
+    assert rep["config"]["reply_tokens"] == 4 and rep["config"]["replies"] is True
+    assert rep["best_in_context"]["condition"] in ("in_context", "in_context_user", "in_context_fewshot")
+    for c in ("base", "in_context", "in_context_user", "in_context_fewshot"):
+        r = rep["replies"][c]
+        assert r["label_replies"] == 12 and r["replies"] == 16 and r["collapse_policies"] == 3
+        for k in ("reply_acc", "clean", "loop", "collapse"):
+            assert r[k] is None or 0.0 <= r[k] <= 100.0
+    md = (out / "quality.md").read_text()
+    assert "file: dev.jsonl" in md and "file: test.jsonl" in md and "## Replies" in md
+    rows = [json.loads(x) for x in (out / "quality_predictions.jsonl").read_text().splitlines()]
+    assert {r["file"] for r in rows} == {"dev.jsonl", "test.jsonl"}
+    lab = [r for r in rows if r["gold"] != "pass"]
+    assert lab and all("reply" in r and "clean" in r and "reply_option" in r and "loop" in r for r in lab)
+    # the same file name in two folders: the report names the paths
+    (d2 / "dev.jsonl").write_text((d2 / "test.jsonl").read_text())
+    args = p.parse_args(["--tasks", str(d1 / "dev.jsonl"), str(d2 / "dev.jsonl"), "--model", str(mdir),
+                         "--conditions", "base", "--examples-per-policy", "2", "--max-new-tokens", "2",
+                         "--no-replies", "--out", str(out), "--name", "q2", "--no-progress", "--fp32"])
+    assert run(args) == 0
+    rep = json.loads((out / "q2.json").read_text())
+    assert set(rep["files"]) == {str(d1 / "dev.jsonl"), str(d2 / "dev.jsonl")}
+    assert rep["replies"]["base"]["label_replies"] == 0 and rep["config"]["replies"] is False
