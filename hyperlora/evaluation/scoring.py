@@ -1,9 +1,8 @@
 """Scoring policy tasks: option log-likelihoods (batched), greedy generations, balanced accuracy.
 
-Option choice: each option is scored by the summed log-probability of ``option + end-of-turn`` after the
-prompt (``hyperlora.modeling.prompts``); the prediction is the best-scoring option. The end-of-turn marker
-makes "flag" and "flagged" different answers. Options are never shown in the prompt, so their listed
-order cannot leak the answer.
+Option choice: ``hyperlora.decisions.scoring`` (the one copy of option scoring, shared with ``decide``): each
+option is scored by the summed log-probability of ``option + end-of-turn`` after the prompt; the prediction is
+the best-scoring option. Here the adapters come from an ``AdapterSet``.
 
 Free text: a greedy generation passes when the example's regex is found in it.
 
@@ -16,28 +15,18 @@ from __future__ import annotations
 import contextlib
 import math
 import re
-from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
 from hyperlora.adapters.adapter_set import AdapterSet
 from hyperlora.adapters.functional import apply_lora
-from hyperlora.modeling.decoding import bf16_autocast, greedy_decode_ids, greedy_decode_texts, pad_id
-from hyperlora.modeling.padding import left_pad
-from hyperlora.modeling.prompts import target_text
+from hyperlora.decisions.scoring import ScoreRequest, predict_options
+from hyperlora.decisions.scoring import option_logprobs as _option_logprobs
+from hyperlora.modeling.decoding import greedy_decode_ids, greedy_decode_texts
 
 __all__ = ["ScoreRequest", "AdapterSet", "option_logprobs", "predict_options", "greedy_generate", "greedy_generate_ids",
            "regex_pass", "balanced_accuracy", "macro_balanced_accuracy"]
-
-
-@dataclass
-class ScoreRequest:
-    """One prompt with its candidate options; ``row`` selects the adapter (-1 = base model)."""
-
-    prompt: str
-    options: Sequence[str]
-    row: int = -1
 
 
 def _adapter_ctx(model: Any, adapters: AdapterSet | None, rows: Sequence[int]):
@@ -48,154 +37,20 @@ def _adapter_ctx(model: Any, adapters: AdapterSet | None, rows: Sequence[int]):
     return apply_lora(model, adapters.modules, scale=adapters.scale, rows=torch.tensor(list(rows), dtype=torch.long))
 
 
-_autocast = bf16_autocast
-
-
-def _device(model: Any) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _forward_last_logits(model: Any, ids: torch.Tensor, mask: torch.Tensor, keep: int) -> torch.Tensor:
-    """Logits [N, keep, V] of the last ``keep`` positions (left padded batch, explicit positions)."""
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    try:
-        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=keep, use_cache=False)
-    except TypeError:  # models without logits_to_keep
-        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False)
-    logits = out.logits
-    return logits[:, -keep:]
-
-
-@torch.no_grad()
 def option_logprobs(model: Any, tokenizer: Any, requests: Sequence[ScoreRequest], *,
                     adapters: AdapterSet | None = None, batch_size: int = 16, bf16: bool = True,
                     progress: Callable[[int], None] | None = None, share_prompt: bool = True) -> list[list[float]]:
-    """Summed log p(option + end-of-turn | prompt) for every option of every request.
-
-    Returns one list per request, aligned with its ``options``. ``share_prompt`` (default): each prompt runs
-    once, its KV cache is repeated for the options, and only the option tokens run again (~2-3x cheaper than
-    one full sequence per option; falls back to full sequences if the model's cache cannot be repeated).
-    ``batch_size`` counts requests (shared prompt) or sequences (full). ``progress(n)`` is called with the
-    number of scored sequences (options) after each batch.
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    device = _device(model)
-    prompt_cache: dict[str, list[int]] = {}
-    target_cache: dict[str, list[int]] = {}
-    enc: list[tuple[list[int], list[list[int]], int]] = []
-    for ri, r in enumerate(requests):
+    """Summed log p(option + end-of-turn | prompt) for every option of every request, aligned with its
+    ``options``; each request's ``row`` indexes ``adapters`` (-1 = none). ``share_prompt``, ``batch_size`` and
+    ``progress`` as in ``hyperlora.decisions.scoring.option_logprobs``, which this calls with ``apply_lora``
+    over ``adapters`` as the per-forward context."""
+    for ri, r in enumerate(requests):  # the checks in the order the shared scorer made them before
         if len(r.options) < 1:
             raise ValueError(f"request {ri} has no options")
         if r.row >= 0 and adapters is None:
             raise ValueError("a request has row >= 0 but no adapters were given")
-        if r.prompt not in prompt_cache:
-            prompt_cache[r.prompt] = tokenizer(r.prompt, add_special_tokens=False)["input_ids"]
-        opts = []
-        for o in r.options:
-            if o not in target_cache:
-                target_cache[o] = tokenizer(target_text(tokenizer, o), add_special_tokens=False)["input_ids"]
-            if not target_cache[o]:
-                raise ValueError(f"option {o!r} tokenizes to nothing")
-            opts.append(target_cache[o])
-        enc.append((prompt_cache[r.prompt], opts, int(r.row)))
-    if share_prompt:
-        try:
-            return _scores_shared(model, enc, pad_id(tokenizer), device, adapters, batch_size, bf16, progress)
-        except _NoCacheRepeat:
-            pass
-    return _scores_full(model, enc, pad_id(tokenizer), device, adapters, batch_size, bf16, progress)
-
-
-class _NoCacheRepeat(Exception):
-    pass
-
-
-def _cache_kwarg(model: Any) -> str:
-    """``cache`` (transformers >= 5.24) or ``past_key_values`` (older), whichever forward() takes."""
-    import inspect
-
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return "past_key_values"
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def _scores_full(model, enc, pad, device, adapters, batch_size, bf16, progress) -> list[list[float]]:
-    """One left-padded sequence per (request, option); logits only for the last positions."""
-    seqs = [(ri, oi, p + t, len(t), row) for ri, (p, opts, row) in enumerate(enc) for oi, t in enumerate(opts)]
-    out: list[list[float]] = [[math.nan] * len(e[1]) for e in enc]
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][2]))
-    for s in range(0, len(order), batch_size):
-        chunk = [seqs[i] for i in order[s:s + batch_size]]
-        ids, mask = left_pad([c[2] for c in chunk], pad, device)
-        keep = max(c[3] for c in chunk) + 1
-        with _adapter_ctx(model, adapters, [c[4] for c in chunk]), _autocast(bf16, device):
-            logits = _forward_last_logits(model, ids, mask, keep)
-        logp = torch.log_softmax(logits.float(), dim=-1)  # [N, keep, V]
-        for j, (ri, oi, seq, L, _) in enumerate(chunk):
-            tgt = torch.tensor(seq[-L:], device=logp.device)
-            # logits at position p predict token p+1: the L target tokens are predicted by keep-1-L .. keep-2
-            out[ri][oi] = float(logp[j, keep - 1 - L: keep - 1].gather(-1, tgt.unsqueeze(-1)).sum())
-        if progress is not None:
-            progress(len(chunk))
-    return out
-
-
-def _scores_shared(model, enc, pad, device, adapters, batch_size, bf16, progress) -> list[list[float]]:
-    """Prompt once (left padded, KV cache), then all options of each request against the repeated cache."""
-    out: list[list[float]] = [[math.nan] * len(e[1]) for e in enc]
-    order = sorted(range(len(enc)), key=lambda i: (len(enc[i][1]), len(enc[i][0])))
-    for s in range(0, len(order), batch_size):
-        idx = order[s:s + batch_size]
-        B = len(idx)
-        K = max(len(enc[i][1]) for i in idx)
-        ids, mask = left_pad([enc[i][0] for i in idx], pad, device)
-        rows = [enc[i][2] for i in idx]
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        with _adapter_ctx(model, adapters, rows), _autocast(bf16, device):
-            res = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
-        first = torch.log_softmax(res.logits[:, -1].float(), dim=-1)  # [B, V]: predicts each option's 1st token
-        L = max(len(t) for i in idx for t in enc[i][1])
-        tail = None
-        if L > 1:
-            cache = getattr(res, "past_key_values", None)
-            if cache is None or not hasattr(cache, "batch_repeat_interleave"):
-                raise _NoCacheRepeat()
-            cache.batch_repeat_interleave(K)
-            cont = torch.full((B * K, L - 1), pad, dtype=torch.long)
-            for b, i in enumerate(idx):
-                opts = enc[i][1]
-                for k in range(K):
-                    t = opts[k] if k < len(opts) else opts[0]  # filler rows are ignored
-                    if len(t) > 1:
-                        cont[b * K + k, : len(t) - 1] = torch.tensor(t[:-1])
-            cont = cont.to(device)
-            # right padding of the continuation is harmless: causal attention never looks ahead
-            cmask = torch.cat([mask.repeat_interleave(K, 0), torch.ones_like(cont)], dim=1)
-            cpos = mask.sum(-1, keepdim=True).repeat_interleave(K, 0) + torch.arange(L - 1, device=device)
-            with _adapter_ctx(model, adapters, [r for r in rows for _ in range(K)]), _autocast(bf16, device):
-                res2 = model(input_ids=cont, attention_mask=cmask, position_ids=cpos, use_cache=True,
-                             **{_cache_kwarg(model): cache})
-            tail = torch.log_softmax(res2.logits.float(), dim=-1)  # [B*K, L-1, V]
-        n_done = 0
-        for b, i in enumerate(idx):
-            for k, t in enumerate(enc[i][1]):
-                lp = float(first[b, t[0]])
-                if len(t) > 1:
-                    tg = torch.tensor(t[1:], device=tail.device)
-                    lp += float(tail[b * K + k, : len(t) - 1].gather(-1, tg.unsqueeze(-1)).sum())
-                out[i][k] = lp
-                n_done += 1
-        if progress is not None:
-            progress(n_done)
-    return out
-
-
-def predict_options(requests: Sequence[ScoreRequest], scores: Sequence[Sequence[float]]) -> list[str]:
-    """The best-scoring option of each request (first listed on an exact tie)."""
-    return [r.options[max(range(len(s)), key=lambda i: s[i])] for r, s in zip(requests, scores)]
+    return _option_logprobs(model, tokenizer, requests, batch_context=lambda rows: _adapter_ctx(model, adapters, rows),
+                            batch_size=batch_size, bf16=bf16, progress=progress, share_prompt=share_prompt)
 
 
 def greedy_generate(model: Any, tokenizer: Any, prompts: Sequence[str], rows: Sequence[int] | None = None, *,
