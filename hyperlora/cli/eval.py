@@ -20,7 +20,17 @@ from hyperlora.evaluation.evaluate import (CONDITIONS, HELD_OUT_SPLITS, AdapterS
 
 log = logging.getLogger("hyperlora.evaluation.evaluate")
 
+REPLY_METRICS_HELP = (
+    "Reply-level metrics, for every condition, overall and per family, split and task file, next to the scored "
+    "balanced accuracy: reply acc = balanced accuracy with the greedy reply's first option as the prediction "
+    "(options tried longest first, case-insensitive, ending at a label boundary: P10 is not P1, TIER-3 is not "
+    "TIER); clean = the stripped reply (one final '.' or '!' allowed) is exactly one option; loop = some token "
+    "3-gram occurs 3 times within 32 reply tokens (label and free-text replies); collapse = share of policies "
+    "with >= 2 gold answers whose scored predictions are one answer for all records. docs/POLICY_TASKS.md.")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.epilog = REPLY_METRICS_HELP
     p.add_argument("--tasks", nargs="+", metavar="FILE",
                    help="JSONL task file(s) (default: the generated held-out splits); with several, every record "
                         "carries its file and the report breaks down per file (--max-policies applies per file)")
@@ -48,7 +58,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--full", action="store_true",
                    help="the full eval: 8 policies per (split, family), 16 examples each, 2 oracles per family")
     p.add_argument("--where", choices=("system", "user"), default="system",
-                   help="where in_context / multitask_lora put the policy")
+                   help="where in_context / multitask_lora put the policy (in_context_user always puts it in the "
+                        "user turn, in_context_fewshot in the system turn)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=32, help="greedy tokens for free-text tasks")
     p.add_argument("--reply-tokens", type=int, default=16,
