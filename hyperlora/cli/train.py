@@ -4,7 +4,8 @@
 
 Methods: sft (the T2L-style hypernetwork), reader (the policy reader, hyperlora/hypernets/reader/reader.py), rule_heads (the
 reader's heads for reply-format rules (prefixes, sign-offs) and numeric thresholds, hyperlora/hypernets/reader/rules/reply_format.py and
-hyperlora/hypernets/reader/rules/threshold.py; needs reader_init), multitask_lora (one LoRA, policy in the prompt), oracle_lora (one LoRA per
+hyperlora/hypernets/reader/rules/threshold.py; needs reader_init), multitask_lora (one LoRA, policy in the prompt), multitask_sft (the fair multi-task baseline: one LoRA on
+every layer, the policy in the system turn, SFT on answer + end of turn; hyperlora/training/multitask_sft.py), oracle_lora (one LoRA per
 held-out policy), reconstruct (regress a library of PEFT LoRAs, each with its policy.txt, onto the T2L-style
 hypernetwork: --set lora_library='"DIR"', or --set build_library=true to train one oracle LoRA per training task
 first; hyperlora/training/reconstruct.py). Every method uses the same tasks, target modules, rank and step
@@ -23,11 +24,12 @@ from hyperlora.training.config import TrainConfig  # light (no torch): --list-fi
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="JSON training config (fields of TrainConfig); flags below override it")
-    parser.add_argument("--method", choices=["sft", "reader", "rule_heads", "reconstruct", "multitask_lora", "oracle_lora"],
+    parser.add_argument("--method", choices=["sft", "reader", "rule_heads", "reconstruct", "multitask_lora", "multitask_sft", "oracle_lora"],
                         help="reader: the policy reader (docs/READER.md); rule_heads: add the format-rule and threshold heads "
                              "to the reader in reader_init; sft: the T2L-style hypernetwork; "
                              "reconstruct: fit the T2L-style hypernetwork to a library of PEFT LoRAs; "
-                             "multitask_lora / oracle_lora: baselines")
+                             "multitask_lora / oracle_lora: baselines; multitask_sft: the fair multi-task baseline "
+                             "(every layer, the policy in the system turn, trained to reply with the answer)")
     parser.add_argument("--tasks", help="training tasks JSONL (default: the generated suite's train split)")
     parser.add_argument("--eval-tasks", help="held-out tasks JSONL (default: the generated held-out splits)")
     parser.add_argument("--out", help="output directory (checkpoints, logs, results)")
@@ -127,6 +129,16 @@ def run(args: argparse.Namespace) -> int:
         ev = quick_eval_with(s, lambda txts: (reader(features(list(txts)))[0], 1.0), cfg.eval_tasks_per_split)
         reader.save_pretrained(out / "final")
         res = {"method": "reader", "eval": ev, "train_seconds": round(time.time() - t0, 1)}
+    elif cfg.method == "multitask_sft":
+        from hyperlora.modeling.base_model import load_base_model
+        from hyperlora.training.multitask_sft import train_multitask_sft
+        from hyperlora.training.session import load_train_tasks
+
+        model, tok = load_base_model(cfg.base_model)
+        model.to(cfg.device)
+        lora, hist = train_multitask_sft(model, tok, load_train_tasks(cfg), cfg, out, log=log, resume=not args.no_resume)
+        res = {"method": "multitask_sft", "eval": {}, "history": hist[-5:], "train_seconds": round(time.time() - t0, 1),
+               "note": "score it with hyperlora eval --multitask-lora <out>/multitask_lora.safetensors"}
     elif cfg.method == "multitask_lora":
         from hyperlora.training.baselines import accuracy_with, train_multitask
         from hyperlora.training.data import spread_over_families

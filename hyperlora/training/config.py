@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-METHODS = ("sft", "reader", "rule_heads", "reconstruct", "multitask_lora", "oracle_lora")
+METHODS = ("sft", "reader", "rule_heads", "reconstruct", "multitask_lora", "multitask_sft", "oracle_lora")
 
 
 def _f(default: Any, help: str) -> Any:
