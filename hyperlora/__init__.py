@@ -19,6 +19,9 @@ _LAZY = {
     "PoolFullError": ("hyperlora.adapters.pool", "PoolFullError"),
     "attach": ("hyperlora.runtime.runtime", "attach"),
     "Runtime": ("hyperlora.runtime.runtime", "Runtime"),
+    "decide": ("hyperlora.decisions.decide", "decide"),
+    "Decision": ("hyperlora.decisions.decide", "Decision"),
+    "Calibrator": ("hyperlora.decisions.calibration", "Calibrator"),
     "BackendUnavailableError": ("hyperlora.ops.backends", "BackendUnavailableError"),
     "available_backends": ("hyperlora.ops.backends", "available_backends"),
 }
