@@ -74,6 +74,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="benchmarks/results", help="output directory")
     p.add_argument("--name", default="quality", help="output file stem")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--escalate", type=float, metavar="BUDGET",
+                   help="add the 'escalation' section (calibrated confidence, the in-context verifier, escalating "
+                        "the least-trusted BUDGET share, e.g. 0.1; conformal thresholds), <name>_escalation.md, "
+                        "the risk-coverage and reliability PNGs and <name>_calibration.json (docs/DECISIONS.md)")
+    p.add_argument("--alpha", type=float, default=0.1, help="--escalate: auto-approved error the conformal rule "
+                                                              "controls (default 0.1)")
+    p.add_argument("--delta", type=float, default=0.1, help="--escalate: the conformal rule may fail with "
+                                                              "probability delta (default 0.1)")
 
 
 def _find_multitask(arg: str | None) -> Path | None:
@@ -103,6 +111,9 @@ def run(args: argparse.Namespace) -> int:
         args.max_policies, args.examples_per_policy = max(args.max_policies, 8), max(args.examples_per_policy, 16)
         args.oracle_policies = max(args.oracle_policies, 3)
     t_start = time.perf_counter()
+    if args.escalate is not None and not (0.0 < args.escalate < 1.0 and 0.0 < args.alpha < 1.0 and 0.0 < args.delta < 1.0):
+        raise UsageError(f"--escalate, --alpha and --delta must be in (0, 1), got {args.escalate}, {args.alpha}, "
+                         f"{args.delta}")
     if args.reply_tokens < 1:
         raise UsageError(f"--reply-tokens must be >= 1, got {args.reply_tokens}")
     sources: list[str] | None = None
@@ -192,7 +203,15 @@ def run(args: argparse.Namespace) -> int:
         "total_seconds": round(time.perf_counter() - t_start, 1),
     }
     rep = summarize(etasks, results, info, config)
-    paths = write_report(rep, etasks, results, args.out, args.name)
+    esc_paths: dict[str, Any] = {}
+    if args.escalate is not None:
+        from hyperlora.evaluation.escalation import add_escalation
+
+        esc_paths = add_escalation(rep, model, tok, etasks, results, budget=args.escalate, alpha=args.alpha,
+                                   delta=args.delta, where=args.where, batch_size=args.batch_size, bf16=bf16,
+                                   seed=args.seed, out_dir=args.out, name=args.name)
+        rep["config"]["total_seconds"] = round(time.perf_counter() - t_start, 1)
+    paths = {**write_report(rep, etasks, results, args.out, args.name), **esc_paths}
     print(markdown_table(rep))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
