@@ -17,7 +17,7 @@ import urllib.request
 
 from eval_helpers import tiny_llama, tiny_tokenizer
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 MODEL_ID = "tiny"
 
 

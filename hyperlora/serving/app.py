@@ -341,7 +341,8 @@ def create_app(engine: Engine, tokenizer: Any, registry: PolicyRegistry, config:
                                 f"(--max-tokens)", param="max_tokens", code="max_tokens_exceeded")
         n = asked if asked is not None else max(1, min(cfg.max_tokens, engine.max_len - n_prompt))
         return SamplingParams(max_tokens=n, temperature=float(body.temperature), top_p=float(body.top_p),
-                              top_k=body.top_k, seed=body.seed, stop_token_ids=chat_stops if chat else text_stops)
+                              top_k=body.top_k, seed=body.seed,
+                              stop_token_ids=() if body.ignore_eos else chat_stops if chat else text_stops)
 
     def _prompt_ids(body: Any, chat: bool) -> list[int]:
         if chat:

@@ -87,6 +87,8 @@ class _Generation(_Body):
     policy: str | None = Field(default=None, description="a policy text, a registered policy id, or an adapter id")
     options: list[str] | None = Field(default=None, description="answer options: returns their scores instead of "
                                                                 "generating")
+    ignore_eos: bool = Field(default=False, description="generate max_tokens tokens, not stopping at EOS (vLLM's "
+                                                          "field of the same name)")
     return_token_ids: bool = Field(default=False, description="add the generated token ids to each choice "
                                                               "(`token_ids`), as vLLM does")
 
