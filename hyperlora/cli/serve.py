@@ -41,6 +41,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-adapters", type=int, default=None,
                    help="adapter pool slots (default max(64, 2 x --max-batch))")
     p.add_argument("--max-rank", type=int, default=None, help="pool rank (default: the hypernetwork's, at least 16)")
+    p.add_argument("--calibration", metavar="FILE",
+                   help="a decide() calibration JSON (hyperlora eval --escalate writes <name>_calibration.json) for "
+                        "requests with options (default: raw option probabilities)")
+    p.add_argument("--verifier", default="in_context", choices=["in_context", "judge", "none"],
+                   help="decide()'s verifier for requests with options (default in_context)")
+    p.add_argument("--budget", type=float, default=0.1, help="decide()'s review budget (default 0.1)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
@@ -60,6 +66,11 @@ def run(args: argparse.Namespace) -> int:
     from hyperlora.serving.metrics import Metrics
     from hyperlora.serving.registry import PolicyRegistry
 
+    calibrator = None
+    if args.calibration:
+        from hyperlora.decisions.calibration import Calibrator
+
+        calibrator = Calibrator.load(args.calibration)
     for name in ("max_queue", "max_batch", "max_prefill_rows", "max_prefill_tokens", "max_tokens",
                  "max_policy_tokens", "max_body_bytes"):
         if getattr(args, name) < (0 if name == "max_queue" else 1):
@@ -84,7 +95,9 @@ def run(args: argparse.Namespace) -> int:
                     metrics=Metrics(rt.stats))
     app = create_app(engine, tok, registry, ServerConfig(model_id=model_id, api_key=args.api_key or None,
                                                          max_tokens=args.max_tokens,
-                                                         max_body_bytes=args.max_body_bytes))
+                                                         max_body_bytes=args.max_body_bytes,
+                                                         calibrator=calibrator, budget=args.budget,
+                                                         verifier=None if args.verifier == "none" else args.verifier))
     print(f"hyperlora serve: model {model_id!r}, {len(registry.adapters)} adapters, hypernetwork rank {rank}; "
           f"http://{args.host}:{args.port}/v1" + (" (API key required)" if args.api_key else ""), flush=True)
     Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False),

@@ -16,6 +16,7 @@ read the request's events from an asyncio queue that the scheduler thread feeds.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import logging
@@ -30,6 +31,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from hyperlora.decisions.decide import Decision, decide
 from hyperlora.modeling.prompts import _render as render_messages  # THE chat rendering (template, else ChatML)
 from hyperlora.modeling.prompts import end_of_turn
 from hyperlora.serving.engine import DrainingError, Engine, QueueFullError, Request, RequestError, SamplingParams
@@ -47,13 +49,17 @@ __all__ = ["ServerConfig", "create_app", "Server"]
 class ServerConfig:
     """model_id: the name of the plain base model in ``model``; max_tokens: the most tokens one request may ask
     for (also the default when it asks for none); max_body_bytes: request body limit; retry_after: seconds
-    sent in ``Retry-After`` with 429 / 503."""
+    sent in ``Retry-After`` with 429 / 503; calibrator / verifier / budget: what ``decide()`` uses for a request
+    with ``options``."""
 
     model_id: str = "hyperlora"
     api_key: str | None = None
     max_tokens: int = 512
     max_body_bytes: int = 1 << 20
     retry_after: int = 1
+    calibrator: Any = None  # a decisions Calibrator for requests with options (None: raw probabilities)
+    verifier: str | None = "in_context"  # decide()'s verifier
+    budget: float = 0.1  # decide()'s review budget
 
 
 class _BodyLimit:
@@ -189,8 +195,6 @@ def create_app(engine: Engine, tokenizer: Any, registry: PolicyRegistry, config:
     metrics = engine.metrics
     chat_stops = _stop_ids(tokenizer, engine.model, chat=True)
     text_stops = _stop_ids(tokenizer, engine.model, chat=False)
-    eot = end_of_turn(tokenizer)
-
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine.start()
         yield
@@ -304,8 +308,8 @@ def create_app(engine: Engine, tokenizer: Any, registry: PolicyRegistry, config:
         return APIError(500, f"the server failed on this request: {type(exc).__name__}", type="server_error")
 
     async def _run(request: HTTPRequest, req: Request, detok: _Detokenizer | None = None
-                   ) -> tuple[list[int], str, list[float] | None]:
-        """Submit and wait (non-streaming): (tokens, finish reason, option scores). Cancels the generation when
+                   ) -> tuple[list[int], str, Any]:
+        """Submit and wait (non-streaming): (tokens, finish reason, a job's result). Cancels the generation when
         the client disconnects, or when `detok` sees a stop string."""
         ev = _Events(asyncio.get_running_loop())
         req.emit = ev.emit
@@ -327,7 +331,7 @@ def create_app(engine: Engine, tokenizer: Any, registry: PolicyRegistry, config:
                     if detok.stopped:
                         engine.cancel(req)
                         return toks, "stop", None
-            elif kind == "scores":
+            elif kind == "result":
                 scores = value
             elif kind == "error":
                 raise _as_api_error(value)
@@ -368,11 +372,15 @@ def create_app(engine: Engine, tokenizer: Any, registry: PolicyRegistry, config:
         if body.options is not None:
             if body.stream:
                 raise APIError(400, "options cannot be streamed", param="stream")
-            suffix = eot if chat else ""
-            opts = [list(tokenizer(o + suffix, add_special_tokens=False)["input_ids"]) for o in body.options]
-            req = Request(prompt=prompt, entry=entry, params=params, emit=None, options=opts)  # type: ignore[arg-type]
-            _, _, scores = await _run(request, req)
-            return JSONResponse(_options_response(rid, created, chat, body, scores or [], len(prompt)))
+            record, options, family = _record(body, chat), list(body.options), body.family
+
+            def job() -> Decision:
+                return decide(engine.rt, [record], entry, [options], tokenizer=tokenizer, family=family,
+                              calibrator=cfg.calibrator, verifier=cfg.verifier, budget=cfg.budget)[0]
+
+            req = Request(prompt=prompt, entry=entry, params=params, emit=None, job=job)  # type: ignore[arg-type]
+            _, _, d = await _run(request, req)
+            return JSONResponse(_decision_response(rid, created, chat, body, d, len(prompt)))
         req = Request(prompt=prompt, entry=entry, params=params, emit=None)  # type: ignore[arg-type]
         detok = _Detokenizer(tokenizer, body.stop_strings())
         if not body.stream:
@@ -466,23 +474,27 @@ def create_app(engine: Engine, tokenizer: Any, registry: PolicyRegistry, config:
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    def _options_response(rid: str, created: int, chat: bool, body: Any, scores: list[float], n_prompt: int) -> dict:
-        import math
-
-        best = max(range(len(scores)), key=lambda i: scores[i]) if scores else 0
-        top = max(scores) if scores else 0.0
-        z = sum(math.exp(s - top) for s in scores) or 1.0
-        answer = body.options[best]
-        decision = {"answer": answer, "scores": dict(zip(body.options, scores)),
-                    "probabilities": {o: math.exp(s - top) / z for o, s in zip(body.options, scores)}}
+    def _decision_response(rid: str, created: int, chat: bool, body: Any, d: Decision, n_prompt: int) -> dict:
+        decision = {k: v for k, v in dataclasses.asdict(d).items() if k not in ("policy", "extra")}
         if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": "stop",
+            choice = {"index": 0, "message": {"role": "assistant", "content": d.answer}, "finish_reason": "stop",
                       "logprobs": None}
         else:
-            choice = {"index": 0, "text": answer, "finish_reason": "stop", "logprobs": None}
+            choice = {"index": 0, "text": d.answer, "finish_reason": "stop", "logprobs": None}
         return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
                 "model": body.model, "choices": [choice], "decision": decision,
                 "usage": {"prompt_tokens": n_prompt, "completion_tokens": 0, "total_tokens": n_prompt}}
+
+    def _record(body: Any, chat: bool) -> str:
+        """The record a decision is about: the one user message (decide() builds the prompt itself)."""
+        if not chat:
+            if not isinstance(body.prompt, str) and not (isinstance(body.prompt, list) and isinstance(body.prompt[0], str)):
+                raise APIError(400, "options need the record as a text prompt, not token ids", param="prompt")
+            return body.prompt if isinstance(body.prompt, str) else body.prompt[0]
+        if len(body.messages) != 1 or body.messages[0].role != "user":
+            raise APIError(400, "options need exactly one user message, the record (the policy goes in `policy`; "
+                                "decide() builds the prompt)", param="messages")
+        return body.messages[0].text()
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: HTTPRequest) -> Response:

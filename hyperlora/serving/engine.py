@@ -13,8 +13,8 @@ Each loop of the thread:
 4. releases finished rows (`BatchKV.select`) and unpins adapters no running row uses any more.
 
 A row's tokens never depend on its batch-mates: positions come from its own attention mask, padding gets zero
-attention weight, sampling draws from a generator per request. Requests with ``options`` are scored instead
-(one forward over the options under the request's adapter) and never join the batch.
+attention weight, sampling draws from a generator per request. Requests with a ``job`` (``decide()`` for a request
+with ``options``) run it on the scheduler thread, between steps, and never join the batch.
 
 Only `submit`, `cancel`, `drain` and `stop` may be called from other threads; everything that touches the
 model or the pool runs on the scheduler thread.
@@ -78,12 +78,13 @@ _ids = itertools.count()
 
 @dataclass(eq=False)
 class Request:
-    """One generation (or, with `options`, one scoring) request.
+    """One generation request (or one job: a `decide` call run on the scheduler thread).
 
     prompt: token ids; entry: what the runtime serves this row with (a policy text, a loaded adapter name, or
-    None for the base model); options: token ids of each option's continuation (scoring only);
-    prepare_only: only resolve the adapter (errors as for a generation), then finish;
-    emit(kind, value) is called on the scheduler thread with ("token", id), ("scores", [float]),
+    None for the base model); job: a callable run on the scheduler thread once the entry's adapter is in the
+    pool (its return value is emitted as ("result", value)); prepare_only: only resolve the adapter (errors as
+    for a generation), then finish;
+    emit(kind, value) is called on the scheduler thread with ("token", id), ("result", value),
     ("done", finish_reason: "stop" | "length" | "cancelled") or ("error", exception): exactly one of the last
     two ends the request."""
 
@@ -91,7 +92,7 @@ class Request:
     entry: str | None
     params: SamplingParams
     emit: Callable[[str, Any], None]
-    options: list[list[int]] | None = None
+    job: Callable[[], Any] | None = None  # run on the scheduler thread instead of generating (decide())
     prepare_only: bool = False  # resolve (generate) the adapter and finish: POST /v1/policies warms the pool
     id: int = field(default_factory=lambda: next(_ids))
     cancelled: bool = False
@@ -150,9 +151,10 @@ class Engine:
     def submit(self, req: Request) -> None:
         """Queue `req` (admitted at the next step). QueueFullError when the queue is full, DrainingError after
         `drain` / `stop`, RequestError for a prompt the model cannot hold."""
-        if not req.prompt and not req.prepare_only:
+        generates = req.job is None and not req.prepare_only
+        if not req.prompt and generates:
             raise RequestError("the prompt is empty")
-        if len(req.prompt) + (0 if req.options or req.prepare_only else req.params.max_tokens) > self.max_len:
+        if len(req.prompt) + (req.params.max_tokens if generates else 0) > self.max_len:
             raise RequestError(f"the prompt ({len(req.prompt)} tokens) plus max_tokens ({req.params.max_tokens}) "
                                f"exceeds the model's {self.max_len} positions")
         with self._cv:
@@ -277,11 +279,14 @@ class Engine:
             if req.prepare_only:
                 self._finish(req, reason="stop")
                 continue
-            if req.options is not None:
+            if req.job is not None:
                 try:
-                    self._score(req)
+                    req.emit("result", req.job())
+                    self._finish(req, reason="stop")
+                except (KeyError, ValueError, TypeError) as exc:  # refused input (decide validates its own)
+                    self._finish(req, error=RequestError(str(exc.args[0] if exc.args else exc)))
                 except Exception as exc:  # fails this request only
-                    log.exception("hyperlora serve: scoring failed")
+                    log.exception("hyperlora serve: a job failed")
                     self._finish(req, error=exc)
                 continue
             tokens += len(req.prompt)
@@ -404,22 +409,3 @@ class Engine:
             return
         self._running = [self._running[i] for i in keep]
         self._kv = self._kv.select(keep) if self._kv is not None else None
-
-    def _score(self, req: Request) -> None:
-        """Summed log-likelihood of each option's tokens after the prompt, under the request's adapter."""
-        opts = req.options or []
-        seqs = [req.prompt + o for o in opts]
-        ids, mask = left_pad(seqs, self.pad, self.device)
-        mask = mask.to(torch.long)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        K = max(len(o) for o in opts) + 1
-        out = self._forward([req.entry] * len(opts), keep=K, input_ids=ids, attention_mask=mask, position_ids=pos)
-        logp = torch.log_softmax(out.logits[:, -K:, :].float(), dim=-1)
-        scores = []
-        for i, o in enumerate(opts):
-            m = len(o)
-            tgt = torch.tensor(o, dtype=torch.long, device=logp.device)
-            scores.append(float(logp[i, K - m - 1:K - 1].gather(-1, tgt[:, None]).sum()))
-        self.metrics.prompt_tokens.inc(sum(len(s) for s in seqs))
-        req.emit("scores", scores)
-        self._finish(req, reason="stop")

@@ -85,8 +85,9 @@ class _Generation(_Body):
     user: str | None = None
     # hyperlora's own fields
     policy: str | None = Field(default=None, description="a policy text, a registered policy id, or an adapter id")
-    options: list[str] | None = Field(default=None, description="answer options: returns their scores instead of "
-                                                                "generating")
+    options: list[str] | None = Field(default=None, description="answer options: returns decide()'s "
+                                                                "decision instead of generating")
+    family: str | None = Field(default=None, description="with options: the task family whose calibration applies")
     ignore_eos: bool = Field(default=False, description="generate max_tokens tokens, not stopping at EOS (vLLM's "
                                                           "field of the same name)")
     return_token_ids: bool = Field(default=False, description="add the generated token ids to each choice "

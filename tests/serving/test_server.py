@@ -143,10 +143,14 @@ def test_models_adapters_and_registered_policies(client, server):
 def test_options_return_scores_and_the_best_option(client):
     r = client.chat.completions.create(model=MODEL_ID, messages=MESSAGES[2], max_tokens=4,
                                        extra_body={"policy": POLICIES[2], "options": ["approve", "review"]})
-    d = r.model_extra["decision"]
-    assert set(d["scores"]) == {"approve", "review"} and d["answer"] == max(d["scores"], key=d["scores"].get)
-    assert r.choices[0].message.content == d["answer"]
-    assert abs(sum(d["probabilities"].values()) - 1) < 1e-6
+    d = r.model_extra["decision"]  # decide()'s Decision (raw probabilities: no calibration given)
+    assert set(d["probabilities"]) == {"approve", "review"}
+    assert d["answer"] == max(d["probabilities"], key=d["probabilities"].get) == r.choices[0].message.content
+    assert abs(sum(d["probabilities"].values()) - 1) < 1e-6 and d["confidence"] == max(d["probabilities"].values())
+    assert isinstance(d["escalate"], bool) and d["verdict"] in (True, False)
+    with pytest.raises(openai.BadRequestError):  # decide() reads one record: one user message
+        client.chat.completions.create(model=MODEL_ID, messages=MESSAGES[2] * 2, max_tokens=4,
+                                       extra_body={"policy": POLICIES[2], "options": ["approve", "review"]})
 
 
 @pytest.mark.parametrize("body, code", [
