@@ -356,12 +356,7 @@ def write_escalation_charts(section: dict[str, Any], rows: dict[str, list[Row]],
     if rows:
         ax.legend(fontsize=7)
     fig.tight_layout()
-    paths["risk_coverage"] = d / f"{name}_risk_coverage.png"
-    try:
-        with atomic_path(paths["risk_coverage"]) as tmp:
-            fig.savefig(tmp, dpi=110, format="png")
-    finally:
-        plt.close(fig)
+    paths["risk_coverage"] = _save_png(plt, fig, d / f"{name}_risk_coverage.png")
     conds = list(section["conditions"])
     fig, axes = plt.subplots(1, max(1, len(conds)), figsize=(3.2 * max(1, len(conds)), 3.4), squeeze=False)
     for ax, cond in zip(axes[0], conds):
@@ -376,12 +371,7 @@ def write_escalation_charts(section: dict[str, Any], rows: dict[str, list[Row]],
         ax.set_ylabel("accuracy")
         ax.legend(fontsize=6)
     fig.tight_layout()
-    paths["reliability"] = d / f"{name}_reliability.png"
-    try:
-        with atomic_path(paths["reliability"]) as tmp:
-            fig.savefig(tmp, dpi=110, format="png")
-    finally:
-        plt.close(fig)
+    paths["reliability"] = _save_png(plt, fig, d / f"{name}_reliability.png")
     return paths
 
 
@@ -419,3 +409,13 @@ def add_escalation(rep: dict[str, Any], model: Any, tokenizer: Any, etasks: Sequ
                                         source=str(rep.get("config", {}).get("tasks", "")))
             paths["calibration"] = cal.save(Path(out_dir) / f"{name}_calibration.json")
     return paths
+
+
+def _save_png(plt, fig, path: Path) -> Path:
+    """Write ``fig`` to ``path`` atomically and close it (also on error); returns ``path``."""
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
+    finally:
+        plt.close(fig)
+    return path
