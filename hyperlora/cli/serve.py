@@ -22,7 +22,7 @@ from hyperlora.cli.errors import UsageError
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     p.add_argument("--model", help="base model directory or .gguf (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--model-id", help="the name clients pass as `model` for the base model (default: the model "
                                       "directory's name, or smollm2-135m-instruct)")
@@ -31,13 +31,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a PEFT adapter directory, or a folder of them, served by name (repeatable)")
     p.add_argument("--api-key", default=os.environ.get("HYPERLORA_API_KEY"),
                    help="require `Authorization: Bearer KEY` on /v1 routes (default $HYPERLORA_API_KEY; none: open)")
-    p.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429 (default 256)")
+    p.add_argument("--max-queue", type=int, default=256,
+                   help="requests waiting for a batch row before a 429 (default 256)")
     p.add_argument("--max-batch", type=int, default=32, help="rows decoded together (default 32)")
     p.add_argument("--max-prefill-rows", type=int, default=8, help="requests prefilled per step (default 8)")
-    p.add_argument("--max-prefill-tokens", type=int, default=2048, help="prompt tokens prefilled per step")
-    p.add_argument("--max-tokens", type=int, default=512, help="most tokens one request may generate (default 512)")
-    p.add_argument("--max-policy-tokens", type=int, default=1024, help="longest policy text, in tokens")
-    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
+    p.add_argument("--max-prefill-tokens", type=int, default=2048,
+                   help="prompt tokens prefilled per step (default 2048; a longer prompt at the head of the queue is "
+                        "prefilled alone)")
+    p.add_argument("--max-tokens", type=int, default=512,
+                   help="most tokens one request may ask for, and the default when it asks for none (default 512)")
+    p.add_argument("--max-policy-tokens", type=int, default=1024, help="longest policy text, in tokens (default 1024)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20,
+                   help="largest request body; a larger one is a 400 (default 1 MiB)")
     p.add_argument("--max-adapters", type=int, default=None,
                    help="adapter pool slots (default max(64, 2 x --max-batch))")
     p.add_argument("--max-rank", type=int, default=None, help="pool rank (default: the hypernetwork's, at least 16)")
@@ -45,10 +50,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a decide() calibration JSON (hyperlora eval --escalate writes <name>_calibration.json) for "
                         "requests with options (default: raw option probabilities)")
     p.add_argument("--verifier", default="in_context", choices=["in_context", "judge", "none"],
-                   help="decide()'s verifier for requests with options (default in_context)")
-    p.add_argument("--budget", type=float, default=0.1, help="decide()'s review budget (default 0.1)")
+                   help="decide()'s verifier for requests with options (default in_context; none: no verdict)")
+    p.add_argument("--budget", type=float, default=0.1,
+                   help="decide()'s review budget for requests with options: escalate trust below the --calibration "
+                        "file's threshold for this budget (eval --escalate with the same BUDGET writes it); without "
+                        "one each request is ranked alone, so a budget <= 0.5 escalates nothing (default 0.1)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="log level of the server and uvicorn (default info)")
 
 
 def run(args: argparse.Namespace) -> int:

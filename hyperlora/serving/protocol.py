@@ -21,8 +21,9 @@ __all__ = ["APIError", "error_body", "ChatMessage", "ChatCompletionRequest", "Co
 class APIError(Exception):
     """An error the client caused or must react to, sent as an OpenAI-style body with `status`.
 
-    type: ``invalid_request_error`` (400/404/413), ``authentication_error`` (401), ``rate_limit_error`` (429),
-    ``server_error`` (500/503). headers: extra response headers (``Retry-After`` on 429/503)."""
+    type: ``invalid_request_error`` (400, a body over the size limit included; 404), ``authentication_error``
+    (401), ``rate_limit_error`` (429), ``server_error`` (500/503). headers: extra response headers
+    (``Retry-After`` on 429/503)."""
 
     def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
                  code: str | None = None, headers: dict[str, str] | None = None):
