@@ -15,14 +15,13 @@ explicit position ids, and only the last positions' logits are computed.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, ContextManager, Sequence
 
 import torch
 
-from hyperlora.modeling.decoding import bf16_autocast, pad_id
+from hyperlora.modeling.decoding import bf16_autocast, cache_kwarg, pad_id
 from hyperlora.modeling.padding import left_pad
 from hyperlora.modeling.prompts import target_text
 
@@ -103,15 +102,6 @@ class _NoCacheRepeat(Exception):
     pass
 
 
-def _cache_kwarg(model: Any) -> str:
-    """``cache`` (transformers >= 5.24) or ``past_key_values`` (older), whichever forward() takes."""
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return "past_key_values"
-    return "cache" if "cache" in params else "past_key_values"
-
-
 def _scores_full(model, enc, pad, device, batch_context, batch_size, bf16, progress) -> list[list[float]]:
     """One left-padded sequence per (request, option); logits only for the last positions."""
     seqs = [(ri, oi, p + t, len(t), row) for ri, (p, opts, row) in enumerate(enc) for oi, t in enumerate(opts)]
@@ -167,7 +157,7 @@ def _scores_shared(model, enc, pad, device, batch_context, batch_size, bf16, pro
             cpos = mask.sum(-1, keepdim=True).repeat_interleave(K, 0) + torch.arange(L - 1, device=device)
             with _ctx(batch_context, [r for r in rows for _ in range(K)]), bf16_autocast(bf16, device):
                 res2 = model(input_ids=cont, attention_mask=cmask, position_ids=cpos, use_cache=True,
-                             **{_cache_kwarg(model): cache})
+                             **{cache_kwarg(model): cache})
             tail = torch.log_softmax(res2.logits.float(), dim=-1)  # [B*K, L-1, V]
         n_done = 0
         for b, i in enumerate(idx):

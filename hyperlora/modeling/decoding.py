@@ -46,7 +46,7 @@ def _eos_set(model: nn.Module, eos_token_id: int | Sequence[int] | None) -> list
     return [int(e) for e in eos_token_id]
 
 
-def _filter_logits(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None) -> torch.Tensor:
+def filter_logits(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None) -> torch.Tensor:
     """[B, V] float logits -> logits with temperature applied and tokens outside top-k / top-p set to -inf."""
     logits = logits / temperature
     if top_k is not None and 0 < top_k < logits.shape[-1]:
@@ -78,7 +78,7 @@ def _generators(seed: int | Sequence[int] | None, rows: int, device: torch.devic
     return gens
 
 
-def _cache_kwarg(model: nn.Module) -> str:
+def cache_kwarg(model: nn.Module) -> str:
     """The forward's KV-cache argument: `cache` (transformers >= 5.2x) or `past_key_values` (older)."""
     try:
         params = inspect.signature(model.forward).parameters
@@ -87,7 +87,7 @@ def _cache_kwarg(model: nn.Module) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-def _cache_of(out) -> object:
+def cache_of(out) -> object:
     cache = getattr(out, "cache", None)
     return cache if cache is not None else getattr(out, "past_key_values", None)
 
@@ -122,16 +122,16 @@ def decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tens
 
     mask = mask.to(torch.long)
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    cache_kw = _cache_kwarg(model)
+    cache_kw = cache_kwarg(model)
     out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=True)
-    past = _cache_of(out)
+    past = cache_of(out)
     last_pos = position_ids[:, -1:]
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     new_tokens: list[torch.Tensor] = []
     for step in range(max_new_tokens):
         logits = out.logits[:, -1, :].float()
         if do_sample:
-            probs = torch.softmax(_filter_logits(logits, temperature, top_k, top_p), dim=-1)
+            probs = torch.softmax(filter_logits(logits, temperature, top_k, top_p), dim=-1)
             tok = torch.cat([torch.multinomial(probs[i], 1, generator=gens[i]) for i in range(B)])
         else:
             tok = logits.argmax(dim=-1)
@@ -148,7 +148,7 @@ def decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tens
         # finished rows keep feeding their own (valid) token; their outputs are replaced by pad anyway
         out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=last_pos, use_cache=True,
                     **{cache_kw: past})
-        past = _cache_of(out)
+        past = cache_of(out)
     return torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1)
 
 

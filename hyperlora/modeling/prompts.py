@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Sequence
 
-__all__ = ["build_messages", "prompt_text", "target_text", "end_of_turn", "PolicyPlacement"]
+__all__ = ["build_messages", "render_messages", "prompt_text", "target_text", "end_of_turn", "PolicyPlacement"]
 
 PolicyPlacement = Literal["system", "user"]
 _MARK = "\u2063ANSWER\u2063"
@@ -40,7 +40,9 @@ def _chatml(messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
     return s + ("<|im_start|>assistant\n" if add_generation_prompt else "")
 
 
-def _render(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+def render_messages(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+    """Chat messages -> the prompt string: the tokenizer's chat template, or plain ChatML without one (tokenize
+    it with ``add_special_tokens=False``). The one rendering of prompts, served chats included."""
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     return _chatml(messages, add_generation_prompt)
@@ -51,7 +53,7 @@ def prompt_text(tokenizer: Any, record: str, policy: str | None = None, where: P
     """The full prompt string up to (and including) the assistant header; tokenize it without special
     tokens added (``add_special_tokens=False``): the template already holds them. ``shots``: see
     ``build_messages``."""
-    return _render(tokenizer, build_messages(record, policy, where, shots), add_generation_prompt=True)
+    return render_messages(tokenizer, build_messages(record, policy, where, shots), add_generation_prompt=True)
 
 
 _EOT_CACHE: dict[int, str] = {}
@@ -62,7 +64,7 @@ def end_of_turn(tokenizer: Any) -> str:
     key = id(tokenizer)
     if key not in _EOT_CACHE:
         msgs = [{"role": "user", "content": "x"}, {"role": "assistant", "content": _MARK}]
-        full = _render(tokenizer, msgs, add_generation_prompt=False)
+        full = render_messages(tokenizer, msgs, add_generation_prompt=False)
         tail = full.split(_MARK, 1)[1] if _MARK in full else ""
         eot = tail.rstrip("\n")
         if not eot:

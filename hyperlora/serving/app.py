@@ -32,8 +32,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hyperlora.decisions.decide import Decision, decide
-from hyperlora.modeling.prompts import _render as render_messages  # THE chat rendering (template, else ChatML)
-from hyperlora.modeling.prompts import end_of_turn
+from hyperlora.modeling.prompts import end_of_turn, render_messages  # THE chat rendering (template, else ChatML)
 from hyperlora.serving.engine import DrainingError, Engine, QueueFullError, Request, RequestError, SamplingParams
 from hyperlora.serving.metrics import CONTENT_TYPE
 from hyperlora.serving.protocol import (APIError, ChatCompletionRequest, CompletionRequest, PolicyCreate,

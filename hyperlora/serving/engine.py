@@ -33,7 +33,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from hyperlora.adapters.pool import PoolFullError
-from hyperlora.modeling.decoding import _cache_kwarg, _cache_of, _filter_logits  # the decode loop's helpers
+from hyperlora.modeling.decoding import cache_kwarg, cache_of, filter_logits  # the decode loop's helpers
 from hyperlora.modeling.padding import left_pad
 from hyperlora.runtime.runtime import Runtime
 from hyperlora.serving.kv import BatchKV, check_cache
@@ -124,7 +124,7 @@ class Engine:
         self.pad = int(pad_token_id)
         self.metrics = metrics or Metrics(rt.stats)
         self.device = next(self.model.parameters()).device
-        self._cache_kw = _cache_kwarg(self.model)
+        self._cache_kw = cache_kwarg(self.model)
         try:
             self._keep_kw = "logits_to_keep" in inspect.signature(self.model.forward).parameters
         except (TypeError, ValueError):
@@ -329,7 +329,7 @@ class Engine:
         mask = mask.to(torch.long)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         out = self._forward([r.entry for r in batch], keep=1, input_ids=ids, attention_mask=mask, position_ids=pos)
-        cache = _cache_of(out)
+        cache = cache_of(out)
         if not self._cache_checked:
             check_cache(cache)
             self._cache_checked = True
@@ -350,7 +350,7 @@ class Engine:
         kv.append_column()
         out = self._forward([r.entry for r in rows], input_ids=inp, attention_mask=kv.mask, position_ids=kv.last_pos,
                             **{self._cache_kw: kv.cache})
-        kv.cache = _cache_of(out)
+        kv.cache = cache_of(out)
         toks = self._sample(out.logits[:, -1, :], rows)
         self.steps += 1
         self.metrics.batch_rows.observe(len(rows))
@@ -369,7 +369,7 @@ class Engine:
             if r._gen is None:
                 r._gen = torch.Generator(device=self.device)
                 r._gen.manual_seed(p.seed if p.seed is not None else int(torch.randint(0, 2**62, ()).item()))
-            probs = torch.softmax(_filter_logits(logits[i:i + 1], p.temperature, p.top_k, p.top_p), dim=-1)
+            probs = torch.softmax(filter_logits(logits[i:i + 1], p.temperature, p.top_k, p.top_p), dim=-1)
             out[i] = int(torch.multinomial(probs[0], 1, generator=r._gen).item())
         return out
 
