@@ -1,9 +1,12 @@
 """The wire format: OpenAI-style request bodies (pydantic) and errors.
 
 Request models accept the fields the `openai` client sends and ignore the ones this server does not use
-(`extra="ignore"`, as vLLM does), except those whose non-default values would change the answer (``n > 1``,
-``logprobs``, ``best_of``): those are refused with a 400 rather than silently dropped. hyperlora's own fields
-(``policy``, ``options``) travel in the body; with the `openai` client pass them in ``extra_body``.
+(`extra="ignore"`, as vLLM does), except three whose requested values it cannot honour: ``n > 1``, ``logprobs``
+(true or a count) and ``best_of > 1`` are refused with a 400 rather than silently dropped. Other fields are
+ignored, including some that would change the answer elsewhere (``presence_penalty``, ``frequency_penalty``,
+``logit_bias``, ``response_format``, ``tools``): docs/SERVING.md lists what is read. hyperlora's own fields
+(``policy``, ``options``, ``family``, ``ignore_eos``, ``return_token_ids``) travel in the body; with the `openai`
+client pass them in ``extra_body``.
 
 Every error leaves the server as ``{"error": {"message", "type", "param", "code"}}`` with the HTTP status
 of `APIError.status`.
@@ -101,11 +104,18 @@ class _Generation(_Body):
             raise ValueError("only n=1 is supported")
         return v
 
-    @field_validator("logprobs", "best_of")
+    @field_validator("logprobs")
     @classmethod
-    def _unsupported(cls, v: Any) -> Any:
-        if v not in (None, False, 0, 1):
-            raise ValueError("not supported by this server")
+    def _no_logprobs(cls, v: Any) -> Any:
+        if v is not None and v is not False and v != 0:  # true (== 1) asks for them too
+            raise ValueError("logprobs are not returned by this server")
+        return v
+
+    @field_validator("best_of")
+    @classmethod
+    def _one_best_of(cls, v: Any) -> Any:
+        if v not in (None, 1):
+            raise ValueError("only best_of=1 is supported")
         return v
 
     @field_validator("stop")
