@@ -15,7 +15,7 @@ import pytest
 PKG = Path(__file__).resolve().parents[1] / "hyperlora"
 
 # Lowest first. A module may import its own layer or any lower one, never a higher one.
-LAYERS = ["ops", "modeling", "adapters", "hypernets", "runtime", "decisions", "serving", "tasks", "training", "evaluation", "cli"]
+LAYERS = ["ops", "modeling", "adapters", "hypernets", "runtime", "decisions", "serving", "integrations", "tasks", "training", "evaluation", "cli"]
 # Top-level modules and where they sit: the compiled extensions and small shared helpers are at the bottom.
 ROOT_MODULES = {"hyperlora._C": "ops", "hyperlora._cpu": "ops", "hyperlora._io": "ops", "hyperlora.kernels": "ops"}
 # Function-level imports of these (optional: Triton, the compiled extensions) are allowed, with a comment.
