@@ -160,6 +160,7 @@ def test_options_return_scores_and_the_best_option(client):
     ({"temperature": -1}, "invalid_request"),
     ({"messages": []}, "invalid_request"),
     ({"n": 2}, "invalid_request"),
+    ({"logprobs": True}, "invalid_request"),  # refused, not answered with logprobs: null
     ({"options": ["only one"]}, "invalid_request"),
 ])
 def test_bad_requests_are_openai_style_400s(client, server, body, code):
