@@ -53,8 +53,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="decide()'s verifier for requests with options (default in_context; none: no verdict)")
     p.add_argument("--budget", type=float, default=0.1,
                    help="decide()'s review budget for requests with options: escalate trust below the --calibration "
-                        "file's threshold for this budget (eval --escalate with the same BUDGET writes it); without "
-                        "one each request is ranked alone, so a budget <= 0.5 escalates nothing (default 0.1)")
+                        "file's threshold for this budget (eval --escalate with the same BUDGET writes it; a file "
+                        "without that threshold is refused at start); without --calibration nothing escalates, "
+                        "with a warning at start (default 0.1)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="log level of the server and uvicorn (default info)")
@@ -80,6 +81,11 @@ def run(args: argparse.Namespace) -> int:
         from hyperlora.decisions.calibration import Calibrator
 
         calibrator = Calibrator.load(args.calibration)
+        have = sorted((calibrator.thresholds.get("budget") or {}).keys())
+        if f"{args.budget:g}" not in have:
+            raise UsageError(f"--calibration {args.calibration} has no escalation threshold for --budget {args.budget:g} "
+                             f"(it has: {', '.join(have) or 'none'}); refit with `hyperlora eval --escalate "
+                             f"{args.budget:g}` or pass one of those budgets")
     for name in ("max_queue", "max_batch", "max_prefill_rows", "max_prefill_tokens", "max_tokens",
                  "max_policy_tokens", "max_body_bytes"):
         if getattr(args, name) < (0 if name == "max_queue" else 1):
@@ -87,6 +93,10 @@ def run(args: argparse.Namespace) -> int:
     if not 0 <= args.port < 65536:
         raise UsageError(f"--port {args.port} is not a port number")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if calibrator is None:
+        logging.getLogger("hyperlora.serve").warning(
+            "no --calibration: requests with options get raw option probabilities and never escalate "
+            "(each request is ranked alone); fit one with `hyperlora eval --escalate %g`", args.budget)
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tok = load_base_model(args.model)

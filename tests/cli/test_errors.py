@@ -106,3 +106,15 @@ def test_one_line_joins_multi_line_messages():
 
     assert one_line(ValueError("first\n  second\n")) == "first; second"
     assert one_line(FileNotFoundError()) == "FileNotFoundError"
+
+
+def test_serve_refuses_a_calibration_without_the_budgets_threshold(tmp_path, capsys):
+    """A calibrator fit for budget 0.1 cannot silently serve --budget 0.2 (it would never escalate): refused at
+    start, naming the budgets the file has; a file that has it passes this check (and then fails on the port)."""
+    from hyperlora.decisions.calibration import Calibrator
+
+    path = Calibrator("temperature", {"*": {"t": 2.0}}, thresholds={"budget": {"0.1": 0.8}}).save(tmp_path / "c.json")
+    _assert_one_line_exit_2(_main(capsys, "serve", "--calibration", str(path), "--budget", "0.2"), "serve",
+                            "--budget 0.2", "0.1")
+    _assert_one_line_exit_2(_main(capsys, "serve", "--calibration", str(path), "--budget", "0.1", "--port", "-1"),
+                            "serve", "--port -1")
