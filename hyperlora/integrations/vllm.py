@@ -2,7 +2,7 @@
 
     from vllm import LLM, SamplingParams
     rt = hyperlora.attach(model, hypernet)                      # the runtime that generates adapters
-    llm = LLM(model=model_dir, **vllm_settings(rt))             # float32, LoRA on the hypernetwork's modules
+    llm = LLM(model=model_dir, **vllm_settings(rt))             # float32, LoRA on exactly the modules it writes
     cache = VLLMAdapterCache(rt, max_adapters=64)
     reqs = cache.requests(["Answer 'escalate' if ...", None])   # one LoRARequest (or None) per prompt
     outs = llm.generate(prompts, SamplingParams(temperature=0), lora_request=reqs)
@@ -41,7 +41,7 @@ from hyperlora.runtime.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CachedAdapter", "VLLMAdapterCache", "vllm_settings", "lora_int_id"]
+__all__ = ["CachedAdapter", "VLLMAdapterCache", "vllm_settings", "vllm_module_name", "lora_int_id"]
 
 _MAX_ID = 2**31 - 1  # vLLM keeps LoRA ids in int32 tensors in places: stay in 1 .. 2^31 - 1
 
@@ -61,23 +61,45 @@ def _source_of(runtime_or_source: Any) -> Any:
     return src
 
 
-def vllm_settings(runtime_or_source: Any, *, max_loras: int = 8, model: str | os.PathLike | None = None
-                  ) -> dict[str, Any]:
+# vLLM fuses these projections into one module per layer (its Llama-family models' packed_modules_mapping)
+_VLLM_PACKED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj",
+                "up_proj": "gate_up_proj"}
+
+
+def vllm_module_name(name: str) -> str:
+    """vLLM's name for a transformers module (`...self_attn.q_proj` -> `...self_attn.qkv_proj`; others unchanged)."""
+    head, _, last = name.rpartition(".")
+    packed = _VLLM_PACKED.get(last)
+    return f"{head}.{packed}" if packed and head else (packed or name)
+
+
+def vllm_settings(runtime_or_source: Any, *, max_loras: int = 8, model: str | os.PathLike | None = None,
+                  per_layer: bool = True) -> dict[str, Any]:
     """Keyword arguments for `vllm.LLM(...)` / `EngineArgs` that serve this hypernetwork's adapters exactly.
 
     dtype "float32": vLLM's "auto" runs a float32 checkpoint in bfloat16 on CPUs with bf16 (and in the checkpoint's
     dtype on GPUs), and greedy replies then drift from hyperlora's within a few tokens. max_lora_rank: the rank
-    every export is padded to (`peft_io.vllm_rank` of the hypernetwork's rank). lora_target_modules: only the
-    module types the hypernetwork writes (vLLM wraps every projection otherwise: measured 34 vs 69 tokens/s with
-    8 adapters on a CPU). max_loras: adapters in one batch (vLLM's GPU/CPU-resident slots). model: included when
-    given (a transformers directory; for the embedded default, `hyperlora.modeling.base_model.default_model_path()`).
+    every export is padded to (`peft_io.vllm_rank` of the hypernetwork's rank). max_loras: adapters in one batch.
+    model: included when given (a transformers directory; the embedded default is
+    `hyperlora.modeling.base_model.default_model_path()`).
+
+    lora_target_modules: where vLLM wraps layers with LoRA. By default (per_layer=True) exactly the modules the
+    hypernetwork writes, by full name in vLLM's naming (q/k/v -> qkv_proj, gate/up -> gate_up_proj): the shipped
+    reader writes only layer 29's o_proj and down_proj, and wrapping only those made 8 adapters cost nothing
+    measurable on a CPU (docs/SERVING.md, vLLM). Full names must be vLLM's own module names, which holds for
+    Llama-family models (what `make test-vllm` checks); a module vLLM names otherwise would be left unwrapped and
+    its adapter weights silently unused, so for other architectures check parity, or pass per_layer=False for the
+    module types (every layer of those types wrapped: slower, name-safe).
     """
     src = _source_of(runtime_or_source)
     if isinstance(max_loras, bool) or not isinstance(max_loras, int) or max_loras < 1:
         raise ValueError(f"max_loras must be a positive int, got {max_loras!r}")
+    if per_layer:
+        modules = sorted({vllm_module_name(n) for n in src.targets()})
+    else:
+        modules = sorted({t.rsplit(".", 1)[-1] for t in src.types})
     out: dict[str, Any] = {"dtype": "float32", "enable_lora": True, "max_lora_rank": vllm_rank(int(src.config.rank)),
-                           "max_loras": max_loras, "lora_target_modules": sorted({t.rsplit(".", 1)[-1]
-                                                                                   for t in src.types})}
+                           "max_loras": max_loras, "lora_target_modules": modules}
     if model is not None:
         out = {"model": os.fspath(model), **out}
     return out

@@ -109,9 +109,12 @@ def test_exports_are_peft_adapters_that_reproduce_the_runtime(cache, rt):
 
 def test_settings_for_exact_parity(rt):
     s = vllm_settings(rt, max_loras=4, model="/models/x")
+    names = [f"model.layers.{i}.{m}" for i in (0, 1) for m in ("mlp.down_proj", "self_attn.qkv_proj")]
     assert s == {"model": "/models/x", "dtype": "float32", "enable_lora": True, "max_lora_rank": vllm_rank(4),
-                 "max_loras": 4, "lora_target_modules": sorted(TYPES)}
-    assert vllm_settings(rt.hypernet)["lora_target_modules"] == sorted(TYPES)
+                 "max_loras": 4, "lora_target_modules": sorted(names)}
+    assert vllm_settings(rt.hypernet, per_layer=False)["lora_target_modules"] == sorted(TYPES)
+    assert hv.vllm_module_name("model.layers.3.mlp.up_proj") == "model.layers.3.mlp.gate_up_proj"
+    assert hv.vllm_module_name("model.layers.3.self_attn.o_proj") == "model.layers.3.self_attn.o_proj"
     with pytest.raises(ValueError, match="max_loras"):
         vllm_settings(rt, max_loras=0)
 
