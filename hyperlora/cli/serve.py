@@ -46,6 +46,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-adapters", type=int, default=None,
                    help="adapter pool slots (default max(64, 2 x --max-batch))")
     p.add_argument("--max-rank", type=int, default=None, help="pool rank (default: the hypernetwork's, at least 16)")
+    p.add_argument("--max-adapters-per-step", type=int, default=None, metavar="N",
+                   help="at most N distinct adapters among the running rows (rows without a policy not counted); a "
+                        "request for another one waits, FIFO, until a running adapter's rows leave. 1: one policy at "
+                        "a time, a single-adapter stack (make bench-serve's baseline). Default: no limit")
     p.add_argument("--calibration", metavar="FILE",
                    help="a decide() calibration JSON (hyperlora eval --escalate writes <name>_calibration.json) for "
                         "requests with options (default: raw option probabilities)")
@@ -90,6 +94,8 @@ def run(args: argparse.Namespace) -> int:
                  "max_policy_tokens", "max_body_bytes"):
         if getattr(args, name) < (0 if name == "max_queue" else 1):
             raise UsageError(f"--{name.replace('_', '-')} must be >= {0 if name == 'max_queue' else 1}")
+    if args.max_adapters_per_step is not None and args.max_adapters_per_step < 1:
+        raise UsageError("--max-adapters-per-step must be >= 1")
     if not 0 <= args.port < 65536:
         raise UsageError(f"--port {args.port} is not a port number")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -111,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
         count_tokens=lambda t: len(tok(t, add_special_tokens=False)["input_ids"]))
     engine = Engine(rt, max_batch=args.max_batch, max_queue=args.max_queue, max_prefill_rows=args.max_prefill_rows,
                     max_prefill_tokens=args.max_prefill_tokens, pad_token_id=int(tok.pad_token_id or 0),
-                    metrics=Metrics(rt.stats))
+                    metrics=Metrics(rt.stats), max_adapters_per_step=args.max_adapters_per_step)
     app = create_app(engine, tok, registry, ServerConfig(model_id=model_id, api_key=args.api_key or None,
                                                          max_tokens=args.max_tokens,
                                                          max_body_bytes=args.max_body_bytes,

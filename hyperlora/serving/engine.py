@@ -109,13 +109,20 @@ class Engine:
 
     max_batch: running rows; max_queue: waiting requests before `submit` raises QueueFullError;
     max_prefill_rows / max_prefill_tokens: admitted per step; max_len: prompt + reply positions (default the
-    model's max_position_embeddings); pad_token_id: the id padding columns hold (never attended)."""
+    model's max_position_embeddings); pad_token_id: the id padding columns hold (never attended);
+    max_adapters_per_step: at most this many distinct adapters (policies or PEFT adapters; rows without one not
+    counted) among the running rows, default None (no limit). 1 makes a one-policy-at-a-time server (a
+    single-adapter stack, the load benchmark's baseline): the head of the queue waits, FIFO, until the rows of
+    the other adapter have left."""
 
     def __init__(self, rt: Runtime, *, max_batch: int = 32, max_queue: int = 256, max_prefill_rows: int = 8,
                  max_prefill_tokens: int = 2048, max_len: int | None = None, pad_token_id: int = 0,
-                 metrics: Metrics | None = None):
+                 metrics: Metrics | None = None, max_adapters_per_step: int | None = None):
         if max_batch < 1 or max_queue < 0 or max_prefill_rows < 1 or max_prefill_tokens < 1:
             raise ValueError("max_batch, max_prefill_rows and max_prefill_tokens must be >= 1, max_queue >= 0")
+        if max_adapters_per_step is not None and max_adapters_per_step < 1:
+            raise ValueError(f"max_adapters_per_step must be >= 1 (or None: no limit), got {max_adapters_per_step}")
+        self.max_adapters_per_step = max_adapters_per_step
         self.rt, self.model = rt, rt.model
         self.max_batch, self.max_queue = int(max_batch), int(max_queue)
         self.max_prefill_rows, self.max_prefill_tokens = int(max_prefill_rows), int(max_prefill_tokens)
@@ -258,6 +265,8 @@ class Engine:
                 req = self._waiting[0]
                 if batch and tokens + len(req.prompt) > self.max_prefill_tokens:
                     break
+                if self._over_adapter_limit(req, batch):  # FIFO: the head waits for the other adapter's rows
+                    break
                 self._waiting.popleft()
                 self.metrics.queue_depth.set(len(self._waiting))
             if req.cancelled:
@@ -292,6 +301,14 @@ class Engine:
             tokens += len(req.prompt)
             batch.append(req)
         return batch
+
+    def _over_adapter_limit(self, req: Request, batch: list[Request]) -> bool:
+        """Would admitting `req` put more than max_adapters_per_step distinct adapters among the running rows?
+        Jobs and registrations never join the batch and are not held back."""
+        if self.max_adapters_per_step is None or req.entry is None or req.job is not None or req.prepare_only:
+            return False
+        entries = {r.entry for r in itertools.chain(self._running, batch) if r.entry is not None}
+        return req.entry not in entries and len(entries) >= self.max_adapters_per_step
 
     def _acquire(self, req: Request) -> None:
         """Resolve the request's adapter into the pool (generating a policy's adapter once) and pin it."""

@@ -118,3 +118,8 @@ def test_serve_refuses_a_calibration_without_the_budgets_threshold(tmp_path, cap
                             "--budget 0.2", "0.1")
     _assert_one_line_exit_2(_main(capsys, "serve", "--calibration", str(path), "--budget", "0.1", "--port", "-1"),
                             "serve", "--port -1")
+
+
+def test_serve_refuses_max_adapters_per_step_below_one(capsys):
+    _assert_one_line_exit_2(_main(capsys, "serve", "--max-adapters-per-step", "0"), "serve",
+                            "--max-adapters-per-step must be >= 1")

@@ -209,3 +209,35 @@ def test_batch_kv_merge_then_select_restores_rows():
     assert only_b.length == 2 and torch.equal(only_b.cache.layers[0].keys, kb)
     m2 = BatchKV.merge(kv(2, 5, 0), kv(3, 2, 1)).select([0, 1])
     assert torch.equal(m2.cache.layers[0].keys, ka) and m2.length == 5
+
+
+def test_max_adapters_per_step_serves_one_policy_at_a_time(parts):
+    """max_adapters_per_step=1 (serve --max-adapters-per-step 1, the load benchmark's single-adapter baseline):
+    no decode step holds two adapters, rows without a policy still join, the head of the queue waits FIFO for
+    the other adapter's rows to leave, and every reply equals the unlimited engine's."""
+    tok = parts[0]
+    order = [POLICIES[1], POLICIES[1], None, POLICIES[2], POLICIES[1], POLICIES[2]]
+    prompts = [f"row {i}: " + "hello " * (1 + i % 2) for i in range(len(order))]
+    replies = {}
+    for limit in (None, 1):
+        eng = make_engine(parts, max_batch=8, max_prefill_rows=8, max_adapters_per_step=limit)  # all queued first
+        cs = [Client(eng, tok, p, pol, 12) for p, pol in zip(prompts, order)]
+        for c in cs:
+            eng.submit(c.req)
+        eng.start()
+        for c in cs:
+            assert c.done.wait(30) and c.end == ("done", "length")
+        eng.stop(10)
+        eng.rt.detach()
+        replies[limit] = [c.tokens for c in cs]
+        if limit is None:
+            assert _hist_max(eng.metrics.step_adapters) >= 2  # unlimited: the policies shared steps
+            assert eng.steps == 11  # one prefill token, then 11 decode steps for all six rows
+        else:
+            assert _hist_max(eng.metrics.step_adapters) <= 1
+            assert _hist_max(eng.metrics.batch_rows) >= 3  # P1, P1 and the base row decoded together
+            # FIFO, no reordering: {P1, P1, base}, then P2, then the later P1 (queued behind P2), then P2
+            assert eng.steps == 4 * 11
+    assert replies[1] == replies[None]
+    with pytest.raises(ValueError, match="max_adapters_per_step"):
+        make_engine(parts, max_adapters_per_step=0)
