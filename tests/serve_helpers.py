@@ -53,22 +53,36 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """`python -m hyperlora serve ARGS` on a free port; `url` is its /v1 base."""
+    """`python -m hyperlora serve ARGS` on a free port; `url` is its /v1 base. Also the load benchmark's launcher
+    (benchmarks/bench_serve.py imports it) for hyperlora and for another OpenAI-compatible server.
 
-    def __init__(self, args: list[str], env: dict | None = None):
+    command: the program and its leading arguments instead of `python -m hyperlora serve --threads 1 --log-level
+    warning` (then `--port PORT` and `args` follow; a server that answers GET /health with 200 when ready, such
+    as `vllm serve MODEL`). log: a file for the server's output instead of a pipe (a chatty server would fill
+    the pipe, which nothing reads while it runs, and block)."""
+
+    def __init__(self, args: list[str], env: dict | None = None, *, command: list[str] | None = None,
+                 log: Path | None = None):
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.url = self.base + "/v1"
-        cmd = [sys.executable, "-m", "hyperlora", "serve", "--port", str(self.port), "--threads", "1",
-               "--log-level", "warning", *args]
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.log = Path(log) if log is not None else None
+        head = [sys.executable, "-m", "hyperlora", "serve"] if command is None else list(command)
+        own = ["--threads", "1", "--log-level", "warning"] if command is None else []
+        cmd = [*head, "--port", str(self.port), *own, *args]
+        out = open(self.log, "w") if self.log is not None else subprocess.PIPE
+        try:
+            self.proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
+                                         stdout=out, stderr=subprocess.STDOUT, text=True)
+        finally:
+            if self.log is not None:
+                out.close()
 
     def wait_ready(self, timeout: float = 120.0) -> "ServerProcess":
         t0 = time.time()
         while time.time() - t0 < timeout:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.proc.stdout.read()[-4000:]}")
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self._read()[-4000:]}")
             with contextlib.suppress(OSError):
                 with urllib.request.urlopen(self.base + "/health", timeout=1.0) as r:
                     if r.status == 200:
@@ -90,5 +104,10 @@ class ServerProcess:
                 self.proc.wait()
         return self.proc.returncode
 
+    def _read(self) -> str:
+        if self.log is not None:
+            return self.log.read_text(errors="replace") if self.log.exists() else ""
+        return self.proc.stdout.read() if self.proc.stdout else ""
+
     def output(self) -> str:
-        return self.proc.stdout.read() if self.proc.stdout and self.proc.poll() is not None else ""
+        return self._read() if self.proc.poll() is not None else ""
