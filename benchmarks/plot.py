@@ -9,6 +9,8 @@ One PNG per benchmark family found in the files (matplotlib, optional: without i
   latent        latent / materialized time per case, and auto's regret
   generate      policy -> adapter time per method against the number of policies
   e2e           speedup of hyperlora over PEFT (and the floor's bound) per model, shape and adapter count
+  serve         the load benchmark (bench_serve.py): throughput, TTFT p50/p99 and time per output token p50/p99
+                per case (clients x policies) and system
 With several files, a benchmark present in more than one gets the median of its figures and a min-max bar
 (the repeated-runs summary benchmarks/add_lora_cpu_runs.py used to print). Files in another schema (the
 results written before the suite moved to pytest-benchmark) are refused with a message naming the file.
@@ -24,7 +26,8 @@ from typing import Any
 
 SCHEMA = "hyperlora-bench/1"
 FAMILIES = {"add_lora": "test_add_lora_", "decode_bound": "test_decode_bound", "latent": "test_latent_",
-            "generate": "test_generate_", "e2e": "test_e2e_"}
+            "generate": "test_generate_", "e2e": "test_e2e_", "serve": "test_serve_"}
+SERVE_FIGURES = ("throughput_tok_s", "ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s")
 
 
 def load(paths: list[Path]) -> list[dict[str, Any]]:
@@ -80,6 +83,8 @@ def table(fams: dict[str, dict[tuple[str, str], list[dict[str, Any]]]]) -> str:
         for (group, method), recs in entries.items():
             t = figure(recs, "median")
             names = list(recs[0].get("extra_info", {}).get("ratios", {})) + ["roofline_frac"]
+            if fam == "serve":
+                names = list(SERVE_FIGURES) + names
             cells = []
             for n in names:
                 f = figure(recs, n)
@@ -117,6 +122,8 @@ def _bars(ax, groups: list[str], methods: list[str], get, ylabel: str, log: bool
 
 def _short(group: str, family_name: str) -> str:
     words = group.split()
+    if family_name == "serve":
+        return " ".join(words[1:])
     return " ".join(words[2:]) if family_name in ("add_lora", "latent", "generate", "e2e") else group
 
 
@@ -163,6 +170,21 @@ def plot(fams: dict[str, dict[tuple[str, str], list[dict[str, Any]]]], out_dir: 
             _bars(ax, groups, methods, lambda g, m: (lambda f: f and tuple(v * 1e3 for v in f))(get("median")(g, m)),
                   "median ms (policy -> adapter in pool)", log=True)
             ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
+        elif fam == "serve":
+            fig, axes = plt.subplots(3, 1, figsize=(max(8, len(groups) * 2.2), 12))
+            _bars(axes[0], groups, methods, get("throughput_tok_s"), "output tokens/s (median run)")
+            for ax, (key, label) in zip(axes[1:], (("ttft", "time to first token (s)"),
+                                                   ("tpot", "time per output token (s)"))):
+                _bars(ax, groups, methods, get(f"{key}_p50_s"), label + ": bars p50, ticks p99", log=True)
+                width = 0.8 / max(len(methods), 1)
+                for i, m in enumerate(methods):
+                    pts = [(j + (i - (len(methods) - 1) / 2) * width, get(f"{key}_p99_s")(g, m))
+                           for j, g in enumerate(groups)]
+                    pts = [(x, f[0]) for x, f in pts if f]
+                    if pts:
+                        ax.plot(*zip(*pts), "k_", markersize=8)
+            for ax in axes:
+                ax.set_xticklabels(labels, rotation=0, fontsize=8)
         else:  # e2e
             fig, ax = plt.subplots(figsize=(max(8, len(groups) * 1.2), 5))
             _bars(ax, groups, ["hyperlora"], get("speedup_vs_peft"), "hyperlora speedup over PEFT (x)")
@@ -195,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(str(exc))
     fams = collect(runs)
     if not fams:
-        ap.error("no benchmarks of a known family (add_lora, decode_bound, latent, generate, e2e) in the files")
+        ap.error(f"no benchmarks of a known family ({', '.join(FAMILIES)}) in the files")
     if args.table or args.no_plot:
         print(table(fams))
     if not args.no_plot:

@@ -89,3 +89,21 @@ def test_round_robin_runs_every_other_method_before_each_timed_call():
     with pytest.raises(KeyError, match="'d' is not one of a, b, c"):
         round_robin(FakeBenchmark(), fns, "d", budget_s=1.0)
     assert len(calls) == 15
+
+
+def test_plot_summarizes_the_load_benchmark(tmp_path, capsys):
+    """bench_serve.py's records (test_serve_*) form the `serve` family: the summary gives throughput, TTFT and
+    time per output token next to the ratios of the run."""
+    ei = {"method": "hyperlora", "throughput_tok_s": 120.0, "ttft_p50_s": 0.5, "ttft_p99_s": 0.9, "tpot_p50_s": 0.05,
+          "tpot_p99_s": 0.08, "throughput_vs_one_policy": 4.5,
+          "ratios": {"throughput_vs_one_policy": ["one_policy_at_a_time", "self"]}}
+    data = {"schema": "hyperlora-bench/1", "machine": {"cpu": "x"}, "date": "d", "commit": {"short": "c"},
+            "benchmarks": [{"name": "test_serve_load[8x8-hyperlora]", "group": "serve 8x8 prompt=48 N=16",
+                            "stats": {"median": 1.0}, "extra_info": ei}]}
+    p = tmp_path / "serve.json"
+    p.write_text(json.dumps(data))
+    assert plot.main([str(p), "--no-plot"]) == 0
+    out = capsys.readouterr().out
+    assert "## serve" in out
+    assert ("hyperlora: 1000.000 ms; throughput_tok_s 120.00, ttft_p50_s 0.50, ttft_p99_s 0.90, tpot_p50_s 0.05, "
+            "tpot_p99_s 0.08, throughput_vs_one_policy 4.50") in out
