@@ -208,12 +208,14 @@ async def _request(client: Any, model: str, prompt: list[int], n: int, extra: di
         now = time.perf_counter()
         if getattr(ch, "usage", None) is not None:
             usage = ch.usage
-        if ch.choices and ch.choices[0].text:
+        if ch.choices:  # a chunk can carry no text (a token that ends inside a UTF-8 character): still a token event
             times.append(now)
-            parts.append(ch.choices[0].text)
-    if usage is None or usage.completion_tokens != n or not times:
+            parts.append(ch.choices[0].text or "")
+    if usage is None or usage.completion_tokens != n:
         raise AssertionError(f"expected exactly {n} streamed tokens with ignore_eos, got usage {usage} and "
                              f"{len(times)} chunks")
+    if not times:  # every token held back by the detokenizer: only the end of the stream is a token time
+        times.append(time.perf_counter())
     return {"t0": t0, "times": times, "prompt_tokens": usage.prompt_tokens, "tokens": usage.completion_tokens,
             "text": "".join(parts)}
 
