@@ -13,6 +13,21 @@ import torch
 
 from hyperlora.ops.backends import available_backends
 
+
+def env_positive_int(name: str, default: int) -> int:
+    """The positive integer in environment variable ``name`` (``default`` when unset or blank); anything else
+    stops the run with a pytest usage error naming the variable."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        v = int(raw)
+    except ValueError:
+        raise pytest.UsageError(f"{name}={raw!r}: expected a positive integer") from None
+    if v < 1:
+        raise pytest.UsageError(f"{name} must be >= 1, got {v}")
+    return v
+
 SIZES = ("quick", "full")
 
 

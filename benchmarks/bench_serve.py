@@ -68,6 +68,7 @@ for _mod in ("fastapi", "uvicorn", "prometheus_client"):
     pytest.importorskip(_mod, reason=f"hyperlora serve needs {_mod} (the `serve` extra: pip install -e '.[serve]')")
 
 from serve_helpers import ServerProcess  # noqa: E402
+from _common import env_positive_int  # noqa: E402
 
 CASES = {"1x1": 1, "8x8": 8, "32x32": 32}  # clients x distinct policies
 METHODS = ("hyperlora", "one_policy_at_a_time", "no_policy", "rag50", "rag300", "vllm")
@@ -77,19 +78,6 @@ SIZES = {"quick": {"prompt": 48, "tokens": 16, "requests": 1, "rounds": 1},
 POLICY_TOKENS = {"short": 50, "long": 300}
 VLLM_VENV = ROOT / os.environ.get("VLLM_VENV", ".venv-vllm")
 READY_TIMEOUT_S = 900.0
-
-
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        v = int(raw)
-    except ValueError:
-        raise pytest.UsageError(f"{name}={raw!r}: expected a positive integer") from None
-    if v < 1:
-        raise pytest.UsageError(f"{name} must be >= 1, got {v}")
-    return v
 
 
 def _env_list(name: str, allowed: tuple[str, ...] | dict) -> list[str]:
@@ -364,10 +352,10 @@ def systems(size):
 
     threads = torch.get_num_threads()  # --bench-threads / BENCH_THREADS (conftest sets torch's count)
     sz = dict(SIZES[size])
-    sz["prompt"] = _env_int("BENCH_SERVE_PROMPT", sz["prompt"])
-    sz["tokens"] = _env_int("BENCH_SERVE_TOKENS", sz["tokens"])
-    sz["requests"] = _env_int("BENCH_SERVE_REQUESTS", sz["requests"])
-    sz["rounds"] = _env_int("BENCH_SERVE_ROUNDS", sz["rounds"])
+    sz["prompt"] = env_positive_int("BENCH_SERVE_PROMPT", sz["prompt"])
+    sz["tokens"] = env_positive_int("BENCH_SERVE_TOKENS", sz["tokens"])
+    sz["requests"] = env_positive_int("BENCH_SERVE_REQUESTS", sz["requests"])
+    sz["rounds"] = env_positive_int("BENCH_SERVE_ROUNDS", sz["rounds"])
     keep = os.environ.get("BENCH_SERVE_LOG_DIR", "").strip()
     with tempfile.TemporaryDirectory(prefix="bench_serve_") as tmp:
         if keep:

@@ -39,7 +39,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))  # the bench modules import _common by name, however they are loaded
-from _common import SIZES, bench_size as _size_of, cuda_sync_timer, derive, machine_info, measure_roofline  # noqa: E402,F401
+from _common import SIZES, bench_size as _size_of, cuda_sync_timer, derive, env_positive_int, machine_info, measure_roofline  # noqa: E402,F401
 
 SCHEMA = "hyperlora-bench/1"
 QUICK_MAX_TIME_S = 0.25  # seconds per benchmark at the quick size, unless --benchmark-max-time is given
@@ -67,11 +67,7 @@ def bench_threads(config: pytest.Config) -> int:
     """Torch CPU threads from --bench-threads or BENCH_THREADS (default 1); must be a positive integer."""
     raw = config.getoption("--bench-threads", None)
     if raw is None:
-        env = os.environ.get("BENCH_THREADS", "").strip() or "1"
-        try:
-            raw = int(env)
-        except ValueError:
-            raise pytest.UsageError(f"BENCH_THREADS={env!r}: expected a positive integer") from None
+        return env_positive_int("BENCH_THREADS", 1)
     if raw < 1:
         raise pytest.UsageError(f"--bench-threads/BENCH_THREADS must be >= 1, got {raw}")
     return raw

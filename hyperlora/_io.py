@@ -18,11 +18,11 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Any, Iterator, Union
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-__all__ = ["atomic_write_text", "atomic_write_bytes", "atomic_path", "atomic_dir"]
+__all__ = ["atomic_write_text", "atomic_write_bytes", "atomic_path", "atomic_dir", "save_figure"]
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -141,3 +141,15 @@ def atomic_dir(path: PathLike) -> Iterator[Path]:
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     _fsync_dir(target.parent)
+
+
+def save_figure(plt: Any, fig: Any, path: PathLike, dpi: int = 110) -> Path:
+    """Write a matplotlib ``fig`` to ``path`` as PNG atomically and close it (also on error); returns the path.
+    ``plt`` is the caller's ``matplotlib.pyplot`` (matplotlib stays an optional import of the caller)."""
+    path = Path(path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, format="png")
+    finally:
+        plt.close(fig)
+    return path

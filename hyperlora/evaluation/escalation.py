@@ -26,7 +26,7 @@ import random
 from pathlib import Path
 from typing import Any, Sequence
 
-from hyperlora._io import atomic_path, atomic_write_text
+from hyperlora._io import atomic_write_text, save_figure
 from hyperlora.decisions.calibration import ALL, CalibrationSample, Calibrator, Logistic, fit_calibrator
 from hyperlora.decisions.escalation import (budget_threshold, check_guarantee, conformal_threshold,
                                             escalate_budget, fit_trust, trust_features)
@@ -356,7 +356,7 @@ def write_escalation_charts(section: dict[str, Any], rows: dict[str, list[Row]],
     if rows:
         ax.legend(fontsize=7)
     fig.tight_layout()
-    paths["risk_coverage"] = _save_png(plt, fig, d / f"{name}_risk_coverage.png")
+    paths["risk_coverage"] = save_figure(plt, fig, d / f"{name}_risk_coverage.png")
     conds = list(section["conditions"])
     fig, axes = plt.subplots(1, max(1, len(conds)), figsize=(3.2 * max(1, len(conds)), 3.4), squeeze=False)
     for ax, cond in zip(axes[0], conds):
@@ -371,7 +371,7 @@ def write_escalation_charts(section: dict[str, Any], rows: dict[str, list[Row]],
         ax.set_ylabel("accuracy")
         ax.legend(fontsize=6)
     fig.tight_layout()
-    paths["reliability"] = _save_png(plt, fig, d / f"{name}_reliability.png")
+    paths["reliability"] = save_figure(plt, fig, d / f"{name}_reliability.png")
     return paths
 
 
@@ -409,13 +409,3 @@ def add_escalation(rep: dict[str, Any], model: Any, tokenizer: Any, etasks: Sequ
                                         source=str(rep.get("config", {}).get("tasks", "")))
             paths["calibration"] = cal.save(Path(out_dir) / f"{name}_calibration.json")
     return paths
-
-
-def _save_png(plt, fig, path: Path) -> Path:
-    """Write ``fig`` to ``path`` atomically and close it (also on error); returns ``path``."""
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=110, format="png")
-    finally:
-        plt.close(fig)
-    return path

@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 
-from hyperlora._io import atomic_path, atomic_write_text
+from hyperlora._io import atomic_write_text, save_figure
 from hyperlora.tasks.format import Example, PolicyTask
 from hyperlora.modeling.prompts import end_of_turn, prompt_text
 from hyperlora.evaluation.replies import collapsed, first_option, has_loop, is_clean
@@ -614,12 +614,7 @@ def write_chart(rep: dict[str, Any], path: Path) -> Path | None:
     ax.legend(fontsize=7, ncol=3, loc="upper left")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=110, format="png")
-    finally:
-        plt.close(fig)
-    return path
+    return save_figure(plt, fig, path)
 
 
 def write_report(rep: dict[str, Any], etasks: Sequence[EvalTask], results: dict[str, dict[int, _Preds]],
